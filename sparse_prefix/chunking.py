@@ -1,0 +1,234 @@
+"""The one chunked-prefill driver every model uses: a loop over fixed-size chunks that emits states.
+
+A model supplies a *chunk step* -- ``step(state, tokens[B, C], positions[B, C], valid[B, C]) ->
+(state, hidden[B, C, d])`` -- that runs all its layers on one chunk. Within every chunk the valid
+slots are a prefix (real tokens first, padding after), and a padded slot must leave the state
+exactly unchanged (dt = 0, beta = 0, no KV write, no conv-window shift).
+
+The driver lays the call's tokens out in chunks *segment by segment*: the tokens between two
+consecutive checkpoints start a fresh chunk, so every checkpoint falls on a chunk end and its state
+is the loop carry at that point -- one pass, no capture pass, and the emitted state is computed with
+exactly the chunks a prefill truncated there would use. Checkpoints on the chunk grid add no chunk;
+an off-grid one costs at most one partially filled chunk.
+
+Because every chunk runs the same compiled step at the same shapes, a prefill resumed from a state
+at a multiple of C reproduces the uncached computation bitwise.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_prefix.protocol import Checkpoints, State
+
+Array = jax.Array
+ChunkStep = Callable[[State, Array, Array, Array], tuple[State, Array]]
+
+
+class ChunkPlan(NamedTuple):
+    """Where each segment of a prefill call lives in chunk space.
+
+    Segment s (0..K) spans tokens [start[:, s], end[:, s]) and chunks [first_chunk[:, s],
+    first_chunk[:, s + 1]). Segment s < K ends at checkpoint slot s (empty for a padding slot);
+    segment K runs from the last checkpoint to the row's length.
+
+    Attributes:
+      start: int32[B, K+1]; end: int32[B, K+1]; first_chunk: int32[B, K+2] (last column = the
+      row's total chunks); emit_chunk: int32[B, K], the chunk after which slot k's state is final
+      (-1 for a padding slot); num_chunks: int32[] the largest row total.
+    """
+
+    start: Array
+    end: Array
+    first_chunk: Array
+    emit_chunk: Array
+    num_chunks: Array
+
+
+def plan_chunks(lengths: Array, checkpoints: Array, chunk_size: int) -> ChunkPlan:
+    """Segment layout for rows of `lengths` int32[B] with `checkpoints` int32[B, K] (<= 0: padding)."""
+    lengths = lengths.astype(jnp.int32)
+    checkpoints = checkpoints.astype(jnp.int32)
+    batch, slots = checkpoints.shape
+    valid = checkpoints > 0
+    boundary = jax.lax.cummax(jnp.where(valid, checkpoints, 0), axis=1) if slots else checkpoints
+    start = jnp.concatenate([jnp.zeros((batch, 1), jnp.int32), boundary], axis=1)
+    end = jnp.concatenate([boundary, lengths[:, None]], axis=1)
+    seg_chunks = (end - start + chunk_size - 1) // chunk_size
+    first_chunk = jnp.concatenate(
+        [jnp.zeros((batch, 1), jnp.int32), jnp.cumsum(seg_chunks, axis=1, dtype=jnp.int32)], axis=1)
+    emit_chunk = jnp.where(valid, first_chunk[:, 1:slots + 1] - 1, -1)
+    return ChunkPlan(start, end, first_chunk, emit_chunk, jnp.max(first_chunk[:, -1]))
+
+
+def chunk_slots(plan: ChunkPlan, chunk: Array, chunk_size: int) -> tuple[Array, Array]:
+    """Token indices int32[B, C] (clipped, relative to the call) and validity bool[B, C] of a chunk."""
+    segment = jnp.sum(plan.first_chunk[:, 1:] <= chunk, axis=1)
+    last_segment = plan.start.shape[1] - 1
+    in_range = segment <= last_segment
+    segment = jnp.minimum(segment, last_segment)
+    rows = jnp.arange(segment.shape[0])
+    seg_start = plan.start[rows, segment]
+    seg_end = plan.end[rows, segment]
+    src = (seg_start + (chunk - plan.first_chunk[rows, segment]) * chunk_size)[:, None] \
+        + jnp.arange(chunk_size, dtype=jnp.int32)[None, :]
+    valid = (src < seg_end[:, None]) & in_range[:, None]
+    return jnp.where(valid, src, 0), valid
+
+
+def _write_slots(buffers: tuple, states: tuple, slot: Array, emitting: Array) -> tuple:
+    """buffers[b, slot[b]] = states[b] for rows where `emitting`; leaves [B, K, ...] and [B, ...]."""
+    rows = jnp.arange(slot.shape[0])
+
+    def write(buffer, value):
+        keep = buffer[rows, slot]
+        mask = emitting.reshape((-1,) + (1,) * (value.ndim - 1))
+        return buffer.at[rows, slot].set(jnp.where(mask, value.astype(buffer.dtype), keep))
+
+    return jax.tree_util.tree_map(write, buffers, states)
+
+
+def run_chunks(step: ChunkStep, state: State, tokens: Array, lengths: Array, checkpoints: Array,
+               *, chunk_size: int, hidden_size: int, hidden_dtype=jnp.float32
+               ) -> tuple[Array, State, Checkpoints]:
+    """Drive `step` over a prefill call, emitting recurrent states at `checkpoints`.
+
+    Args:
+      step: the model's chunk step (module docstring).
+      state: the state to resume from; its `length` int32[B] is the absolute offset of tokens[:, 0].
+      tokens: int32[B, T]. lengths: int32[B] (>= 1). checkpoints: int32[B, K] (<= 0: padding).
+      chunk_size: C. hidden_size: d of the hidden rows `step` returns.
+
+    Returns:
+      (hidden f32/hidden_dtype[B, d] at each row's last real token, final state, Checkpoints).
+    """
+    batch = tokens.shape[0]
+    slots = checkpoints.shape[1]
+    plan = plan_chunks(lengths, checkpoints, chunk_size)
+    base = state.length.astype(jnp.int32)
+    rows = jnp.arange(batch)
+    ckpt_buffers = jax.tree_util.tree_map(
+        lambda leaf: jnp.zeros((leaf.shape[0], slots) + leaf.shape[1:], leaf.dtype), state.recurrent)
+    last_hidden = jnp.zeros((batch, hidden_size), hidden_dtype)
+
+    def body(carry):
+        chunk, current, buffers, last = carry
+        src, valid = chunk_slots(plan, chunk, chunk_size)
+        chunk_tokens = jnp.take_along_axis(tokens, src, axis=1)
+        current, hidden = step(current, chunk_tokens, base[:, None] + src, valid)
+        is_last = valid & (src == (lengths - 1)[:, None])
+        picked = hidden[rows, jnp.argmax(is_last, axis=1)].astype(hidden_dtype)
+        last = jnp.where(jnp.any(is_last, axis=1)[:, None], picked, last)
+        if slots:
+            emits = plan.emit_chunk == chunk
+            emitting = jnp.any(emits, axis=1)
+            slot = jnp.argmax(emits, axis=1)
+            buffers = jax.lax.cond(
+                jnp.any(emitting),
+                lambda b: _write_slots(b, current.recurrent, slot, emitting),
+                lambda b: b, buffers)
+        return chunk + 1, current, buffers, last
+
+    init = (jnp.zeros((), jnp.int32), state, ckpt_buffers, last_hidden)
+    _, final, buffers, last_hidden = jax.lax.while_loop(
+        lambda carry: carry[0] < plan.num_chunks, body, init)
+    ckpt_lengths = jnp.where(checkpoints > 0, base[:, None] + checkpoints, 0).astype(jnp.int32)
+    final = final._replace(length=base + lengths.astype(jnp.int32))
+    return last_hidden, final, Checkpoints(recurrent=buffers, lengths=ckpt_lengths)
+
+
+def scan_chunks(step: ChunkStep, state: State, tokens: Array, *, chunk_size: int
+                ) -> tuple[Array, State]:
+    """Every position's hidden row for full, unpadded sequences (training and reference logits).
+
+    Args:
+      tokens: int32[B, T] with T a multiple of C; all rows real.
+
+    Returns:
+      (hidden [B, T, d], final state). Differentiable (a `lax.scan`), same step as `run_chunks`.
+    """
+    batch, total = tokens.shape
+    if total % chunk_size:
+        raise ValueError(f"tokens length {total} is not a multiple of chunk_size {chunk_size}")
+    chunks = tokens.reshape(batch, total // chunk_size, chunk_size).swapaxes(0, 1)
+    offsets = jnp.arange(total // chunk_size, dtype=jnp.int32) * chunk_size
+    base = state.length.astype(jnp.int32)
+    valid = jnp.ones((batch, chunk_size), bool)
+
+    def body(current, inputs):
+        chunk_tokens, offset = inputs
+        positions = base[:, None] + offset + jnp.arange(chunk_size, dtype=jnp.int32)[None, :]
+        return step(current, chunk_tokens, positions, valid)
+
+    final, hidden = jax.lax.scan(body, state, (chunks, offsets))
+    final = final._replace(length=base + total)
+    return hidden.swapaxes(0, 1).reshape(batch, total, -1), final
+
+
+# ----------------------------------------------------------------------------- host-side checks
+
+
+def bucket_length(length: int, chunk_size: int, minimum: int | None = None) -> int:
+    """The padded length a call of `length` tokens compiles for: C * 2^i (at least `minimum`)."""
+    bucket = max(chunk_size, minimum or chunk_size)
+    while bucket < length:
+        bucket *= 2
+    return bucket
+
+
+def check_prefill_args(tokens, lengths, checkpoints, *, vocab_size: int, max_length: int,
+                       state_length=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate and normalise host-side prefill arguments; raise ValueError/TypeError naming the problem.
+
+    Returns numpy (tokens int32[B, T], lengths int32[B], checkpoints int32[B, K]).
+    """
+    tokens_np = np.asarray(tokens)
+    if tokens_np.dtype.kind not in "iu":
+        raise TypeError(f"tokens must be an integer array, got dtype {tokens_np.dtype}")
+    if tokens_np.ndim != 2:
+        raise ValueError(f"tokens must have shape [B, T], got shape {tokens_np.shape}")
+    batch, total = tokens_np.shape
+    if batch == 0 or total == 0:
+        raise ValueError(f"tokens must be non-empty, got shape {tokens_np.shape}")
+    if lengths is None:
+        lengths_np = np.full((batch,), total, np.int64)
+    else:
+        lengths_np = np.asarray(lengths)
+        if lengths_np.dtype.kind not in "iu":
+            raise TypeError(f"lengths must be integers, got dtype {lengths_np.dtype}")
+        if lengths_np.shape != (batch,):
+            raise ValueError(f"lengths must have shape [{batch}], got {lengths_np.shape}")
+        if np.any(lengths_np < 1) or np.any(lengths_np > total):
+            raise ValueError(f"lengths must lie in 1..{total}, got {lengths_np.tolist()}")
+    real = np.arange(total)[None, :] < lengths_np[:, None]
+    if np.any(real & ((tokens_np < 0) | (tokens_np >= vocab_size))):
+        bad = tokens_np[real & ((tokens_np < 0) | (tokens_np >= vocab_size))]
+        raise ValueError(f"token ids must lie in 0..{vocab_size - 1}, got {bad[:5].tolist()}")
+    ckpt = np.asarray(checkpoints)
+    if ckpt.size and ckpt.dtype.kind not in "iu":
+        raise TypeError(f"checkpoints must be integers, got dtype {ckpt.dtype}")
+    if ckpt.ndim == 1:
+        ckpt = np.broadcast_to(ckpt[None, :], (batch, ckpt.shape[0]))
+    if ckpt.ndim != 2 or ckpt.shape[0] != batch:
+        raise ValueError(f"checkpoints must have shape [K] or [{batch}, K], got {np.shape(checkpoints)}")
+    for row in range(batch):
+        valid = ckpt[row][ckpt[row] > 0]
+        if np.any(np.diff(valid) <= 0):
+            raise ValueError(f"checkpoints of row {row} must strictly increase (no duplicates), "
+                             f"got {valid.tolist()}")
+        if valid.size and valid[-1] > lengths_np[row]:
+            raise ValueError(f"checkpoint {int(valid[-1])} of row {row} is beyond its length "
+                             f"{int(lengths_np[row])}")
+    if state_length is not None:
+        start = np.asarray(state_length)
+        if np.any(start + lengths_np > max_length):
+            raise ValueError(f"state length + tokens exceeds max_length {max_length}: "
+                             f"{(start + lengths_np).tolist()}")
+    elif np.any(lengths_np > max_length):
+        raise ValueError(f"lengths exceed max_length {max_length}")
+    return (tokens_np.astype(np.int32), lengths_np.astype(np.int32),
+            np.ascontiguousarray(ckpt, dtype=np.int32))
