@@ -76,6 +76,23 @@ class Checkpoints(NamedTuple):
     lengths: Array
 
 
+class MemoryProfile(NamedTuple):
+    """What caching costs for a model (placement and eviction need it).
+
+    Attributes:
+      checkpoint_elements / checkpoint_bytes: one checkpoint's recurrent state (all recurrent layers,
+        SSM state and conv window), batch row excluded.
+      kv_elements_per_token / kv_bytes_per_token: dense attention KV per cached token (0 for pure SSMs).
+      ssm_elements: the SSM-state elements alone (the paper's ratio r counts these against KV per token).
+    """
+
+    checkpoint_elements: int
+    checkpoint_bytes: int
+    kv_elements_per_token: int
+    kv_bytes_per_token: int
+    ssm_elements: int
+
+
 @runtime_checkable
 class RecurrentLM(Protocol):
     """The contract a model implements to be cached by sparse-prefix (public).
