@@ -1,0 +1,387 @@
+"""Device side of the cache: preallocated slabs of recurrent states and a pool of KV pages (public).
+
+A *slot* holds one checkpoint's recurrent state (every recurrent layer's float32 SSM state and conv
+window). The store keeps one slab per recurrent leaf, ``[num_slots, ...]``, shaped from the model's
+abstract state, so nothing is allocated per request. Which slot holds what is decided by the host-side
+index (`sparse_prefix.index`); the store only moves rows:
+
+  * `insert` scatters rows of emitted `Checkpoints` ([B, K, ...] leaves) into given slots;
+  * `restore` gathers slots back into a batch `State` ([B, ...] leaves) ready for `model.prefill`.
+
+Hybrid models also cache attention KV. Keeping a ``max_length`` buffer per entry would waste memory on
+short entries, so KV lives in a pool of *pages* of ``page_size`` (= the model's chunk size) tokens per
+attention layer: ``k, v: [num_pages, page_size, Hkv, D]``. An entry owns the pages covering its tokens up
+to its deepest checkpoint; an entry that resumed from another shares the pages of the common prefix by
+reference (host-side refcounts). `restore` gathers a page table ``[B, P]`` into the dense
+``[B, S, Hkv, D]`` buffers the model reads (attention reads positions < length only, so unused
+positions may hold any finite value).
+
+Every device function is jitted once per shape; the number of rows moved per call is padded to a power
+of two (padding rows target index ``num_slots`` / ``num_pages``, which the scatter drops), so the
+compilations stay bounded. Slabs and pools are donated to the scatters (updated in place); state data
+never leaves the device. All methods are thread-safe.
+
+Shapes: B batch rows, K checkpoint slots per row, S the KV buffer length (max_length), P =
+ceil(S / page_size) pages per sequence, n rows moved in one call.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_prefix.protocol import Checkpoints, KVCache, State
+
+Array = jax.Array
+MIN_BUCKET = 8
+
+
+class PoolExhausted(RuntimeError):
+    """Raised when a page or slot request exceeds what is free (the caller evicts and retries)."""
+
+
+def move_bucket(count: int) -> int:
+    """Rows moved per scatter call, padded to a power of two (at least `MIN_BUCKET`)."""
+    return max(MIN_BUCKET, 1 << max(0, int(count) - 1).bit_length())
+
+
+def abstract_state_of(model: Any) -> State:
+    """The model's one-row abstract `State` (ShapeDtypeStructs): `model.abstract_state(1)` if offered."""
+    if hasattr(model, "abstract_state"):
+        return model.abstract_state(1)
+    return jax.eval_shape(lambda: model.init_state(1))
+
+
+def _leaf_bytes(leaf: Any) -> int:
+    """Bytes of one batch row of an abstract leaf [1, ...]."""
+    return math.prod(leaf.shape[1:]) * jnp.dtype(leaf.dtype).itemsize
+
+
+# ----------------------------------------------------------------------------- device functions
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _insert_rows(slabs: tuple, recurrent: tuple, rows: Array, ks: Array, slots: Array) -> tuple:
+    """slabs[slots[i]] = recurrent[rows[i], ks[i]] (leaves [N, ...] and [B, K, ...]; slots >= N dropped)."""
+    def put(slab, leaf):
+        return slab.at[slots].set(leaf[rows, ks].astype(slab.dtype), mode="drop")
+
+    return jax.tree_util.tree_map(put, slabs, recurrent)
+
+
+def _as_pages(buffer: Array, page_size: int) -> Array:
+    """[B, S, ...] -> [B, P, page_size, ...], zero-padding S up to a multiple of page_size."""
+    batch, length = buffer.shape[:2]
+    pages = -(-length // page_size)
+    pad = pages * page_size - length
+    if pad:
+        buffer = jnp.pad(buffer, [(0, 0), (0, pad)] + [(0, 0)] * (buffer.ndim - 2))
+    return buffer.reshape((batch, pages, page_size) + buffer.shape[2:])
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_pages(pools: tuple, kv: tuple, rows: Array, seq_pages: Array, pages: Array) -> tuple:
+    """pools[pages[i]] = page seq_pages[i] of kv row rows[i] (pools [M, C, ...], kv [B, S, ...])."""
+    def put(pool, buffer):
+        blocks = _as_pages(buffer, pool.shape[1])
+        return pool.at[pages].set(blocks[rows, seq_pages].astype(pool.dtype), mode="drop")
+
+    return jax.tree_util.tree_map(put, pools, kv)
+
+
+@functools.partial(jax.jit, static_argnames=("kv_length",))
+def _gather_state(slabs: tuple, pools: tuple | None, slots: Array, page_table: Array | None,
+                  lengths: Array, *, kv_length: int) -> State:
+    """The batch State of `slots` int32[B] (-1: the empty state) with KV pages `page_table` [B, P]."""
+    present = slots >= 0
+    index = jnp.maximum(slots, 0)
+
+    def take(slab):
+        rows = slab[index]
+        mask = present.reshape((-1,) + (1,) * (rows.ndim - 1))
+        return jnp.where(mask, rows, jnp.zeros_like(rows))
+
+    recurrent = jax.tree_util.tree_map(take, slabs)
+    kv = None
+    if pools is not None:
+        table = jnp.maximum(page_table, 0)
+
+        def dense(pool):
+            blocks = pool[table]                       # [B, P, C, ...]
+            flat = blocks.reshape((blocks.shape[0], -1) + blocks.shape[3:])
+            return flat[:, :kv_length]
+
+        kv = jax.tree_util.tree_map(dense, pools)
+    return State(recurrent=recurrent, kv=kv, length=lengths.astype(jnp.int32))
+
+
+# ----------------------------------------------------------------------------- host side
+
+
+class PageRefs:
+    """Host-side refcounts of KV pages with a free list (plain NumPy; the caller holds the lock)."""
+
+    def __init__(self, num_pages: int):
+        self.refcount = np.zeros((num_pages,), np.int32)
+        self._free = list(range(num_pages - 1, -1, -1))
+
+    @property
+    def free(self) -> int:
+        """Pages with refcount 0."""
+        return len(self._free)
+
+    def allocate(self, count: int) -> np.ndarray:
+        """`count` fresh pages with refcount 1; raises PoolExhausted (nothing taken) if too few are free."""
+        if count > len(self._free):
+            raise PoolExhausted(f"{count} KV pages requested, {len(self._free)} free")
+        taken = np.array([self._free.pop() for _ in range(count)], np.int32)
+        self.refcount[taken] = 1
+        return taken
+
+    def retain(self, pages: np.ndarray) -> None:
+        """One more reference to each of `pages` (all must be live)."""
+        pages = np.asarray(pages, np.int64)
+        if np.any(self.refcount[pages] <= 0):
+            raise ValueError(f"retain of a free page: {pages[self.refcount[pages] <= 0].tolist()}")
+        np.add.at(self.refcount, pages, 1)
+
+    def release(self, pages: np.ndarray) -> int:
+        """Drop one reference from each of `pages`; returns how many became free."""
+        pages = np.asarray(pages, np.int64)
+        if np.any(self.refcount[pages] <= 0):
+            raise ValueError(f"release of a free page: {pages[self.refcount[pages] <= 0].tolist()}")
+        np.subtract.at(self.refcount, pages, 1)
+        freed = [int(p) for p in np.unique(pages) if self.refcount[p] == 0]
+        self._free.extend(freed)
+        return len(freed)
+
+    def load(self, refcount: np.ndarray) -> None:
+        """Replace the refcounts (from a snapshot); the free list follows."""
+        self.refcount = np.asarray(refcount, np.int32).copy()
+        self._free = [int(p) for p in np.flatnonzero(self.refcount == 0)[::-1]]
+
+
+class StoreBuffers(NamedTuple):
+    """The device buffers of a store: `slabs` like State.recurrent with leaves [num_slots, ...];
+    `pools` one KVCache per attention layer with leaves [num_pages, page_size, Hkv, D], or None."""
+
+    slabs: tuple
+    pools: tuple | None
+
+
+class StateStore:
+    """Preallocated device storage for checkpoint states and KV pages of ONE model (public).
+
+    Args:
+      abstract: the model's one-row abstract State (`abstract_state_of(model)`): leaves [1, ...].
+      num_slots: recurrent-state slots (the index's ``capacity_slots``).
+      page_size: tokens per KV page (the model's chunk size).
+      num_pages: KV pages per attention layer (ignored, 0, for a pure SSM).
+    """
+
+    def __init__(self, abstract: State, *, num_slots: int, page_size: int, num_pages: int = 0):
+        for name, value in (("num_slots", num_slots), ("page_size", page_size), ("num_pages", num_pages)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if num_slots < 1 or page_size < 1 or num_pages < 0:
+            raise ValueError(f"need num_slots >= 1, page_size >= 1, num_pages >= 0; got "
+                             f"{num_slots}, {page_size}, {num_pages}")
+        self.abstract = abstract
+        self.num_slots = int(num_slots)
+        self.page_size = int(page_size)
+        self.has_kv = abstract.kv is not None and len(abstract.kv) > 0
+        self.num_pages = int(num_pages) if self.has_kv else 0
+        self.kv_length = int(abstract.kv[0].k.shape[1]) if self.has_kv else 0
+        self.pages_per_sequence = -(-self.kv_length // self.page_size) if self.has_kv else 0
+        self.slot_bytes = sum(_leaf_bytes(leaf) for leaf in jax.tree_util.tree_leaves(abstract.recurrent))
+        self.page_bytes = self.page_size * sum(
+            math.prod(leaf.shape[2:]) * jnp.dtype(leaf.dtype).itemsize
+            for leaf in jax.tree_util.tree_leaves(abstract.kv)) if self.has_kv else 0
+        self._lock = threading.RLock()
+        self._refs = PageRefs(self.num_pages)
+        self._buffers = self._allocate()
+
+    @classmethod
+    def for_model(cls, model: Any, *, num_slots: int, num_pages: int = 0) -> "StateStore":
+        """A store shaped for `model` (page size = model.chunk_size)."""
+        return cls(abstract_state_of(model), num_slots=num_slots, page_size=int(model.chunk_size),
+                   num_pages=num_pages)
+
+    def _allocate(self) -> StoreBuffers:
+        slabs = jax.tree_util.tree_map(
+            lambda leaf: jnp.zeros((self.num_slots,) + tuple(leaf.shape[1:]), leaf.dtype),
+            self.abstract.recurrent)
+        pools = None
+        if self.has_kv:
+            pools = jax.tree_util.tree_map(
+                lambda leaf: jnp.zeros((max(self.num_pages, 1), self.page_size) + tuple(leaf.shape[2:]),
+                                       leaf.dtype),
+                tuple(self.abstract.kv))
+        return StoreBuffers(slabs=slabs, pools=pools)
+
+    # ------------------------------------------------------------------ sizes
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes of all slabs and page pools (what the store holds on the device)."""
+        return self.num_slots * self.slot_bytes + self.num_pages * self.page_bytes
+
+    @property
+    def pages_in_use(self) -> int:
+        """KV pages referenced by at least one entry."""
+        with self._lock:
+            return self.num_pages - self._refs.free
+
+    @property
+    def free_pages(self) -> int:
+        """KV pages with no reference."""
+        with self._lock:
+            return self._refs.free
+
+    def page_refcounts(self) -> np.ndarray:
+        """A copy of the page refcounts int32[num_pages]."""
+        with self._lock:
+            return self._refs.refcount.copy()
+
+    # ------------------------------------------------------------------ recurrent slots
+
+    def insert(self, checkpoints: Checkpoints, rows, ks, slots) -> None:
+        """Copy emitted checkpoint states into slots: slot slots[i] <- checkpoints[rows[i], ks[i]].
+
+        Args:
+          checkpoints: from `model.prefill`, leaves [B, K, ...].
+          rows, ks, slots: int sequences of equal length n (row, checkpoint slot k, destination slot).
+        """
+        rows, ks, slots = (np.asarray(a, np.int32).reshape(-1) for a in (rows, ks, slots))
+        if not rows.shape == ks.shape == slots.shape:
+            raise ValueError(f"rows, ks, slots must have equal lengths, got {rows.size}, {ks.size}, "
+                             f"{slots.size}")
+        if rows.size == 0:
+            return
+        if np.any((slots < 0) | (slots >= self.num_slots)):
+            raise ValueError(f"slots must lie in 0..{self.num_slots - 1}, got {slots.tolist()}")
+        size = move_bucket(rows.size)
+        pad = size - rows.size
+        rows_p = np.concatenate([rows, np.zeros(pad, np.int32)])
+        ks_p = np.concatenate([ks, np.zeros(pad, np.int32)])
+        slots_p = np.concatenate([slots, np.full(pad, self.num_slots, np.int32)])
+        with self._lock:
+            slabs = _insert_rows(self._buffers.slabs, checkpoints.recurrent, rows_p, ks_p, slots_p)
+            self._buffers = self._buffers._replace(slabs=slabs)
+
+    def restore(self, slots, lengths, page_table=None) -> State:
+        """The batch State to resume from: recurrent rows from `slots`, KV from `page_table`.
+
+        Args:
+          slots: int[B]; -1 restores the empty (zero) state of a miss.
+          lengths: int[B], the tokens each restored state has consumed (0 for a miss).
+          page_table: int[B, P] page ids covering positions [0, lengths) in order (-1: none); hybrids
+            only (None: no pages, e.g. all misses).
+
+        Returns:
+          State with recurrent leaves [B, ...], KV [B, S, Hkv, D] (or None), length int32[B].
+        """
+        slots = np.asarray(slots, np.int32).reshape(-1)
+        lengths = np.asarray(lengths, np.int32).reshape(-1)
+        if slots.shape != lengths.shape:
+            raise ValueError(f"slots and lengths must have equal lengths, got {slots.size}, {lengths.size}")
+        if np.any(slots >= self.num_slots):
+            raise ValueError(f"slots must be < {self.num_slots}, got {slots.tolist()}")
+        table = None
+        if self.has_kv:
+            table = np.full((slots.size, self.pages_per_sequence), -1, np.int32)
+            if page_table is not None:
+                given = np.asarray(page_table, np.int32)
+                if given.ndim != 2 or given.shape[0] != slots.size or given.shape[1] > table.shape[1]:
+                    raise ValueError(f"page_table must have shape [{slots.size}, <= "
+                                     f"{self.pages_per_sequence}], got {given.shape}")
+                table[:, :given.shape[1]] = given
+        with self._lock:
+            return _gather_state(self._buffers.slabs, self._buffers.pools, slots, table, lengths,
+                                 kv_length=self.kv_length)
+
+    # ------------------------------------------------------------------ KV pages
+
+    def allocate_pages(self, count: int) -> np.ndarray:
+        """`count` fresh pages (refcount 1); PoolExhausted if fewer are free (nothing is taken)."""
+        with self._lock:
+            return self._refs.allocate(int(count))
+
+    def retain_pages(self, pages) -> None:
+        """One more reference to each page (an entry sharing a prefix's pages)."""
+        with self._lock:
+            self._refs.retain(np.asarray(pages, np.int64).reshape(-1))
+
+    def release_pages(self, pages) -> int:
+        """Drop one reference from each page; returns the number of pages freed."""
+        pages = np.asarray(pages, np.int64).reshape(-1)
+        if pages.size == 0:
+            return 0
+        with self._lock:
+            return self._refs.release(pages)
+
+    def write_pages(self, kv: tuple, rows, seq_pages, pages) -> None:
+        """Copy KV pages out of dense buffers: pool page pages[i] <- page seq_pages[i] of row rows[i].
+
+        Args:
+          kv: `State.kv` of a prefill's final state (KVCache leaves [B, S, Hkv, D]).
+          rows, seq_pages, pages: int sequences of equal length n.
+        """
+        rows, seq_pages, pages = (np.asarray(a, np.int32).reshape(-1) for a in (rows, seq_pages, pages))
+        if not rows.shape == seq_pages.shape == pages.shape:
+            raise ValueError("rows, seq_pages, pages must have equal lengths")
+        if rows.size == 0 or not self.has_kv:
+            return
+        if np.any((pages < 0) | (pages >= self.num_pages)):
+            raise ValueError(f"pages must lie in 0..{self.num_pages - 1}, got {pages.tolist()}")
+        size = move_bucket(rows.size)
+        pad = size - rows.size
+        rows_p = np.concatenate([rows, np.zeros(pad, np.int32)])
+        seq_p = np.concatenate([seq_pages, np.zeros(pad, np.int32)])
+        pages_p = np.concatenate([pages, np.full(pad, self.num_pages, np.int32)])
+        with self._lock:
+            pools = _write_pages(self._buffers.pools, tuple(kv), rows_p, seq_p, pages_p)
+            self._buffers = self._buffers._replace(pools=pools)
+
+    # ------------------------------------------------------------------ whole-store operations
+
+    def reset(self) -> None:
+        """Forget every page reference and zero the buffers (slots are the index's to forget)."""
+        with self._lock:
+            self._refs = PageRefs(self.num_pages)
+            self._buffers = self._allocate()
+
+    def export(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Host copies of every buffer (flattened leaf name -> array) and the page refcounts."""
+        with self._lock:
+            leaves = jax.tree_util.tree_leaves(self._buffers)
+            copies = [jnp.copy(leaf) for leaf in leaves]      # never expose a donated buffer
+            refcount = self._refs.refcount.copy()
+        return {f"leaf_{i:03d}": np.asarray(jax.device_get(c)) for i, c in enumerate(copies)}, refcount
+
+    def load(self, arrays: dict[str, np.ndarray], refcount: np.ndarray) -> None:
+        """Replace every buffer and the page refcounts from `export`-shaped data (validated first)."""
+        template = jax.tree_util.tree_leaves(self._buffers)
+        treedef = jax.tree_util.tree_structure(self._buffers)
+        if len(arrays) != len(template):
+            raise ValueError(f"snapshot has {len(arrays)} buffers, this store has {len(template)}")
+        leaves = []
+        for i, want in enumerate(template):
+            got = arrays.get(f"leaf_{i:03d}")
+            if got is None or got.shape != want.shape or got.dtype != want.dtype:
+                raise ValueError(f"snapshot buffer {i} is {None if got is None else (got.shape, got.dtype)}"
+                                 f", this store needs {(want.shape, want.dtype)}")
+            leaves.append(got)
+        refcount = np.asarray(refcount)
+        if refcount.shape != (self.num_pages,) or refcount.dtype.kind not in "iu" or np.any(refcount < 0):
+            raise ValueError(f"snapshot page refcounts have shape {refcount.shape}, need ({self.num_pages},)")
+        device_leaves = [jnp.asarray(leaf) for leaf in leaves]
+        with self._lock:
+            self._buffers = jax.tree_util.tree_unflatten(treedef, device_leaves)
+            self._refs.load(refcount)
