@@ -118,7 +118,8 @@ def agent_tree(seed: int, scale: float = 1.0) -> list[Request]:
     """Branching tool-use trajectories.
 
     ~20 trees; a root prompt of 1000-4000 tokens; every node extends its parent by one step (a tool call
-    and its result, 70-1200 tokens) and has 0-3 children (depth <= 8, <= 40 nodes per tree). Siblings
+    and its result, 70-1200 tokens) and has 0-3 children (the root 2-3; depth <= 8, <= 40 nodes per
+    tree). Siblings
     share exactly their parent's tokens. Requests in breadth-first order (a parent before its
     children); group ``tree-<i>``; hints at every ancestor boundary and at the node's end.
     """
@@ -132,7 +133,10 @@ def agent_tree(seed: int, scale: float = 1.0) -> list[Request]:
             tokens, hints, depth = frontier.pop(0)
             requests.append(Request(f"tree-{tree}", tokens, hints=hints, meta={"depth": depth}))
             nodes += 1
-            n_children = int(rng.choice(4, p=[0.2, 0.35, 0.3, 0.15])) if depth < 8 else 0
+            if depth == 0:
+                n_children = int(rng.integers(2, 4))
+            else:
+                n_children = int(rng.choice(4, p=[0.2, 0.35, 0.3, 0.15])) if depth < 8 else 0
             for step in _branches(rng, rng.integers(70, 1201, size=n_children)):
                 child = np.concatenate([tokens, step])
                 frontier.append((child, hints + (child.size,), depth + 1))
