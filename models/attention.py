@@ -1,0 +1,193 @@
+"""Gated full attention (Qwen3.5): grouped KV heads, partial rotary, q/k RMSNorm, sigmoid output gate.
+
+The KV cache is a `KVCache(k, v)` of dense [B, S, Hkv, D] buffers indexed by absolute position. A chunk
+writes the K/V of its valid slots at their positions (padded slots write nothing), then every query
+attends to the WHOLE fixed buffer with the mask key_position <= query_position. Entries beyond that
+(stale or never written) get probability exactly 0 and their V is zeroed before the product, so they
+can neither contribute nor turn the output into NaN. Because each chunk's computation has the same
+shapes whatever came before, a resume on the chunk grid is bitwise identical to the uncached run.
+
+Cost note: a chunk always touches all S key positions, so a prefill of L tokens costs O(L * S) rather
+than O(L^2 / 2). A blocked variant that visits key blocks 0..(last position // block) in a fixed order
+(online softmax over absolute key blocks) would keep the bitwise property and cut this to O(L^2 / 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sparse_prefix.protocol import KVCache
+
+from .layers import normal_init, rms_norm
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Shape of one gated attention layer (Qwen3.5 names in brackets).
+
+    Attributes:
+      d_model: d [hidden_size].  num_heads: H [num_attention_heads].
+      num_kv_heads: Hkv [num_key_value_heads], divides H.  head_dim: D [head_dim].
+      rotary_dim: the leading dims of each head that rotate [head_dim * partial_rotary_factor], even.
+      rope_theta: the rotary base [rope_parameters.rope_theta].
+      norm_eps: q/k RMSNorm eps [rms_norm_eps].  norm_offset: 1.0 for (1 + w) norms (Qwen3.5).
+      qk_norm: RMSNorm q and k per head.  output_gate: q_proj also yields a sigmoid gate per channel.
+    """
+
+    d_model: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rotary_dim: int
+    rope_theta: float = 10_000_000.0
+    norm_eps: float = 1e-6
+    norm_offset: float = 1.0
+    qk_norm: bool = True
+    output_gate: bool = True
+
+    def __post_init__(self):
+        for name in ("d_model", "num_heads", "num_kv_heads", "head_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"AttentionConfig.{name} must be a positive int, got "
+                                 f"{getattr(self, name)!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"AttentionConfig.num_heads ({self.num_heads}) must be a multiple of "
+                             f"num_kv_heads ({self.num_kv_heads})")
+        if self.rotary_dim % 2 or not 0 <= self.rotary_dim <= self.head_dim:
+            raise ValueError(f"AttentionConfig.rotary_dim must be even and in 0..{self.head_dim}, "
+                             f"got {self.rotary_dim}")
+
+
+def init_attention_params(key: Array, cfg: AttentionConfig, dtype) -> dict:
+    """Random parameters: q_proj [d, H*D*(2 if gate)] (per head: D query then D gate channels, as HF),
+    k_proj / v_proj [d, Hkv*D], o_proj [H*D, d], q_norm / k_norm [D] (zeros: (1 + w) norms)."""
+    keys = jax.random.split(key, 4)
+    std = 0.02
+    q_width = cfg.num_heads * cfg.head_dim * (2 if cfg.output_gate else 1)
+    params = {
+        "q_proj": normal_init(keys[0], (cfg.d_model, q_width), std, dtype),
+        "k_proj": normal_init(keys[1], (cfg.d_model, cfg.num_kv_heads * cfg.head_dim), std, dtype),
+        "v_proj": normal_init(keys[2], (cfg.d_model, cfg.num_kv_heads * cfg.head_dim), std, dtype),
+        "o_proj": normal_init(keys[3], (cfg.num_heads * cfg.head_dim, cfg.d_model), std, dtype),
+    }
+    if cfg.qk_norm:
+        norm_init = 1.0 - cfg.norm_offset
+        params["q_norm"] = jnp.full((cfg.head_dim,), norm_init, dtype)
+        params["k_norm"] = jnp.full((cfg.head_dim,), norm_init, dtype)
+    return params
+
+
+def init_kv_cache(cfg: AttentionConfig, batch: int, max_length: int, dtype) -> KVCache:
+    """Zero K/V buffers [B, S, Hkv, D]."""
+    shape = (batch, max_length, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+def rotary(x: Array, positions: Array, rotary_dim: int, theta: float) -> Array:
+    """Rotate-half RoPE on the first `rotary_dim` dims of x [B, T, heads, D] at int32 positions [B, T].
+
+    Angles are computed in float32; the result is cast back to x.dtype.
+    """
+    if rotary_dim == 0:
+        return x
+    half = rotary_dim // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq           # [B, T, half]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :].astype(x.dtype)
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :].astype(x.dtype)
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    rotated_half = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    return jnp.concatenate([rot * cos + rotated_half * sin, rest], axis=-1)
+
+
+def _project(params: dict, cfg: AttentionConfig, x: Array, positions: Array):
+    """x [B, T, d] -> (q [B, T, H, D], k, v [B, T, Hkv, D], gate [B, T, H*D] or None), rotated."""
+    batch, length, _ = x.shape
+    dtype = x.dtype
+    q = jnp.einsum("btd,de->bte", x, params["q_proj"].astype(dtype))
+    gate = None
+    if cfg.output_gate:
+        q = q.reshape(batch, length, cfg.num_heads, 2 * cfg.head_dim)
+        q, gate = q[..., :cfg.head_dim], q[..., cfg.head_dim:]
+        gate = gate.reshape(batch, length, cfg.num_heads * cfg.head_dim)
+    else:
+        q = q.reshape(batch, length, cfg.num_heads, cfg.head_dim)
+    k = jnp.einsum("btd,de->bte", x, params["k_proj"].astype(dtype))
+    v = jnp.einsum("btd,de->bte", x, params["v_proj"].astype(dtype))
+    k = k.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(batch, length, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = rms_norm(q, params["q_norm"], cfg.norm_eps, offset=cfg.norm_offset)
+        k = rms_norm(k, params["k_norm"], cfg.norm_eps, offset=cfg.norm_offset)
+    q = rotary(q, positions, cfg.rotary_dim, cfg.rope_theta)
+    k = rotary(k, positions, cfg.rotary_dim, cfg.rope_theta)
+    return q, k, v, gate
+
+
+def write_kv(cache: KVCache, k: Array, v: Array, positions: Array, valid: Array) -> KVCache:
+    """Scatter k, v [B, T, Hkv, D] to buffer rows `positions` [B, T]; invalid slots write nothing."""
+    batch, max_length = cache.k.shape[:2]
+    target = jnp.where(valid, positions, max_length)           # out of range -> dropped
+    rows = jnp.arange(batch)[:, None]
+    return KVCache(k=cache.k.at[rows, target].set(k.astype(cache.k.dtype), mode="drop"),
+                   v=cache.v.at[rows, target].set(v.astype(cache.v.dtype), mode="drop"))
+
+
+def attend(q: Array, cache: KVCache, positions: Array) -> Array:
+    """Queries q [B, T, H, D] against the whole buffer, keys at positions <= the query's own.
+
+    Returns [B, T, H*D] in q.dtype. Softmax in float32 (HF's order: scores * D^-1/2, softmax, cast).
+    """
+    batch, length, heads, dim = q.shape
+    max_length, kv_heads = cache.k.shape[1], cache.k.shape[2]
+    group = heads // kv_heads
+    q = q.reshape(batch, length, kv_heads, group, dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, cache.k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * (dim ** -0.5)
+    key_pos = jnp.arange(max_length, dtype=jnp.int32)
+    allowed = key_pos[None, None, :] <= positions[:, :, None]                # [B, T, S]
+    scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    weights = jnp.exp(scores - top)
+    weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+    reachable = key_pos[None, :] <= jnp.max(positions, axis=1)[:, None]      # [B, S]
+    values = jnp.where(reachable[:, :, None, None], cache.v.astype(q.dtype), 0)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(q.dtype), values,
+                     preferred_element_type=jnp.float32)
+    return out.astype(q.dtype).reshape(batch, length, heads * dim)
+
+
+def _output(params: dict, cfg: AttentionConfig, out: Array, gate: Array | None) -> Array:
+    if gate is not None:
+        out = (out * jax.nn.sigmoid(gate.astype(jnp.float32))).astype(out.dtype)
+    return jnp.einsum("bte,ed->btd", out, params["o_proj"].astype(out.dtype))
+
+
+def attention_chunk(params: dict, cfg: AttentionConfig, x: Array, cache: KVCache, positions: Array,
+                    valid: Array) -> tuple[Array, KVCache]:
+    """Gated attention over one chunk.
+
+    Args:
+      x: [B, C, d] (normed, compute dtype).  cache: KVCache [B, S, Hkv, D].
+      positions: int32[B, C] absolute positions of the slots.  valid: bool[B, C] (a prefix).
+
+    Returns:
+      (y [B, C, d] (garbage at padded slots), cache with the valid slots' K/V written).
+    """
+    q, k, v, gate = _project(params, cfg, x, positions)
+    cache = write_kv(cache, k, v, positions, valid)
+    return _output(params, cfg, attend(q, cache, positions), gate), cache
+
+
+def attention_step(params: dict, cfg: AttentionConfig, x: Array, cache: KVCache, position: Array
+                   ) -> tuple[Array, KVCache]:
+    """One token: x [B, d] at absolute position int32[B] -> (y [B, d], cache)."""
+    y, cache = attention_chunk(params, cfg, x[:, None, :], cache, position[:, None],
+                               jnp.ones((x.shape[0], 1), bool))
+    return y[:, 0], cache

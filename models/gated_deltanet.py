@@ -1,0 +1,285 @@
+"""The Qwen3.5 Gated DeltaNet (GDN) mixer: chunked (UT-transform) prefill, one-token decode, scan reference.
+
+Shapes follow `sparse_prefix.protocol`; here H = value heads (Hv), Hk = key heads (Hv % Hk == 0, value
+head h reads key head h // (Hv // Hk), as HF's repeat_interleave), Dk / Dv the key / value head dims,
+Dc = 2 * Hk * Dk + Hv * Dv the channels of the one causal conv over the mixed q|k|v projection.
+
+The gated delta rule on one head (state S float32 [Dk, Dv]; read-out o_t = S_t^T q_t):
+    S_t = a_t S_{t-1} + k_t beta_t (v_t - a_t S_{t-1}^T k_t)^T,   a_t = exp(g_t),
+    g_t = -exp(A_log) softplus(a_proj_t + dt_bias) <= 0,  beta_t = sigmoid(b_proj_t),
+with q, k L2-normalised (eps 1e-6) and q scaled by Dk^-1/2. A padded slot gets beta = 0 and g = 0,
+which makes it an exact identity: S_t = 1 * S_{t-1} + k_t * 0.
+
+Chunked form over a sub-chunk of c tokens with incoming state S0 (G = inclusive cumsum of g inside it,
+D[i, j] = exp(G_i - G_j) for j <= i else 0, L = strictly_lower(beta_i k_i.k_j D[i, j])):
+    U = (I + L)^-1 (beta v),   W = (I + L)^-1 (beta exp(G) k),   V' = U - W S0
+    o = (q exp(G)) S0 + ((q k^T) * D) V',    S_c = exp(G_c) S0 + (k exp(G_c - G))^T V'.
+All sub-chunks' U, W, D are computed at once (big batched matmuls); only the S recursion is a scan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from sparse_prefix.protocol import RecurrentState
+
+from .layers import causal_conv_chunk, causal_conv_step, normal_init
+
+Array = jax.Array
+# Products that touch the float32 recurrent state run at full float32 precision on every backend
+# (the GPU default would round them to TF32).
+_HIGHEST = jax.lax.Precision.HIGHEST
+_L2_EPS = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class GDNConfig:
+    """Shape of one Gated DeltaNet mixer (Qwen3.5 names in brackets).
+
+    Attributes:
+      d_model: d [hidden_size].  num_k_heads: Hk [linear_num_key_heads].
+      num_v_heads: Hv [linear_num_value_heads], a multiple of Hk.
+      head_k_dim: Dk [linear_key_head_dim].  head_v_dim: Dv [linear_value_head_dim].
+      conv_width: W [linear_conv_kernel_dim].  norm_eps: the gated RMSNorm's eps [rms_norm_eps].
+      sub_chunk: c, the UT-transform block; the model's chunk size must be a multiple of it.
+    """
+
+    d_model: int
+    num_k_heads: int
+    num_v_heads: int
+    head_k_dim: int
+    head_v_dim: int
+    conv_width: int = 4
+    norm_eps: float = 1e-6
+    sub_chunk: int = 64
+
+    def __post_init__(self):
+        for name in ("d_model", "num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim", "sub_chunk"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"GDNConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if not isinstance(self.conv_width, int) or self.conv_width < 2:
+            raise ValueError(f"GDNConfig.conv_width must be an int >= 2, got {self.conv_width!r}")
+        if self.num_v_heads % self.num_k_heads:
+            raise ValueError(f"GDNConfig.num_v_heads ({self.num_v_heads}) must be a multiple of "
+                             f"num_k_heads ({self.num_k_heads})")
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_k_heads * self.head_k_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_v_heads * self.head_v_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.key_dim + self.value_dim
+
+
+# ----------------------------------------------------------------------------- parameters and state
+
+
+def init_gdn_params(key: Array, cfg: GDNConfig, dtype) -> dict:
+    """Random parameters (HF's initialisation scheme); A_log and dt_bias stay float32.
+
+    Returns a dict: in_proj_qkv [d, Dc], in_proj_z [d, Hv*Dv], in_proj_b / in_proj_a [d, Hv],
+    conv_weight [W, Dc], dt_bias f32[Hv], A_log f32[Hv], norm_weight [Dv], out_proj [Hv*Dv, d].
+    """
+    keys = jax.random.split(key, 7)
+    std = 0.02
+    a_init = jax.random.uniform(keys[5], (cfg.num_v_heads,), jnp.float32, 0.01, 16.0)
+    conv_bound = 1.0 / math.sqrt(cfg.conv_width)
+    return {
+        "in_proj_qkv": normal_init(keys[0], (cfg.d_model, cfg.conv_dim), std, dtype),
+        "in_proj_z": normal_init(keys[1], (cfg.d_model, cfg.value_dim), std, dtype),
+        "in_proj_b": normal_init(keys[2], (cfg.d_model, cfg.num_v_heads), std, dtype),
+        "in_proj_a": normal_init(keys[3], (cfg.d_model, cfg.num_v_heads), std, dtype),
+        "conv_weight": jax.random.uniform(keys[4], (cfg.conv_width, cfg.conv_dim), jnp.float32,
+                                          -conv_bound, conv_bound).astype(dtype),
+        "dt_bias": jnp.ones((cfg.num_v_heads,), jnp.float32),
+        "A_log": jnp.log(a_init),
+        "norm_weight": jnp.ones((cfg.head_v_dim,), dtype),
+        "out_proj": normal_init(keys[6], (cfg.value_dim, cfg.d_model), std, dtype),
+    }
+
+
+def init_gdn_state(cfg: GDNConfig, batch: int, dtype) -> RecurrentState:
+    """Zero state: ssm float32[B, Hv, Dk, Dv], conv [B, W-1, Dc] in the compute dtype."""
+    return RecurrentState(
+        ssm=jnp.zeros((batch, cfg.num_v_heads, cfg.head_k_dim, cfg.head_v_dim), jnp.float32),
+        conv=jnp.zeros((batch, cfg.conv_width - 1, cfg.conv_dim), dtype))
+
+
+# ----------------------------------------------------------------------------- the gated delta rule
+
+
+def _l2_normalise(x: Array) -> Array:
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + _L2_EPS)
+
+
+def gated_delta_chunked(q: Array, k: Array, v: Array, g: Array, beta: Array, state: Array,
+                        sub_chunk: int) -> tuple[Array, Array]:
+    """The gated delta rule over C tokens in sub-chunks of c (module docstring), float32.
+
+    Args:
+      q, k: f32[B, C, H, Dk] (q already normalised and scaled, k normalised; grouped to H heads).
+      v: f32[B, C, H, Dv].  g: f32[B, C, H] log-decays (<= 0).  beta: f32[B, C, H].
+        Padded slots must carry beta = 0 and g = 0 (then they leave the state exactly unchanged).
+      state: f32[B, H, Dk, Dv], the state before the first token.
+      sub_chunk: c; C must be a multiple of it.
+
+    Returns:
+      (o f32[B, C, H, Dv], state after the C tokens f32[B, H, Dk, Dv]).
+    """
+    batch, total, heads, dk = k.shape
+    dv = v.shape[-1]
+    if total % sub_chunk:
+        raise ValueError(f"chunk length {total} is not a multiple of sub_chunk {sub_chunk}")
+    n = total // sub_chunk
+
+    def blocks(x):  # [B, C, H, ...] -> [n, B, H, c, ...]
+        x = x.reshape((batch, n, sub_chunk) + x.shape[2:])
+        return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
+
+    q, k, v, g, beta = (blocks(x) for x in (q, k, v, g, beta))
+    cum = jnp.cumsum(g, axis=-1)                                   # [n, B, H, c]
+    causal = jnp.tril(jnp.ones((sub_chunk, sub_chunk), bool))
+    decay = jnp.exp(jnp.where(causal, cum[..., :, None] - cum[..., None, :], -jnp.inf))
+    kk = jnp.einsum("...id,...jd->...ij", k, k, precision=_HIGHEST)
+    strict = jnp.tril(jnp.ones((sub_chunk, sub_chunk), bool), -1)
+    lower = jnp.where(strict, beta[..., :, None] * kk * decay, 0.0)
+    system = lower + jnp.eye(sub_chunk, dtype=lower.dtype)
+    rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(cum))[..., None] * k], axis=-1)
+    solved = jax.lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True,
+                                             unit_diagonal=True)
+    u, w = solved[..., :dv], solved[..., dv:]
+    attn = jnp.einsum("...id,...jd->...ij", q, k, precision=_HIGHEST) * decay
+    q_decayed = q * jnp.exp(cum)[..., None]
+    k_to_end = k * jnp.exp(cum[..., -1:] - cum)[..., None]
+    end_decay = jnp.exp(cum[..., -1])[..., None, None]
+
+    def step(s, inputs):
+        u_b, w_b, attn_b, q_b, k_b, end_b = inputs
+        v_new = u_b - jnp.einsum("bhcd,bhde->bhce", w_b, s, precision=_HIGHEST)
+        out = (jnp.einsum("bhcd,bhde->bhce", q_b, s, precision=_HIGHEST)
+               + jnp.einsum("bhij,bhje->bhie", attn_b, v_new, precision=_HIGHEST))
+        s = end_b * s + jnp.einsum("bhcd,bhce->bhde", k_b, v_new, precision=_HIGHEST)
+        return s, out
+
+    state, out = jax.lax.scan(step, state, (u, w, attn, q_decayed, k_to_end, end_decay))
+    out = jnp.moveaxis(out, 3, 2).swapaxes(0, 1).reshape(batch, total, heads, dv)
+    return out, state
+
+
+def gated_delta_step(q: Array, k: Array, v: Array, g: Array, beta: Array, state: Array
+                     ) -> tuple[Array, Array]:
+    """One token of the gated delta rule: q, k f32[B, H, Dk], v f32[B, H, Dv], g, beta f32[B, H].
+
+    Returns (o f32[B, H, Dv], new state f32[B, H, Dk, Dv]).
+    """
+    state = state * jnp.exp(g)[..., None, None]
+    memory = jnp.einsum("bhde,bhd->bhe", state, k, precision=_HIGHEST)
+    delta = beta[..., None] * (v - memory)
+    state = state + k[..., :, None] * delta[..., None, :]
+    return jnp.einsum("bhde,bhd->bhe", state, q, precision=_HIGHEST), state
+
+
+def gated_delta_sequential(q: Array, k: Array, v: Array, g: Array, beta: Array, state: Array
+                           ) -> tuple[Array, Array]:
+    """Reference backend: `gated_delta_step` scanned over the C tokens (same arguments as chunked)."""
+    def step(s, inputs):
+        out, s = gated_delta_step(*inputs, s)
+        return s, out
+
+    inputs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v, g, beta))
+    state, out = jax.lax.scan(step, state, inputs)
+    return jnp.swapaxes(out, 0, 1), state
+
+
+BACKENDS = ("chunked", "sequential")
+
+
+# ----------------------------------------------------------------------------- the mixer
+
+
+def _project(params: dict, x: Array) -> tuple[Array, Array, Array, Array]:
+    """x [..., d] -> (mixed qkv [..., Dc], z [..., Hv*Dv], b [..., Hv], a [..., Hv]) in x.dtype."""
+    return tuple(jnp.einsum("...d,de->...e", x, params[name].astype(x.dtype))
+                 for name in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"))
+
+
+def _qkv_gates(params: dict, cfg: GDNConfig, mixed: Array, b: Array, a: Array, dtype):
+    """Post-conv mixed qkv f32[..., Dc] -> float32 (q, k [..., Hv, Dk], v [..., Hv, Dv], g, beta [..., Hv])."""
+    mixed = jax.nn.silu(mixed).astype(dtype).astype(jnp.float32)
+    lead = mixed.shape[:-1]
+    q = mixed[..., :cfg.key_dim].reshape(lead + (cfg.num_k_heads, cfg.head_k_dim))
+    k = mixed[..., cfg.key_dim:2 * cfg.key_dim].reshape(lead + (cfg.num_k_heads, cfg.head_k_dim))
+    v = mixed[..., 2 * cfg.key_dim:].reshape(lead + (cfg.num_v_heads, cfg.head_v_dim))
+    q = _l2_normalise(q) * (cfg.head_k_dim ** -0.5)
+    k = _l2_normalise(k)
+    group = cfg.num_v_heads // cfg.num_k_heads
+    if group > 1:
+        q = jnp.repeat(q, group, axis=-2)
+        k = jnp.repeat(k, group, axis=-2)
+    beta = jax.nn.sigmoid(b.astype(jnp.float32))
+    g = -jnp.exp(params["A_log"].astype(jnp.float32)) * jax.nn.softplus(
+        a.astype(jnp.float32) + params["dt_bias"].astype(jnp.float32))
+    return q, k, v, g, beta
+
+
+def _gated_norm_out(params: dict, cfg: GDNConfig, o: Array, z: Array, dtype) -> Array:
+    """Gated RMSNorm (normalise, weight, then * silu(z)) per value head, then out_proj -> [..., d]."""
+    o = o.astype(dtype).astype(jnp.float32)
+    normed = (o * jax.lax.rsqrt(jnp.mean(o * o, axis=-1, keepdims=True) + cfg.norm_eps)).astype(dtype)
+    weighted = (params["norm_weight"].astype(dtype) * normed).astype(jnp.float32)
+    z = z.reshape(z.shape[:-1] + (cfg.num_v_heads, cfg.head_v_dim)).astype(jnp.float32)
+    gated = (weighted * jax.nn.silu(z)).astype(dtype)
+    gated = gated.reshape(gated.shape[:-2] + (cfg.value_dim,))
+    return jnp.einsum("...e,ed->...d", gated, params["out_proj"].astype(dtype))
+
+
+def gdn_mixer_chunk(params: dict, cfg: GDNConfig, x: Array, state: RecurrentState, valid: Array,
+                    *, backend: str = "chunked") -> tuple[Array, RecurrentState]:
+    """The GDN mixer over one chunk whose valid slots are a prefix.
+
+    Args:
+      params: `init_gdn_params` layout.  x: [B, C, d] (already normed; compute dtype).
+      state: RecurrentState(ssm f32[B, Hv, Dk, Dv], conv [B, W-1, Dc]).
+      valid: bool[B, C], a prefix of each row. Padded slots leave the state exactly unchanged.
+      backend: "chunked" (UT transform in sub-chunks) or "sequential" (token scan reference).
+
+    Returns:
+      (y [B, C, d] in x.dtype (garbage at padded slots), new RecurrentState).
+    """
+    dtype = x.dtype
+    n_valid = jnp.sum(valid, axis=1).astype(jnp.int32)
+    mixed, z, b, a = _project(params, x)
+    mixed, window = causal_conv_chunk(mixed, state.conv, params["conv_weight"], None, n_valid)
+    q, k, v, g, beta = _qkv_gates(params, cfg, mixed, b, a, dtype)
+    mask = valid[:, :, None]
+    beta = jnp.where(mask, beta, 0.0)
+    g = jnp.where(mask, g, 0.0)
+    k = jnp.where(mask[..., None], k, 0.0)
+    if backend == "chunked":
+        o, ssm = gated_delta_chunked(q, k, v, g, beta, state.ssm, cfg.sub_chunk)
+    elif backend == "sequential":
+        o, ssm = gated_delta_sequential(q, k, v, g, beta, state.ssm)
+    else:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    ssm = jnp.where((n_valid > 0)[:, None, None, None], ssm, state.ssm)
+    return _gated_norm_out(params, cfg, o, z, dtype), RecurrentState(ssm=ssm, conv=window)
+
+
+def gdn_mixer_step(params: dict, cfg: GDNConfig, x: Array, state: RecurrentState
+                   ) -> tuple[Array, RecurrentState]:
+    """One token: x [B, d] (normed, compute dtype) -> (y [B, d], new RecurrentState)."""
+    dtype = x.dtype
+    mixed, z, b, a = _project(params, x)
+    mixed, window = causal_conv_step(mixed, state.conv, params["conv_weight"], None)
+    q, k, v, g, beta = _qkv_gates(params, cfg, mixed, b, a, dtype)
+    o, ssm = gated_delta_step(q, k, v, g, beta, state.ssm)
+    return _gated_norm_out(params, cfg, o, z, dtype), RecurrentState(ssm=ssm, conv=window)

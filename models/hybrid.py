@@ -1,0 +1,342 @@
+"""Hybrid stacks from a layer pattern (Qwen3.5's "GGGA" groups; Mamba2 + attention), and their presets.
+
+Every layer is pre-norm: x += mixer(norm(x)); x += SwiGLU(norm(x)). Mixers, one letter per layer:
+  G  Gated DeltaNet (`gated_deltanet`)      -> a RecurrentState in State.recurrent
+  A  gated full attention (`attention`)     -> a KVCache in State.kv
+  M  Mamba2 SSD (`mamba2`)                  -> a RecurrentState in State.recurrent
+then a final norm and the LM head (tied to the embedding or not). Compute runs in the model's dtype
+(bf16 by default); recurrent states are float32; norms and softmax reduce in float32.
+
+`HybridLM` implements `sparse_prefix.protocol.RecurrentLM`: one chunk step drives `run_chunks` (every
+recurrent layer's state emitted at the checkpoints in the same pass, the KV once in the final state);
+`restore` sets the recurrent part and `length` (the KV needs no copy). Calls are padded to bucketed
+shapes (T to C * 2^i, K to a power of two), so the number of compilations stays small: `compile_count`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_prefix.chunking import bucket_length, check_prefill_args, run_chunks, scan_chunks
+from sparse_prefix.protocol import Checkpoints, MemoryProfile, State, restore_state
+
+from . import mixers
+from .attention import AttentionConfig
+from .gated_deltanet import GDNConfig
+from .layers import normal_init, rms_norm
+from .mlp import init_mlp_params, swiglu
+from .registry import register
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridConfig:
+    """A hybrid stack. `pattern` has one letter per layer (G, A or M; see the module docstring).
+
+    Attributes:
+      vocab_size: V.  d_model: d.  d_ff: the SwiGLU width.  pattern: e.g. "GGGA" * 6.
+      chunk_size: C, the exactness grid (a multiple of gdn.sub_chunk and of the Mamba2 chunk).
+      max_length: S, the KV buffer length and the longest sequence a state holds.
+      gdn / attention / mamba: the mixer configs the pattern needs (None where unused).
+      tie_embeddings: the head reuses the embedding matrix.
+      norm_eps: RMSNorm eps.  norm_offset: 1.0 for (1 + w) norms (Qwen3.5), 0.0 for plain w.
+    """
+
+    vocab_size: int
+    d_model: int
+    d_ff: int
+    pattern: str
+    chunk_size: int
+    max_length: int
+    gdn: Any = None
+    attention: Any = None
+    mamba: Any = None
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+    norm_offset: float = 1.0
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "d_ff", "chunk_size", "max_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"HybridConfig.{name} must be a positive int, got {getattr(self, name)!r}")
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise ValueError(f"HybridConfig.pattern must be a non-empty string, got {self.pattern!r}")
+        unknown = sorted(set(self.pattern) - set(mixers.KINDS))
+        if unknown:
+            raise ValueError(f"HybridConfig.pattern has unknown layer letters {unknown}; "
+                             f"known: {sorted(mixers.KINDS)}")
+        for letter in sorted(set(self.pattern)):
+            mixers.KINDS[letter].check(self, letter)
+
+
+class HybridLM:
+    """A hybrid recurrent LM (public; implements `RecurrentLM`).
+
+    Args:
+      config: the stack.  dtype: compute dtype of parameters, activations, conv windows and KV.
+      backend: the Gated DeltaNet backend, "chunked" (default) or "sequential" (the reference).
+    """
+
+    def __init__(self, config: HybridConfig, *, dtype=jnp.bfloat16, backend: str = "chunked"):
+        if not isinstance(config, HybridConfig):
+            raise TypeError(f"config must be a HybridConfig, got {type(config).__name__}")
+        if backend not in ("chunked", "sequential"):
+            raise ValueError(f"backend must be 'chunked' or 'sequential', got {backend!r}")
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.backend = backend
+        self.chunk_size = config.chunk_size
+        self.vocab_size = config.vocab_size
+        self.max_length = config.max_length
+        self.hidden_size = config.d_model
+        self.compile_count = 0
+        kinds = [mixers.KINDS[letter] for letter in config.pattern]
+        self._kinds = tuple(kinds)
+        counters = {True: 0, False: 0}
+        slots = []
+        for kind in kinds:
+            slots.append(counters[kind.recurrent])
+            counters[kind.recurrent] += 1
+        self._slots = tuple(slots)
+        self.num_recurrent, self.num_attention = counters[True], counters[False]
+        self._prefill_jit = jax.jit(self._prefill_device)
+        self._decode_jit = jax.jit(self._decode_device)
+        self._forward_jit = jax.jit(self._forward_device)
+
+    # ------------------------------------------------------------------ parameters and state
+
+    def init_params(self, key: Array) -> dict:
+        """Random parameters: embed [V, d], layers (tuple of dicts), final_norm [d], lm_head [d, V]."""
+        cfg = self.config
+        keys = jax.random.split(key, len(self._kinds) + 2)
+        norm = jnp.full((cfg.d_model,), 1.0 - cfg.norm_offset, self.dtype)
+        layers = []
+        for letter, kind, layer_key in zip(cfg.pattern, self._kinds, keys[2:]):
+            mixer_key, mlp_key = jax.random.split(layer_key)
+            layers.append({"input_norm": norm, "mixer": kind.init_params(mixer_key, cfg, letter, self.dtype),
+                           "post_norm": norm, "mlp": init_mlp_params(mlp_key, cfg.d_model, cfg.d_ff,
+                                                                     self.dtype)})
+        params = {"embed": normal_init(keys[0], (cfg.vocab_size, cfg.d_model), 0.02, self.dtype),
+                  "layers": tuple(layers), "final_norm": norm}
+        if not cfg.tie_embeddings:
+            params["lm_head"] = normal_init(keys[1], (cfg.d_model, cfg.vocab_size), 0.02, self.dtype)
+        return params
+
+    def init_state(self, batch: int) -> State:
+        """Zero state for `batch` rows: recurrent states, KV buffers [B, S, Hkv, D], length 0."""
+        if not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        recurrent, kv = [], []
+        for letter, kind in zip(self.config.pattern, self._kinds):
+            target = recurrent if kind.recurrent else kv
+            target.append(kind.init_state(self.config, letter, int(batch), self.dtype))
+        return State(recurrent=tuple(recurrent), kv=tuple(kv) if kv else None,
+                     length=jnp.zeros((batch,), jnp.int32))
+
+    def abstract_state(self, batch: int) -> State:
+        """`init_state(batch)` as ShapeDtypeStructs (nothing allocated)."""
+        return jax.eval_shape(lambda: self.init_state(batch))
+
+    def memory_profile(self) -> MemoryProfile:
+        """Elements and bytes of one checkpoint (recurrent part) vs one token of attention KV."""
+        state = self.abstract_state(1)
+        leaves = jax.tree_util.tree_leaves(state.recurrent)
+        elements = sum(math.prod(leaf.shape[1:]) for leaf in leaves)
+        size = sum(math.prod(leaf.shape[1:]) * leaf.dtype.itemsize for leaf in leaves)
+        ssm = sum(math.prod(layer.ssm.shape[1:]) for layer in state.recurrent)
+        kv_leaves = jax.tree_util.tree_leaves(state.kv) if state.kv is not None else []
+        kv_elements = sum(math.prod(leaf.shape[2:]) for leaf in kv_leaves)
+        kv_bytes = sum(math.prod(leaf.shape[2:]) * leaf.dtype.itemsize for leaf in kv_leaves)
+        return MemoryProfile(checkpoint_elements=elements, checkpoint_bytes=size,
+                             kv_elements_per_token=kv_elements, kv_bytes_per_token=kv_bytes,
+                             ssm_elements=ssm)
+
+    # ------------------------------------------------------------------ device code
+
+    def _norm(self, x: Array, weight: Array) -> Array:
+        return rms_norm(x, weight, self.config.norm_eps, offset=self.config.norm_offset)
+
+    def _logits(self, params: dict, hidden: Array) -> Array:
+        """hidden [..., d] (final-normed) -> f32[..., V]."""
+        hidden = hidden.astype(self.dtype)
+        if self.config.tie_embeddings:
+            return jnp.einsum("...d,vd->...v", hidden, params["embed"].astype(self.dtype),
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", hidden, params["lm_head"].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def _layers(self, params: dict, state: State, x: Array, mix) -> tuple[State, Array]:
+        """Run every layer on x ([B, C, d] or [B, d]); `mix(kind, letter, layer params, x, layer state)`."""
+        recurrent, kv = list(state.recurrent), list(state.kv or ())
+        for letter, kind, slot, layer in zip(self.config.pattern, self._kinds, self._slots,
+                                             params["layers"]):
+            held = recurrent if kind.recurrent else kv
+            y, held[slot] = mix(kind, letter, layer["mixer"], self._norm(x, layer["input_norm"]),
+                                held[slot])
+            x = x + y.astype(x.dtype)
+            x = x + swiglu(layer["mlp"], self._norm(x, layer["post_norm"]))
+        state = state._replace(recurrent=tuple(recurrent), kv=tuple(kv) if kv else None)
+        return state, self._norm(x, params["final_norm"])
+
+    def chunk_step(self, params: dict, state: State, tokens: Array, positions: Array, valid: Array
+                   ) -> tuple[State, Array]:
+        """The chunk step of `run_chunks`: tokens, positions int32[B, C], valid bool[B, C] (a prefix).
+
+        Returns (state, final-normed hidden [B, C, d]); padded slots leave the state exactly unchanged.
+        """
+        x = params["embed"][tokens].astype(self.dtype)
+
+        def mix(kind, letter, layer_params, h, layer_state):
+            return kind.chunk(layer_params, self.config, letter, h, layer_state, positions, valid,
+                              self.backend)
+
+        return self._layers(params, state, x, mix)
+
+    def _prefill_device(self, params, tokens, state, checkpoints, lengths):
+        self.compile_count += 1
+        step = lambda s, t, p, v: self.chunk_step(params, s, t, p, v)  # noqa: E731
+        hidden, final, emitted = run_chunks(step, state, tokens, lengths, checkpoints,
+                                            chunk_size=self.chunk_size, hidden_size=self.hidden_size,
+                                            hidden_dtype=self.dtype)
+        return self._logits(params, hidden), final, emitted
+
+    def _decode_device(self, params, token, state):
+        self.compile_count += 1
+        x = params["embed"][token].astype(self.dtype)
+        position = state.length.astype(jnp.int32)
+
+        def mix(kind, letter, layer_params, h, layer_state):
+            return kind.step(layer_params, self.config, letter, h, layer_state, position)
+
+        state, hidden = self._layers(params, state, x, mix)
+        return self._logits(params, hidden), state._replace(length=position + 1)
+
+    def _forward_device(self, params, tokens, state):
+        self.compile_count += 1
+        step = lambda s, t, p, v: self.chunk_step(params, s, t, p, v)  # noqa: E731
+        hidden, final = scan_chunks(step, state, tokens, chunk_size=self.chunk_size)
+        return self._logits(params, hidden), final
+
+    # ------------------------------------------------------------------ the contract (host side)
+
+    def _check_state(self, state: State, batch: int) -> np.ndarray:
+        if not isinstance(state, State):
+            raise TypeError(f"state must be a State, got {type(state).__name__}")
+        length = np.asarray(state.length)
+        if length.shape != (batch,):
+            raise ValueError(f"state has {length.shape} rows of length, expected batch {batch}")
+        return length
+
+    def prefill(self, params: dict, tokens, state: State, checkpoints, lengths=None
+                ) -> tuple[Array, State, Checkpoints]:
+        """`RecurrentLM.prefill`: logits f32[B, V] at each row's last real token, final state, checkpoints.
+
+        tokens int32[B, T]; checkpoints int32[K] or [B, K] relative to the start of tokens (<= 0:
+        padding); lengths int32[B] (default T). Emitted leaves are [B, K, ...].
+        """
+        tokens_np = np.asarray(tokens)
+        batch = tokens_np.shape[0] if tokens_np.ndim == 2 else -1
+        start = self._check_state(state, batch) if batch > 0 else None
+        tokens_np, lengths_np, ckpt_np = check_prefill_args(
+            tokens, lengths, checkpoints, vocab_size=self.vocab_size, max_length=self.max_length,
+            state_length=start)
+        total, slots = tokens_np.shape[1], ckpt_np.shape[1]
+        padded_total = bucket_length(total, self.chunk_size)
+        padded_slots = 1 << max(0, slots - 1).bit_length()
+        tokens_np = np.pad(tokens_np, ((0, 0), (0, padded_total - total)))
+        ckpt_np = np.pad(ckpt_np, ((0, 0), (0, padded_slots - slots)))
+        logits, final, emitted = self._prefill_jit(params, tokens_np, state, ckpt_np, lengths_np)
+        if padded_slots != slots:
+            emitted = Checkpoints(
+                recurrent=jax.tree_util.tree_map(lambda leaf: leaf[:, :slots], emitted.recurrent),
+                lengths=emitted.lengths[:, :slots])
+        return logits, final, emitted
+
+    def decode(self, params: dict, token, state: State) -> tuple[Array, State]:
+        """`RecurrentLM.decode`: token int32[B] -> (logits f32[B, V], the state one token longer)."""
+        token_np = np.asarray(token)
+        if token_np.dtype.kind not in "iu":
+            raise TypeError(f"token must be an integer array, got dtype {token_np.dtype}")
+        if token_np.ndim != 1:
+            raise ValueError(f"token must have shape [B], got {token_np.shape}")
+        if np.any((token_np < 0) | (token_np >= self.vocab_size)):
+            raise ValueError(f"token ids must lie in 0..{self.vocab_size - 1}, got {token_np.tolist()}")
+        length = self._check_state(state, token_np.shape[0])
+        if np.any(length >= self.max_length):
+            raise ValueError(f"state length {length.tolist()} leaves no room under max_length "
+                             f"{self.max_length}")
+        return self._decode_jit(params, token_np.astype(np.int32), state)
+
+    def restore(self, state: State, checkpoints: Checkpoints, k) -> State:
+        """`RecurrentLM.restore`: the recurrent part of slot k int32[B]; KV kept, length set."""
+        return restore_state(state, checkpoints, jnp.asarray(k, jnp.int32))
+
+    def forward(self, params: dict, tokens, state: State | None = None) -> tuple[Array, State]:
+        """Logits at every position f32[B, T, V] and the final state (T a multiple of C, all real)."""
+        tokens_np = np.asarray(tokens)
+        if tokens_np.dtype.kind not in "iu" or tokens_np.ndim != 2:
+            raise TypeError(f"tokens must be an integer array [B, T], got {tokens_np.dtype} "
+                            f"{tokens_np.shape}")
+        if tokens_np.shape[1] % self.chunk_size or tokens_np.shape[1] == 0:
+            raise ValueError(f"forward needs T a positive multiple of chunk_size {self.chunk_size}, "
+                             f"got {tokens_np.shape[1]}")
+        if np.any((tokens_np < 0) | (tokens_np >= self.vocab_size)):
+            raise ValueError(f"token ids must lie in 0..{self.vocab_size - 1}")
+        state = self.init_state(tokens_np.shape[0]) if state is None else state
+        start = self._check_state(state, tokens_np.shape[0])
+        if np.any(start + tokens_np.shape[1] > self.max_length):
+            raise ValueError(f"state length + tokens exceeds max_length {self.max_length}")
+        return self._forward_jit(params, tokens_np.astype(np.int32), state)
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def qwen35_config(*, layers: int = 24, max_length: int = 16384, chunk_size: int = 256,
+                  vocab_size: int = 248_320) -> HybridConfig:
+    """Qwen3.5-0.8B's text stack (`qwen3_5_text`): d 1024, d_ff 3584, groups of 3 GDN + 1 attention,
+    attention 8 q / 2 kv heads x 256 (rotary on 64 dims, theta 1e7, q/k norm, output gate),
+    GDN 16 key / 16 value heads x 128, conv 4, vocab 248320, tied embeddings, (1 + w) norms, eps 1e-6."""
+    if layers % 4:
+        raise ValueError(f"layers must be a multiple of 4 (GGGA groups), got {layers}")
+    return HybridConfig(
+        vocab_size=vocab_size, d_model=1024, d_ff=3584, pattern="GGGA" * (layers // 4),
+        chunk_size=chunk_size, max_length=max_length,
+        gdn=GDNConfig(d_model=1024, num_k_heads=16, num_v_heads=16, head_k_dim=128, head_v_dim=128,
+                      conv_width=4, norm_eps=1e-6, sub_chunk=64),
+        attention=AttentionConfig(d_model=1024, num_heads=8, num_kv_heads=2, head_dim=256,
+                                  rotary_dim=64, rope_theta=10_000_000.0, norm_eps=1e-6),
+        tie_embeddings=True, norm_eps=1e-6, norm_offset=1.0)
+
+
+def hybrid_tiny_config() -> HybridConfig:
+    """A small GGGA-like stack for CPU tests: value heads outnumber key heads, untied head, C = 8."""
+    return HybridConfig(
+        vocab_size=256, d_model=32, d_ff=64, pattern="GGAG", chunk_size=8, max_length=128,
+        gdn=GDNConfig(d_model=32, num_k_heads=2, num_v_heads=4, head_k_dim=8, head_v_dim=8,
+                      conv_width=4, sub_chunk=4),
+        attention=AttentionConfig(d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, rotary_dim=4,
+                                  rope_theta=10_000.0),
+        tie_embeddings=False)
+
+
+@register("qwen3.5-0.8b")
+def _qwen35_08b(dtype):
+    return HybridLM(qwen35_config(), dtype=dtype)
+
+
+@register("qwen3.5-0.8b-group")
+def _qwen35_08b_group(dtype):
+    return HybridLM(qwen35_config(layers=4), dtype=dtype)
+
+
+@register("hybrid-tiny")
+def _hybrid_tiny(dtype):
+    return HybridLM(hybrid_tiny_config(), dtype=dtype)

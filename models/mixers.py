@@ -1,0 +1,66 @@
+"""The mixer kinds a hybrid stack is made of, one uniform adapter per pattern letter.
+
+Each `MixerKind` tells `hybrid.HybridLM` whether the layer keeps a recurrent state (State.recurrent)
+or a KV cache (State.kv), how to check its config, and how to initialise, run one chunk and run one
+token. Shapes: x [B, C, d] for a chunk, [B, d] for a token; positions int32[B, C] / [B].
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+from .attention import AttentionConfig, attention_chunk, attention_step, init_attention_params, init_kv_cache
+from .gated_deltanet import GDNConfig, gdn_mixer_chunk, gdn_mixer_step, init_gdn_params, init_gdn_state
+
+
+class MixerKind(NamedTuple):
+    """Adapters of one layer kind (config is a `hybrid.HybridConfig`, letter the pattern letter)."""
+
+    recurrent: bool
+    check: Callable[[Any, str], None]
+    init_params: Callable[..., dict]          # (key, config, letter, dtype)
+    init_state: Callable[..., Any]            # (config, letter, batch, dtype)
+    chunk: Callable[..., tuple]               # (params, config, letter, x, state, positions, valid, backend)
+    step: Callable[..., tuple]                # (params, config, letter, x, state, position)
+
+
+def _require(config, field: str, kind: type, letter: str) -> None:
+    value = getattr(config, field)
+    if not isinstance(value, kind):
+        raise ValueError(f"pattern letter {letter!r} needs HybridConfig.{field} to be a {kind.__name__}, "
+                         f"got {type(value).__name__}")
+    if value.d_model != config.d_model:
+        raise ValueError(f"HybridConfig.{field}.d_model ({value.d_model}) differs from d_model "
+                         f"({config.d_model})")
+
+
+def _check_gdn(config, letter: str) -> None:
+    _require(config, "gdn", GDNConfig, letter)
+    if config.chunk_size % config.gdn.sub_chunk:
+        raise ValueError(f"chunk_size ({config.chunk_size}) must be a multiple of gdn.sub_chunk "
+                         f"({config.gdn.sub_chunk})")
+
+
+GATED_DELTANET = MixerKind(
+    recurrent=True,
+    check=_check_gdn,
+    init_params=lambda key, config, letter, dtype: init_gdn_params(key, config.gdn, dtype),
+    init_state=lambda config, letter, batch, dtype: init_gdn_state(config.gdn, batch, dtype),
+    chunk=lambda params, config, letter, x, state, positions, valid, backend: gdn_mixer_chunk(
+        params, config.gdn, x, state, valid, backend=backend),
+    step=lambda params, config, letter, x, state, position: gdn_mixer_step(params, config.gdn, x, state),
+)
+
+ATTENTION = MixerKind(
+    recurrent=False,
+    check=lambda config, letter: _require(config, "attention", AttentionConfig, letter),
+    init_params=lambda key, config, letter, dtype: init_attention_params(key, config.attention, dtype),
+    init_state=lambda config, letter, batch, dtype: init_kv_cache(config.attention, batch,
+                                                                  config.max_length, dtype),
+    chunk=lambda params, config, letter, x, state, positions, valid, backend: attention_chunk(
+        params, config.attention, x, state, positions, valid),
+    step=lambda params, config, letter, x, state, position: attention_step(
+        params, config.attention, x, state, position),
+)
+
+KINDS: dict[str, MixerKind] = {"G": GATED_DELTANET, "A": ATTENTION}
