@@ -1,1 +1,5 @@
 """sparse-prefix."""
+
+from sparse_prefix.planner import Planner
+
+__all__ = ["Planner"]
