@@ -232,3 +232,51 @@ def check_prefill_args(tokens, lengths, checkpoints, *, vocab_size: int, max_len
         raise ValueError(f"lengths exceed max_length {max_length}")
     return (tokens_np.astype(np.int32), lengths_np.astype(np.int32),
             np.ascontiguousarray(ckpt, dtype=np.int32))
+
+
+def checkpoint_bucket(slots: int, minimum: int = 4) -> int:
+    """The padded number of checkpoint slots K a call compiles for: a power of two >= `minimum`."""
+    bucket = max(1, minimum)
+    while bucket < slots:
+        bucket *= 2
+    return bucket
+
+
+def check_state(state, expected, *, name: str = "state") -> None:
+    """Raise TypeError/ValueError unless `state` matches `expected` in structure, shapes and dtypes.
+
+    Args:
+      state: the `State` a caller passed in.
+      expected: the model's `abstract_state(batch)` (a `State` of jax.ShapeDtypeStruct leaves).
+      name: the argument name used in error messages.
+    """
+    if not isinstance(state, type(expected)):
+        raise TypeError(f"{name} must be a {type(expected).__name__}, got {type(state).__name__}")
+    got_tree = jax.tree_util.tree_structure(state)
+    want_tree = jax.tree_util.tree_structure(expected)
+    if got_tree != want_tree:
+        raise ValueError(f"{name} has the wrong structure (layers or fields): got {got_tree}, "
+                         f"expected {want_tree}")
+    got_leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    for (path, leaf), want in zip(got_leaves, jax.tree_util.tree_leaves(expected)):
+        shape, dtype = np.shape(leaf), getattr(leaf, "dtype", np.asarray(leaf).dtype)
+        if tuple(shape) != tuple(want.shape) or dtype != want.dtype:
+            raise ValueError(f"{name}{jax.tree_util.keystr(path)} must have shape {tuple(want.shape)} "
+                             f"and dtype {want.dtype}, got shape {tuple(shape)} and dtype {dtype}")
+
+
+def check_decode_args(token, *, batch: int, vocab_size: int, max_length: int,
+                      state_length=None) -> np.ndarray:
+    """Validate one decode step's tokens int[B] (and the room left in the state); returns int32[B]."""
+    token_np = np.asarray(token)
+    if token_np.dtype.kind not in "iu":
+        raise TypeError(f"token must be an integer array, got dtype {token_np.dtype}")
+    if token_np.shape != (batch,):
+        raise ValueError(f"token must have shape [{batch}] (one per state row), got {token_np.shape}")
+    if np.any((token_np < 0) | (token_np >= vocab_size)):
+        bad = token_np[(token_np < 0) | (token_np >= vocab_size)]
+        raise ValueError(f"token ids must lie in 0..{vocab_size - 1}, got {bad[:5].tolist()}")
+    if state_length is not None and np.any(np.asarray(state_length) + 1 > max_length):
+        raise ValueError(f"decode would exceed max_length {max_length}: state lengths "
+                         f"{np.asarray(state_length).tolist()}")
+    return token_np.astype(np.int32)

@@ -1,0 +1,546 @@
+"""Mamba2 (SSD) as pure functions over a params pytree, with exact one-pass checkpoint-emitting prefill.
+
+Why pure functions and not Flax modules: the cache needs the model as four jitted functions of
+(params, state, inputs) -- chunk step, prefill, decode, forward -- whose state is an explicit typed
+pytree that the store slices, gathers and donates. Params are NamedTuples with a leading layer axis
+(one `lax.scan` over layers compiles a 64-layer model as fast as a 2-layer one), the config is a
+frozen, hashable dataclass (jit caches key on it), and the mixer functions below are reusable as-is by
+hybrid stacks (`mamba2_mixer_chunk` / `mamba2_mixer_decode` / `mamba2_mixer_state`).
+
+Numerics follow state-spaces/mamba and HF `Mamba2ForCausalLM`: weights and activations in the compute
+dtype (bf16 by default), the residual stream, norms, SSD and the recurrent state in float32; the
+gated RMSNorm is HF's MambaRMSNormGated (gate before norm, normalised per group of d_inner/ngroups).
+
+Shape legend: see `sparse_prefix.protocol`; here also E = d_inner = expand * d, Dp = in_proj width
+= 2 E + 2 G N + H, Dc = conv channels = E + 2 G N, G = ngroups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_prefix.chunking import (bucket_length, check_decode_args, check_prefill_args, check_state,
+                                    checkpoint_bucket, run_chunks, scan_chunks)
+from sparse_prefix.protocol import Checkpoints, MemoryProfile, RecurrentState, State, restore_state
+
+from .layers import causal_conv_chunk, causal_conv_step, rms_norm
+from .registry import register
+from .ssd import ssd_chunk, ssd_scan, ssd_step
+
+Array = jax.Array
+BACKENDS = ("chunked", "sequential")
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2MixerConfig:
+    """One Mamba2 mixer (the state-spaces defaults). Hashable: jit caches key on it.
+
+    Attributes:
+      d_model: d. d_state: N. d_conv: W. expand: E / d. headdim: P. ngroups: G.
+      norm_eps: epsilon of the gated RMSNorm. dt_limit: (min, max) clamp of dt after softplus.
+      use_bias: biases on in_proj / out_proj. conv_bias: bias on the depthwise conv.
+      backend: "chunked" (quadratic SSD form per chunk) or "sequential" (token scan reference).
+    """
+
+    d_model: int
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64
+    ngroups: int = 1
+    norm_eps: float = 1e-5
+    dt_limit: tuple[float, float] = (0.0, math.inf)
+    use_bias: bool = False
+    conv_bias: bool = True
+    backend: str = "chunked"
+
+    def __post_init__(self):
+        for field in ("d_model", "d_state", "d_conv", "expand", "headdim", "ngroups"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+                raise ValueError(f"{field} must be a positive int, got {getattr(self, field)!r}")
+        if self.d_inner % self.headdim:
+            raise ValueError(f"d_inner {self.d_inner} is not a multiple of headdim {self.headdim}")
+        if self.nheads % self.ngroups:
+            raise ValueError(f"nheads {self.nheads} is not a multiple of ngroups {self.ngroups}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        object.__setattr__(self, "dt_limit", tuple(float(v) for v in self.dt_limit))
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        return self.d_inner // self.headdim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.ngroups * self.d_state
+
+    @property
+    def in_proj_size(self) -> int:
+        return self.d_inner + self.conv_dim + self.nheads
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2Config:
+    """A Mamba2 language model: embedding, n_layer (RMSNorm -> mixer -> residual), final norm, head.
+
+    Attributes:
+      mixer: the per-layer mixer. n_layer: layers. vocab_size: V (embedding rows, padded).
+      chunk_size: C, the prefill chunk and exactness grid. max_length: the longest sequence (a pure
+      SSM keeps no KV: it only bounds positions). tie_embeddings: head = embedding^T.
+      norm_eps: epsilon of the block and final RMSNorms. dtype: compute / weight dtype name.
+    """
+
+    mixer: Mamba2MixerConfig
+    n_layer: int
+    vocab_size: int
+    chunk_size: int = 256
+    max_length: int = 16384
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        for field in ("n_layer", "vocab_size", "chunk_size", "max_length"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+                raise ValueError(f"{field} must be a positive int, got {getattr(self, field)!r}")
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
+
+    @property
+    def d_model(self) -> int:
+        return self.mixer.d_model
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def replace(self, **changes) -> "Mamba2Config":
+        """A copy with top-level fields (or mixer fields, by name) changed."""
+        mixer_fields = {f.name for f in dataclasses.fields(Mamba2MixerConfig)}
+        mixer_changes = {k: changes.pop(k) for k in list(changes) if k in mixer_fields}
+        mixer = dataclasses.replace(self.mixer, **mixer_changes)
+        return dataclasses.replace(self, mixer=mixer, **changes)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (inverse of `from_dict`)."""
+        out = dataclasses.asdict(self)
+        out["mixer"]["dt_limit"] = list(self.mixer.dt_limit)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Mamba2Config":
+        data = dict(data)
+        mixer = dict(data.pop("mixer"))
+        mixer["dt_limit"] = tuple(mixer.get("dt_limit", (0.0, math.inf)))
+        return cls(mixer=Mamba2MixerConfig(**mixer), **data)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+class MixerParams(NamedTuple):
+    """One mixer's weights (kernels laid out for x @ W).
+
+    in_proj [d, Dp], in_proj_bias [Dp] | None, conv_weight [W, Dc] (row W-1 multiplies the current
+    input), conv_bias [Dc] | None, dt_bias / A_log / D float32[H], norm [E] (gated RMSNorm),
+    out_proj [E, d], out_proj_bias [d] | None.
+    """
+
+    in_proj: Array
+    in_proj_bias: Array | None
+    conv_weight: Array
+    conv_bias: Array | None
+    dt_bias: Array
+    A_log: Array
+    D: Array
+    norm: Array
+    out_proj: Array
+    out_proj_bias: Array | None
+
+
+class LayerParams(NamedTuple):
+    """One block: pre-norm weight [d] and the mixer. In `Mamba2Params.layers` every leaf is stacked."""
+
+    norm: Array
+    mixer: MixerParams
+
+
+class Mamba2Params(NamedTuple):
+    """embedding [V, d], layers (leaves [n_layer, ...]), norm_f [d], lm_head [d, V] | None (tied)."""
+
+    embedding: Array
+    layers: LayerParams
+    norm_f: Array
+    lm_head: Array | None
+
+
+def _uniform(key: Array, shape: tuple[int, ...], bound: float, dtype) -> Array:
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+def init_mamba2_mixer(key: Array, cfg: Mamba2MixerConfig, dtype=jnp.bfloat16, *,
+                      out_scale: float = 1.0) -> MixerParams:
+    """Random mixer weights, the state-spaces initialisation (torch Linear/Conv1d defaults, dt in
+    [1e-3, 0.1] log-uniform through an inverse softplus bias, A uniform in [1, 16], D = 1).
+
+    Args:
+      key: PRNG key. cfg: the mixer. dtype: weight dtype (dt_bias, A_log, D stay float32).
+      out_scale: multiplies out_proj (state-spaces uses 1/sqrt(n_layer)).
+    """
+    keys = jax.random.split(key, 7)
+    dt = jnp.exp(jax.random.uniform(keys[0], (cfg.nheads,), jnp.float32)
+                 * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    dt = jnp.maximum(dt, 1e-4)
+    width_bound = 1.0 / math.sqrt(cfg.d_conv)
+    return MixerParams(
+        in_proj=_uniform(keys[1], (cfg.d_model, cfg.in_proj_size), 1 / math.sqrt(cfg.d_model), dtype),
+        in_proj_bias=jnp.zeros((cfg.in_proj_size,), dtype) if cfg.use_bias else None,
+        conv_weight=_uniform(keys[2], (cfg.d_conv, cfg.conv_dim), width_bound, dtype),
+        conv_bias=_uniform(keys[3], (cfg.conv_dim,), width_bound, dtype) if cfg.conv_bias else None,
+        dt_bias=dt + jnp.log(-jnp.expm1(-dt)),
+        A_log=jnp.log(jax.random.uniform(keys[4], (cfg.nheads,), jnp.float32, 1.0, 16.0)),
+        D=jnp.ones((cfg.nheads,), jnp.float32),
+        norm=jnp.ones((cfg.d_inner,), dtype),
+        out_proj=_uniform(keys[5], (cfg.d_inner, cfg.d_model),
+                          out_scale / math.sqrt(cfg.d_inner), dtype),
+        out_proj_bias=jnp.zeros((cfg.d_model,), dtype) if cfg.use_bias else None,
+    )
+
+
+def mamba2_mixer_state(cfg: Mamba2MixerConfig, batch: int, dtype=jnp.bfloat16) -> RecurrentState:
+    """Zero state of one mixer: ssm float32[B, H, P, N], conv window [B, W-1, Dc] in `dtype`."""
+    return RecurrentState(
+        ssm=jnp.zeros((batch, cfg.nheads, cfg.headdim, cfg.d_state), jnp.float32),
+        conv=jnp.zeros((batch, cfg.d_conv - 1, cfg.conv_dim), dtype))
+
+
+# ----------------------------------------------------------------------------- the mixer
+
+
+def _linear(x: Array, kernel: Array, bias: Array | None) -> Array:
+    """x [..., i] @ kernel [i, o] (+ bias) with float32 accumulation, returned in x.dtype."""
+    y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def gated_rms_norm(y: Array, gate: Array, weight: Array, groups: int, eps: float) -> Array:
+    """HF MambaRMSNormGated (norm_before_gate=False): RMSNorm per group of (y * silu(gate)) * weight.
+
+    Args:
+      y: [..., E] float32. gate: [..., E]. weight: [E]. groups: G (each group of E/G normalised alone).
+
+    Returns:
+      float32[..., E].
+    """
+    gated = y.astype(jnp.float32) * jax.nn.silu(gate.astype(jnp.float32))
+    grouped = gated.reshape(gated.shape[:-1] + (groups, gated.shape[-1] // groups))
+    grouped = grouped * jax.lax.rsqrt(jnp.mean(grouped * grouped, axis=-1, keepdims=True) + eps)
+    return grouped.reshape(gated.shape) * weight.astype(jnp.float32)
+
+
+def _split_projection(cfg: Mamba2MixerConfig, zxbcdt: Array) -> tuple[Array, Array, Array]:
+    """in_proj output [..., Dp] -> (z [..., E], xBC [..., Dc], dt [..., H])."""
+    return jnp.split(zxbcdt, [cfg.d_inner, cfg.d_inner + cfg.conv_dim], axis=-1)
+
+
+def _split_conv(cfg: Mamba2MixerConfig, xbc: Array) -> tuple[Array, Array, Array]:
+    """Activated conv output [..., Dc] -> (x [..., H, P], B [..., G, N], C [..., G, N])."""
+    gn = cfg.ngroups * cfg.d_state
+    x, b, c = jnp.split(xbc, [cfg.d_inner, cfg.d_inner + gn], axis=-1)
+    lead = xbc.shape[:-1]
+    return (x.reshape(lead + (cfg.nheads, cfg.headdim)), b.reshape(lead + (cfg.ngroups, cfg.d_state)),
+            c.reshape(lead + (cfg.ngroups, cfg.d_state)))
+
+
+def _time_step(params: MixerParams, cfg: Mamba2MixerConfig, dt_raw: Array) -> Array:
+    """softplus(dt + dt_bias) clamped to dt_limit, float32[..., H]."""
+    dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + params.dt_bias.astype(jnp.float32))
+    low, high = cfg.dt_limit
+    return jnp.clip(dt, low, high)
+
+
+def _mixer_output(params: MixerParams, cfg: Mamba2MixerConfig, y: Array, x: Array, z: Array,
+                  dtype) -> Array:
+    """D skip, gated norm and out_proj: y, x [..., H, P] float32, z [..., E] -> [..., d] in dtype."""
+    y = y + params.D.astype(jnp.float32)[:, None] * x
+    y = y.reshape(y.shape[:-2] + (cfg.d_inner,))
+    normed = gated_rms_norm(y, z, params.norm, cfg.ngroups, cfg.norm_eps)
+    return _linear(normed.astype(dtype), params.out_proj, params.out_proj_bias)
+
+
+def mamba2_mixer_chunk(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, state: RecurrentState,
+                       valid: Array) -> tuple[Array, RecurrentState]:
+    """One chunk through one mixer (the prefill path).
+
+    Args:
+      params: one layer's `MixerParams`. cfg: the mixer config.
+      x: [B, C, d] normalised block input in the compute dtype.
+      state: this layer's `RecurrentState` (ssm float32[B, H, P, N], conv [B, W-1, Dc]).
+      valid: bool[B, C], a prefix of each row; padded slots leave the state exactly unchanged.
+
+    Returns:
+      (y [B, C, d] in x.dtype -- garbage on padded slots --, the state after the chunk's real tokens).
+    """
+    z, xbc, dt_raw = _split_projection(cfg, _linear(x, params.in_proj, params.in_proj_bias))
+    n_valid = jnp.sum(valid, axis=1, dtype=jnp.int32)
+    conv, window = causal_conv_chunk(xbc, state.conv, params.conv_weight, params.conv_bias, n_valid)
+    xs, b, c = _split_conv(cfg, jax.nn.silu(conv))
+    dt = jnp.where(valid[..., None], _time_step(params, cfg, dt_raw), 0.0)
+    a = -jnp.exp(params.A_log.astype(jnp.float32))
+    ssd = ssd_chunk if cfg.backend == "chunked" else ssd_scan
+    y, ssm = ssd(xs, dt, a, b, c, state.ssm)
+    return _mixer_output(params, cfg, y, xs, z, x.dtype), RecurrentState(ssm=ssm, conv=window)
+
+
+def mamba2_mixer_decode(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, state: RecurrentState
+                        ) -> tuple[Array, RecurrentState]:
+    """One token through one mixer, closed form: x [B, d] -> (y [B, d], state)."""
+    z, xbc, dt_raw = _split_projection(cfg, _linear(x, params.in_proj, params.in_proj_bias))
+    conv, window = causal_conv_step(xbc, state.conv, params.conv_weight, params.conv_bias)
+    xs, b, c = _split_conv(cfg, jax.nn.silu(conv))
+    a = -jnp.exp(params.A_log.astype(jnp.float32))
+    y, ssm = ssd_step(xs, _time_step(params, cfg, dt_raw), a, b, c, state.ssm)
+    return _mixer_output(params, cfg, y, xs, z, x.dtype), RecurrentState(ssm=ssm, conv=window)
+
+
+# ----------------------------------------------------------------------------- the language model
+
+
+def init_mamba2_params(key: Array, cfg: Mamba2Config) -> Mamba2Params:
+    """Random parameters: embedding N(0, 0.02), per-layer mixers (out_proj scaled 1/sqrt(n_layer))."""
+    dtype = cfg.compute_dtype
+    k_embed, k_layers, k_head = jax.random.split(key, 3)
+    mixers = jax.vmap(lambda k: init_mamba2_mixer(k, cfg.mixer, dtype,
+                                                  out_scale=1 / math.sqrt(cfg.n_layer))
+                      )(jax.random.split(k_layers, cfg.n_layer))
+    embedding = (0.02 * jax.random.normal(k_embed, (cfg.vocab_size, cfg.d_model))).astype(dtype)
+    lm_head = None if cfg.tie_embeddings else (
+        0.02 * jax.random.normal(k_head, (cfg.d_model, cfg.vocab_size))).astype(dtype)
+    return Mamba2Params(
+        embedding=embedding,
+        layers=LayerParams(norm=jnp.ones((cfg.n_layer, cfg.d_model), dtype), mixer=mixers),
+        norm_f=jnp.ones((cfg.d_model,), dtype),
+        lm_head=lm_head)
+
+
+def init_mamba2_state(cfg: Mamba2Config, batch: int) -> State:
+    """Zero `State` for `batch` rows: one `RecurrentState` per layer, no KV, length 0."""
+    layers = tuple(mamba2_mixer_state(cfg.mixer, batch, cfg.compute_dtype) for _ in range(cfg.n_layer))
+    return State(recurrent=layers, kv=None, length=jnp.zeros((batch,), jnp.int32))
+
+
+def _stack(states: tuple) -> Any:
+    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *states)
+
+
+def _unstack(stacked: Any, count: int) -> tuple:
+    return tuple(jax.tree_util.tree_map(lambda leaf: leaf[i], stacked) for i in range(count))
+
+
+def _layers(params: Mamba2Params, cfg: Mamba2Config, hidden: Array, recurrent: tuple, mixer_fn
+            ) -> tuple[Array, tuple]:
+    """Run every block (scan over the stacked layers): hidden float32 residual [B, ..., d]."""
+
+    def block(residual, inputs):
+        layer, layer_state = inputs
+        x = rms_norm(residual, layer.norm, cfg.norm_eps).astype(cfg.compute_dtype)
+        y, layer_state = mixer_fn(layer.mixer, x, layer_state)
+        return residual + y.astype(jnp.float32), layer_state
+
+    hidden, stacked = jax.lax.scan(block, hidden, (params.layers, _stack(recurrent)))
+    return rms_norm(hidden, params.norm_f, cfg.norm_eps), _unstack(stacked, cfg.n_layer)
+
+
+def mamba2_chunk_step(params: Mamba2Params, cfg: Mamba2Config, state: State, tokens: Array,
+                      positions: Array, valid: Array) -> tuple[State, Array]:
+    """The chunk step of `sparse_prefix.chunking`: tokens int32[B, C] -> (state, hidden f32[B, C, d]).
+
+    `positions` is unused: Mamba2 has no positional encoding.
+    """
+    del positions
+    hidden = jnp.take(params.embedding, tokens, axis=0).astype(jnp.float32)
+    hidden, recurrent = _layers(params, cfg, hidden, state.recurrent,
+                                lambda p, x, s: mamba2_mixer_chunk(p, cfg.mixer, x, s, valid))
+    return state._replace(recurrent=recurrent), hidden
+
+
+def mamba2_logits(params: Mamba2Params, cfg: Mamba2Config, hidden: Array) -> Array:
+    """Head: final-normed hidden [..., d] -> float32 logits [..., V] (tied or untied)."""
+    hidden = hidden.astype(cfg.compute_dtype)
+    if params.lm_head is None:
+        return jnp.einsum("...d,vd->...v", hidden, params.embedding,
+                          preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", hidden, params.lm_head, preferred_element_type=jnp.float32)
+
+
+class _Programs:
+    """The jitted prefill / decode / forward of one config, shared by every model object with it."""
+
+    def __init__(self, cfg: Mamba2Config, donate: bool):
+        self.traces = 0
+        donate_state = (1,) if donate else ()
+        self.prefill = jax.jit(functools.partial(self._prefill, cfg), donate_argnums=donate_state)
+        self.decode = jax.jit(functools.partial(self._decode, cfg), donate_argnums=donate_state)
+        self.forward = jax.jit(functools.partial(self._forward, cfg))
+
+    def _prefill(self, cfg, params, state, tokens, lengths, checkpoints):
+        self.traces += 1
+        step = functools.partial(mamba2_chunk_step, params, cfg)
+        hidden, final, emitted = run_chunks(step, state, tokens, lengths, checkpoints,
+                                            chunk_size=cfg.chunk_size, hidden_size=cfg.d_model)
+        return mamba2_logits(params, cfg, hidden), final, emitted
+
+    def _decode(self, cfg, params, state, token):
+        self.traces += 1
+        hidden = jnp.take(params.embedding, token, axis=0).astype(jnp.float32)
+        hidden, recurrent = _layers(params, cfg, hidden, state.recurrent,
+                                    lambda p, x, s: mamba2_mixer_decode(p, cfg.mixer, x, s))
+        next_state = State(recurrent=recurrent, kv=None, length=state.length + 1)
+        return mamba2_logits(params, cfg, hidden), next_state
+
+    def _forward(self, cfg, params, tokens):
+        state = init_mamba2_state(cfg, tokens.shape[0])
+        step = functools.partial(mamba2_chunk_step, params, cfg)
+        hidden, _ = scan_chunks(step, state, tokens, chunk_size=cfg.chunk_size)
+        return mamba2_logits(params, cfg, hidden)
+
+
+@functools.lru_cache(maxsize=None)
+def _programs(cfg: Mamba2Config, donate: bool) -> _Programs:
+    return _Programs(cfg, donate)
+
+
+class Mamba2LM:
+    """Mamba2 implementing `sparse_prefix.protocol.RecurrentLM` (public).
+
+    `prefill` and `decode` consume the `state` they are given (its buffers are donated to the
+    result); keep a copy if you need it again, or build the model with `donate_state=False`.
+
+    Args:
+      config: the model. min_checkpoint_slots: checkpoint lists are padded to a power of two at
+        least this large, so calls with 0..min_checkpoint_slots checkpoints share one compilation.
+      donate_state: donate the state buffers to prefill / decode.
+    """
+
+    def __init__(self, config: Mamba2Config, *, min_checkpoint_slots: int = 4,
+                 donate_state: bool = True):
+        if not isinstance(config, Mamba2Config):
+            raise TypeError(f"config must be a Mamba2Config, got {type(config).__name__}")
+        self.config = config
+        self.min_checkpoint_slots = min_checkpoint_slots
+        self._programs = _programs(config, bool(donate_state))
+        self._abstract: dict[int, State] = {}
+
+    chunk_size = property(lambda self: self.config.chunk_size)
+    vocab_size = property(lambda self: self.config.vocab_size)
+    max_length = property(lambda self: self.config.max_length)
+    dtype = property(lambda self: self.config.compute_dtype)
+
+    @property
+    def compile_count(self) -> int:
+        """Traces of the jitted prefill and decode so far (shared by models of an equal config)."""
+        return self._programs.traces
+
+    def init_params(self, key: Array) -> Mamba2Params:
+        return init_mamba2_params(key, self.config)
+
+    def init_state(self, batch: int) -> State:
+        return init_mamba2_state(self.config, batch)
+
+    def abstract_state(self, batch: int) -> State:
+        """The shapes and dtypes of `init_state(batch)` (jax.ShapeDtypeStruct leaves), no allocation."""
+        if batch not in self._abstract:
+            self._abstract[batch] = jax.eval_shape(functools.partial(self.init_state, batch))
+        return self._abstract[batch]
+
+    def prefill(self, params: Mamba2Params, tokens, state: State, checkpoints,
+                lengths=None) -> tuple[Array, State, Checkpoints]:
+        """See `RecurrentLM.prefill`. T is padded to C * 2^i and K to a power of two (no recompiles)."""
+        batch = np.shape(tokens)[0] if np.ndim(tokens) == 2 else None
+        if batch is not None:
+            check_state(state, self.abstract_state(batch))
+        tokens_np, lengths_np, ckpt_np = check_prefill_args(
+            tokens, lengths, checkpoints, vocab_size=self.vocab_size, max_length=self.max_length,
+            state_length=None if batch is None else np.asarray(state.length))
+        total, slots = tokens_np.shape[1], ckpt_np.shape[1]
+        padded_tokens = np.zeros((batch, bucket_length(total, self.chunk_size)), np.int32)
+        padded_tokens[:, :total] = tokens_np
+        padded_ckpts = np.zeros((batch, checkpoint_bucket(slots, self.min_checkpoint_slots)), np.int32)
+        padded_ckpts[:, :slots] = ckpt_np
+        logits, final, emitted = self._programs.prefill(params, state, padded_tokens, lengths_np,
+                                                        padded_ckpts)
+        if padded_ckpts.shape[1] != slots:
+            emitted = jax.tree_util.tree_map(lambda leaf: leaf[:, :slots], emitted)
+        return logits, final, emitted
+
+    def decode(self, params: Mamba2Params, token, state: State) -> tuple[Array, State]:
+        """One token per row: token int32[B] -> (logits float32[B, V], next state)."""
+        batch = np.shape(token)[0] if np.ndim(token) == 1 else -1
+        if batch >= 0:
+            check_state(state, self.abstract_state(batch))
+        token_np = check_decode_args(token, batch=batch, vocab_size=self.vocab_size,
+                                     max_length=self.max_length,
+                                     state_length=None if batch < 0 else np.asarray(state.length))
+        return self._programs.decode(params, state, token_np)
+
+    def restore(self, state: State, checkpoints: Checkpoints, k) -> State:
+        """The state at checkpoint slot k int32[B] of each row (see `protocol.restore_state`)."""
+        return restore_state(state, checkpoints, k)
+
+    def forward(self, params: Mamba2Params, tokens) -> Array:
+        """Logits float32[B, T, V] at every position from a fresh state (training and references)."""
+        tokens_np, _, _ = check_prefill_args(tokens, None, np.zeros((0,), np.int32),
+                                             vocab_size=self.vocab_size, max_length=self.max_length)
+        total = tokens_np.shape[1]
+        padded = -(-total // self.chunk_size) * self.chunk_size
+        tokens_np = np.pad(tokens_np, ((0, 0), (0, padded - total)))
+        return self._programs.forward(params, tokens_np)[:, :total]
+
+    def memory_profile(self) -> MemoryProfile:
+        """Bytes and elements of one checkpoint (all layers' SSM state + conv window); no KV."""
+        m = self.config.mixer
+        ssm = self.config.n_layer * m.nheads * m.headdim * m.d_state
+        conv = self.config.n_layer * (m.d_conv - 1) * m.conv_dim
+        return MemoryProfile(checkpoint_elements=ssm + conv,
+                             checkpoint_bytes=4 * ssm + conv * self.dtype.itemsize,
+                             kv_elements_per_token=0, kv_bytes_per_token=0, ssm_elements=ssm)
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def _state_spaces(d_model: int, n_layer: int) -> Mamba2Config:
+    """A state-spaces/mamba2-* shape: vocab 50277 padded to a multiple of 16, tied embeddings."""
+    return Mamba2Config(mixer=Mamba2MixerConfig(d_model=d_model), n_layer=n_layer, vocab_size=50288,
+                        chunk_size=256, max_length=1 << 17)
+
+
+_PRESET_SHAPES = {"mamba2-130m": (768, 24), "mamba2-370m": (1024, 48), "mamba2-780m": (1536, 48),
+                  "mamba2-1.3b": (2048, 48), "mamba2-2.7b": (2560, 64)}
+
+for _name, (_width, _depth) in _PRESET_SHAPES.items():
+    register(_name)(lambda dtype, _w=_width, _d=_depth: Mamba2LM(
+        _state_spaces(_w, _d).replace(dtype=jnp.dtype(dtype).name)))
+
+
+@register("mamba2-tiny")
+def _tiny(dtype) -> Mamba2LM:
+    """Two layers, d 64, 8 heads of 16, state 16, two groups, vocab 512, chunk 16: for tests."""
+    mixer = Mamba2MixerConfig(d_model=64, d_state=16, headdim=16, ngroups=2)
+    return Mamba2LM(Mamba2Config(mixer=mixer, n_layer=2, vocab_size=512, chunk_size=16,
+                                 max_length=4096, dtype=jnp.dtype(dtype).name))
