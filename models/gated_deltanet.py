@@ -255,6 +255,8 @@ def gdn_mixer_chunk(params: dict, cfg: GDNConfig, x: Array, state: RecurrentStat
     Returns:
       (y [B, C, d] in x.dtype (garbage at padded slots), new RecurrentState).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     dtype = x.dtype
     n_valid = jnp.sum(valid, axis=1).astype(jnp.int32)
     mixed, z, b, a = _project(params, x)
@@ -266,10 +268,8 @@ def gdn_mixer_chunk(params: dict, cfg: GDNConfig, x: Array, state: RecurrentStat
     k = jnp.where(mask[..., None], k, 0.0)
     if backend == "chunked":
         o, ssm = gated_delta_chunked(q, k, v, g, beta, state.ssm, cfg.sub_chunk)
-    elif backend == "sequential":
-        o, ssm = gated_delta_sequential(q, k, v, g, beta, state.ssm)
     else:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        o, ssm = gated_delta_sequential(q, k, v, g, beta, state.ssm)
     ssm = jnp.where((n_valid > 0)[:, None, None, None], ssm, state.ssm)
     return _gated_norm_out(params, cfg, o, z, dtype), RecurrentState(ssm=ssm, conv=window)
 

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_prefix.chunking import bucket_length, check_prefill_args, run_chunks, scan_chunks
+from sparse_prefix.chunking import (bucket_length, check_decode_args, check_prefill_args, check_state,
+                                    checkpoint_bucket, run_chunks, scan_chunks)
 from sparse_prefix.protocol import Checkpoints, MemoryProfile, State, restore_state
 
 from . import mixers
@@ -79,12 +80,20 @@ class HybridConfig:
 class HybridLM:
     """A hybrid recurrent LM (public; implements `RecurrentLM`).
 
+    `prefill` and `decode` consume the `state` they are given (its buffers -- the KV above all -- are
+    donated to the result); keep a copy if you need it again, or build with `donate_state=False`.
+
     Args:
       config: the stack.  dtype: compute dtype of parameters, activations, conv windows and KV.
       backend: the Gated DeltaNet backend, "chunked" (default) or "sequential" (the reference).
+      min_checkpoint_slots: checkpoint lists are padded to a power of two at least this large.
+      donate_state: donate the state buffers to prefill / decode.
     """
 
-    def __init__(self, config: HybridConfig, *, dtype=jnp.bfloat16, backend: str = "chunked"):
+    family = "hybrid"
+
+    def __init__(self, config: HybridConfig, *, dtype=jnp.bfloat16, backend: str = "chunked",
+                 min_checkpoint_slots: int = 4, donate_state: bool = True):
         if not isinstance(config, HybridConfig):
             raise TypeError(f"config must be a HybridConfig, got {type(config).__name__}")
         if backend not in ("chunked", "sequential"):
@@ -106,8 +115,11 @@ class HybridLM:
             counters[kind.recurrent] += 1
         self._slots = tuple(slots)
         self.num_recurrent, self.num_attention = counters[True], counters[False]
-        self._prefill_jit = jax.jit(self._prefill_device)
-        self._decode_jit = jax.jit(self._decode_device)
+        self.min_checkpoint_slots = int(min_checkpoint_slots)
+        self._abstract: dict[int, State] = {}
+        donate = (2,) if donate_state else ()
+        self._prefill_jit = jax.jit(self._prefill_device, donate_argnums=donate)
+        self._decode_jit = jax.jit(self._decode_device, donate_argnums=donate)
         self._forward_jit = jax.jit(self._forward_device)
 
     # ------------------------------------------------------------------ parameters and state
@@ -142,7 +154,9 @@ class HybridLM:
 
     def abstract_state(self, batch: int) -> State:
         """`init_state(batch)` as ShapeDtypeStructs (nothing allocated)."""
-        return jax.eval_shape(lambda: self.init_state(batch))
+        if batch not in self._abstract:
+            self._abstract[batch] = jax.eval_shape(lambda: self.init_state(batch))
+        return self._abstract[batch]
 
     def memory_profile(self) -> MemoryProfile:
         """Elements and bytes of one checkpoint (recurrent part) vs one token of attention KV."""
@@ -226,53 +240,38 @@ class HybridLM:
 
     # ------------------------------------------------------------------ the contract (host side)
 
-    def _check_state(self, state: State, batch: int) -> np.ndarray:
-        if not isinstance(state, State):
-            raise TypeError(f"state must be a State, got {type(state).__name__}")
-        length = np.asarray(state.length)
-        if length.shape != (batch,):
-            raise ValueError(f"state has {length.shape} rows of length, expected batch {batch}")
-        return length
-
     def prefill(self, params: dict, tokens, state: State, checkpoints, lengths=None
                 ) -> tuple[Array, State, Checkpoints]:
         """`RecurrentLM.prefill`: logits f32[B, V] at each row's last real token, final state, checkpoints.
 
         tokens int32[B, T]; checkpoints int32[K] or [B, K] relative to the start of tokens (<= 0:
-        padding); lengths int32[B] (default T). Emitted leaves are [B, K, ...].
+        padding); lengths int32[B] (default T). Emitted leaves are [B, K, ...]. T is padded to
+        C * 2^i and K to a power of two, so calls share compilations.
         """
-        tokens_np = np.asarray(tokens)
-        batch = tokens_np.shape[0] if tokens_np.ndim == 2 else -1
-        start = self._check_state(state, batch) if batch > 0 else None
+        batch = np.shape(tokens)[0] if np.ndim(tokens) == 2 else None
+        if batch is not None:
+            check_state(state, self.abstract_state(batch))
         tokens_np, lengths_np, ckpt_np = check_prefill_args(
             tokens, lengths, checkpoints, vocab_size=self.vocab_size, max_length=self.max_length,
-            state_length=start)
+            state_length=None if batch is None else np.asarray(state.length))
         total, slots = tokens_np.shape[1], ckpt_np.shape[1]
-        padded_total = bucket_length(total, self.chunk_size)
-        padded_slots = 1 << max(0, slots - 1).bit_length()
-        tokens_np = np.pad(tokens_np, ((0, 0), (0, padded_total - total)))
+        padded_slots = checkpoint_bucket(slots, self.min_checkpoint_slots)
+        tokens_np = np.pad(tokens_np, ((0, 0), (0, bucket_length(total, self.chunk_size) - total)))
         ckpt_np = np.pad(ckpt_np, ((0, 0), (0, padded_slots - slots)))
         logits, final, emitted = self._prefill_jit(params, tokens_np, state, ckpt_np, lengths_np)
         if padded_slots != slots:
-            emitted = Checkpoints(
-                recurrent=jax.tree_util.tree_map(lambda leaf: leaf[:, :slots], emitted.recurrent),
-                lengths=emitted.lengths[:, :slots])
+            emitted = jax.tree_util.tree_map(lambda leaf: leaf[:, :slots], emitted)
         return logits, final, emitted
 
     def decode(self, params: dict, token, state: State) -> tuple[Array, State]:
         """`RecurrentLM.decode`: token int32[B] -> (logits f32[B, V], the state one token longer)."""
-        token_np = np.asarray(token)
-        if token_np.dtype.kind not in "iu":
-            raise TypeError(f"token must be an integer array, got dtype {token_np.dtype}")
-        if token_np.ndim != 1:
-            raise ValueError(f"token must have shape [B], got {token_np.shape}")
-        if np.any((token_np < 0) | (token_np >= self.vocab_size)):
-            raise ValueError(f"token ids must lie in 0..{self.vocab_size - 1}, got {token_np.tolist()}")
-        length = self._check_state(state, token_np.shape[0])
-        if np.any(length >= self.max_length):
-            raise ValueError(f"state length {length.tolist()} leaves no room under max_length "
-                             f"{self.max_length}")
-        return self._decode_jit(params, token_np.astype(np.int32), state)
+        batch = np.shape(token)[0] if np.ndim(token) == 1 else -1
+        if batch >= 0:
+            check_state(state, self.abstract_state(batch))
+        token_np = check_decode_args(token, batch=batch, vocab_size=self.vocab_size,
+                                     max_length=self.max_length,
+                                     state_length=None if batch < 0 else np.asarray(state.length))
+        return self._decode_jit(params, token_np, state)
 
     def restore(self, state: State, checkpoints: Checkpoints, k) -> State:
         """`RecurrentLM.restore`: the recurrent part of slot k int32[B]; KV kept, length set."""
@@ -290,8 +289,8 @@ class HybridLM:
         if np.any((tokens_np < 0) | (tokens_np >= self.vocab_size)):
             raise ValueError(f"token ids must lie in 0..{self.vocab_size - 1}")
         state = self.init_state(tokens_np.shape[0]) if state is None else state
-        start = self._check_state(state, tokens_np.shape[0])
-        if np.any(start + tokens_np.shape[1] > self.max_length):
+        check_state(state, self.abstract_state(tokens_np.shape[0]))
+        if np.any(np.asarray(state.length) + tokens_np.shape[1] > self.max_length):
             raise ValueError(f"state length + tokens exceeds max_length {self.max_length}")
         return self._forward_jit(params, tokens_np.astype(np.int32), state)
 
