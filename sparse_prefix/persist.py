@@ -189,3 +189,151 @@ def load_snapshot(root: str | os.PathLike, fingerprint: dict[str, Any]
     if sorted(arrays) != meta["arrays"]:
         raise SnapshotError(f"snapshot {folder} holds arrays {sorted(arrays)}, expected {meta['arrays']}")
     return arrays, meta["metadata"]
+
+
+# ----------------------------------------------------------------------------- engine snapshots
+#
+# `PrefixIndex` and `Planner` have no public state export yet; the two adapters below read and
+# rebuild their state (entries, slot refcounts, histogram counts) and are the only code here that
+# touches their internals. They validate everything they rebuild against the store's layout.
+
+
+def _index_state(index: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """JSON metadata and arrays of a PrefixIndex's retained entries, in eviction order."""
+    with index._lock:
+        entries = list(index._entries.values())
+        meta = {"entries": [{"group": e.group, "checkpoints": [list(map(int, c)) for c in e.checkpoints],
+                             "payload": [int(p) for p in (e.payload or ())], "created": e.created,
+                             "last_used": e.last_used, "length": int(e.tokens.size)} for e in entries],
+                "stats": dict(index._stats)}
+        tokens = np.concatenate([e.tokens for e in entries]) if entries else np.zeros(0, np.int32)
+    for entry in meta["entries"]:
+        if entry["group"] is not None and not isinstance(entry["group"], str):
+            raise TypeError(f"only string namespaces can be saved, got {entry['group']!r}")
+    return meta, {"index_tokens": tokens.astype(np.int32)}
+
+
+def _load_index_state(index: Any, meta: dict[str, Any], tokens: np.ndarray, *, num_slots: int,
+                      num_pages: int, chunk_size: int, page_refcount: np.ndarray) -> None:
+    """Rebuild `index` (fresh, empty) from `_index_state`; raises SnapshotError on any inconsistency."""
+    import heapq
+    import itertools
+
+    entries = meta["entries"]
+    lengths = [int(e["length"]) for e in entries]
+    if sum(lengths) != tokens.size or any(n < 1 for n in lengths):
+        raise SnapshotError("snapshot index tokens do not match its entries")
+    if len(entries) > index.capacity_entries:
+        raise SnapshotError(f"snapshot holds {len(entries)} entries, capacity is {index.capacity_entries}")
+    slot_refs: dict[int, int] = {}
+    page_refs = np.zeros((num_pages,), np.int64)
+    offsets = np.cumsum([0] + lengths)
+    with index._lock:
+        for entry, start in zip(entries, offsets):
+            checkpoints = tuple((int(p), int(s)) for p, s in entry["checkpoints"])
+            payload = tuple(int(p) for p in entry["payload"])
+            length = int(entry["length"])
+            deepest = max((p for p, _ in checkpoints), default=0)
+            if any(not 0 < p <= length or p % chunk_size or not 0 <= s < num_slots for p, s in checkpoints):
+                raise SnapshotError("snapshot entry has a checkpoint off the grid or a slot out of range")
+            if any(not 0 <= p < num_pages for p in payload) or \
+                    (num_pages and len(payload) < deepest // chunk_size):
+                raise SnapshotError("snapshot entry's KV pages are out of range or too few")
+            for _, slot in checkpoints:
+                slot_refs[slot] = slot_refs.get(slot, 0) + 1
+            np.add.at(page_refs, np.asarray(payload, np.int64), 1)
+            row = tokens[start:start + length].astype(np.int32)
+            row.flags.writeable = False
+            entry_id = index._insert(row, entry["group"], checkpoints, payload)
+            index._entries[entry_id].created = int(entry["created"])
+            index._entries[entry_id].last_used = int(entry["last_used"])
+        if len(slot_refs) > num_slots or not np.array_equal(page_refs, np.asarray(page_refcount)):
+            raise SnapshotError("snapshot slot or page references are inconsistent with its entries")
+        index._refcount = slot_refs
+        index._free_slots = [s for s in range(num_slots) if s not in slot_refs]
+        heapq.heapify(index._free_slots)
+        index._next_slot = num_slots
+        clock = max([0] + [max(int(e["created"]), int(e["last_used"])) for e in entries])
+        index._clock = itertools.count(clock + 1)
+        index._stats.update({k: int(v) for k, v in meta["stats"].items() if k in index._stats})
+
+
+def _planner_state(planner: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """JSON metadata and arrays of a Planner's histogram (empty for policies without one)."""
+    with planner._lock:
+        meta = {"observations": planner._observations, "snapshot_at": planner._snapshot_at,
+                "has_histogram": planner._hist is not None}
+        if planner._hist is None:
+            return meta, {}
+        counts = planner._hist._counts
+        meta.update(scale=counts._scale, count=counts.count)
+        return meta, {"planner_counts": counts._raw.copy()}
+
+
+def _load_planner_state(planner: Any, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """Install histogram counts into a fresh Planner and re-solve once (synchronously)."""
+    if bool(meta["has_histogram"]) != (planner._hist is not None):
+        raise SnapshotError("snapshot planner state does not match the policy")
+    with planner._lock:
+        planner._observations = int(meta["observations"])
+        planner._snapshot_at = int(meta["snapshot_at"])
+        if planner._hist is not None:
+            counts = planner._hist._counts
+            raw = np.asarray(arrays["planner_counts"], np.float64)
+            if raw.shape != counts._raw.shape or not np.all(np.isfinite(raw)) or np.any(raw < 0):
+                raise SnapshotError(f"snapshot histogram has shape {raw.shape}, the planner needs "
+                                    f"{counts._raw.shape}")
+            counts._raw, counts._scale, counts.count = raw.copy(), float(meta["scale"]), int(meta["count"])
+    if planner._hist is not None and planner._observations:
+        planner.resolve()
+
+
+def engine_fingerprint(engine: Any) -> dict[str, Any]:
+    """The fingerprint an engine's snapshots carry (model, weights, chunk size, version, layout)."""
+    layout = engine.layout
+    return fingerprint(engine.model, engine.params, num_slots=layout.num_slots,
+                       num_pages=layout.num_pages, policy=str(engine.policy), eviction=engine.eviction,
+                       capacity_entries=engine.index.capacity_entries)
+
+
+def save_engine(engine: Any, root: str | os.PathLike) -> Path:
+    """Snapshot an engine's whole cache (slabs, KV pages, index, histograms, counters) under `root`."""
+    print_ = engine_fingerprint(engine)
+    with engine._lock:
+        store_arrays, page_refcount = engine.store.export()
+        index_meta, index_arrays = _index_state(engine.index)
+        planner_meta, planner_arrays = _planner_state(engine.planner)
+        counters = dict(engine._counters)
+    arrays = {**{f"store_{name}": a for name, a in store_arrays.items()},
+              "page_refcount": page_refcount, **index_arrays, **planner_arrays}
+    metadata = {"index": index_meta, "planner": planner_meta, "counters": counters}
+    return save_snapshot(root, arrays, metadata, print_)
+
+
+def load_engine(engine: Any, root: str | os.PathLike) -> None:
+    """Replace an idle engine's cache by the snapshot under `root`, all or nothing.
+
+    Raises:
+      SnapshotError: the snapshot is missing, interrupted, corrupted, foreign or inconsistent; the
+        engine's cache is then EMPTY (and working), never half-loaded.
+      RuntimeError: requests are in flight (nothing changes).
+    """
+    with engine._lock:
+        engine._require_idle("load")
+        try:
+            arrays, meta = load_snapshot(root, engine_fingerprint(engine))
+            engine._reset_host()
+            layout = engine.layout
+            _load_index_state(engine.index, meta["index"], arrays["index_tokens"],
+                              num_slots=layout.num_slots, num_pages=layout.num_pages,
+                              chunk_size=engine.chunk_size, page_refcount=arrays["page_refcount"])
+            _load_planner_state(engine.planner, meta["planner"], arrays)
+            store_arrays = {name[len("store_"):]: a for name, a in arrays.items() if name.startswith("store_")}
+            engine.store.load(store_arrays, arrays["page_refcount"])
+            engine._counters.update({k: int(v) for k, v in meta["counters"].items() if k in engine._counters})
+        except Exception as error:
+            engine._reset_host()
+            engine.store.reset()
+            if isinstance(error, SnapshotError):
+                raise
+            raise SnapshotError(f"snapshot in {root} could not be loaded: {error}") from error

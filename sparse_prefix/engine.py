@@ -1,0 +1,533 @@
+"""The Engine (public): exact prefix caching in front of any `RecurrentLM`.
+
+    engine = Engine(model, params, policy="ldp:8+fork", eviction="lru", capacity_entries=64)
+    result = engine.prefill(tokens)             # last_logits f32[V], stats: RequestStats
+    out = engine.generate(tokens, 32)           # and caches prompt + generated for the next turn
+
+Per request (rows of a batch are planned one by one, run as one batch):
+
+  1. `PrefixIndex.plan` finds the longest cached prefix in the request's namespace, lets the Planner
+     observe the overlap and choose positions (snapped DOWN to the model's chunk size), and pins the
+     resume entry;
+  2. `StateStore.restore` gathers the resume checkpoint (and, for hybrids, its KV pages) on device;
+  3. `model.prefill` runs only the suffix, emitting states at the planned positions in the same pass;
+  4. `PrefixIndex.commit` stores the request as an entry (evicting as needed); the emitted states go to
+     the slots it allocated, new KV pages are copied out of the final state; the pin is released.
+
+Every resume point and checkpoint is a multiple of ``model.chunk_size``, so every answer is bitwise
+identical to an uncached `model.prefill` at the same batch size. Steps 1-2 and 4 hold the engine's
+lock (short host work and asynchronous device dispatch); step 3 runs outside it, so concurrent
+callers overlap on the device. The Planner's DP re-solve runs on a background thread.
+
+Namespaces isolate tenants: an entry is only ever matched by requests of its own namespace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import numpy as np
+
+from sparse_prefix.index import EvictedEntry, PrefixIndex, RequestPlan
+from sparse_prefix.planner import Planner
+from sparse_prefix.protocol import State
+from sparse_prefix.store import (CacheLayout, PoolExhausted, StateStore, abstract_state_of,
+                                 default_bin_size, plan_layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestStats:
+    """What one request cost and stored.
+
+    Attributes:
+      overlap_depth: tokens shared with the resume entry (0 on a miss).
+      resume_position: where the prefill started (a multiple of chunk_size; 0 = from scratch).
+      recomputed_tokens: length - resume_position.
+      checkpoints_stored: states this request newly stored (0 if its entry was dropped).
+      bytes: device bytes newly taken by those states and by new KV pages.
+      timings: seconds of the batch the request ran in: plan, restore, prefill, commit, total.
+    """
+
+    overlap_depth: int
+    resume_position: int
+    recomputed_tokens: int
+    checkpoints_stored: int
+    bytes: int
+    timings: Mapping[str, float]
+
+
+class PrefillResult(NamedTuple):
+    """last_logits: f32[V] for one request, f32[B, V] for a batch; stats: RequestStats (or a tuple)."""
+
+    last_logits: jax.Array
+    stats: RequestStats | tuple[RequestStats, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Decoding choice: temperature 0 is greedy; top_k keeps the k most likely tokens; seed for the RNG."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            raise ValueError(f"sampling temperature must be a number >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"sampling top_k must be None or an int >= 1, got {self.top_k!r}")
+
+
+class GenerateResult(NamedTuple):
+    """tokens: int32[n] generated; prompt: stats of the prompt's prefill; cached: stats of the prefill
+    that cached prompt + generated (resumed from the prompt's checkpoints)."""
+
+    tokens: np.ndarray
+    prompt: RequestStats
+    cached: RequestStats
+
+
+class _EndPlanner:
+    """A planner view that also places a checkpoint at the request's end (snapped by the index).
+
+    Used by `generate`, whose sequences are turns a chat resumes at their end; `observe=False` keeps the
+    internal re-prefill of prompt + generated tokens out of the overlap histogram."""
+
+    def __init__(self, planner: Planner, observe: bool):
+        self._planner, self._observe = planner, observe
+
+    def observe(self, overlap: int, length: int) -> None:
+        if self._observe:
+            self._planner.observe(overlap, length)
+
+    def positions(self, length: int, overlap: int | None = None, hints=()) -> np.ndarray:
+        planned = self._planner.positions(length, overlap, hints)
+        return np.union1d(planned, [length]).astype(np.int64)
+
+
+def _pow2(count: int) -> int:
+    return 1 << max(0, int(count) - 1).bit_length()
+
+
+def evict_one(index: PrefixIndex) -> EvictedEntry | None:
+    """Evict the index's next victim (page pressure), or None if every entry is pinned.
+
+    `PrefixIndex` evicts only inside `commit`; until it offers a public ``evict()``, this reaches
+    its victim choice and removal under its lock (the only place the engine touches its internals).
+    """
+    if hasattr(index, "evict"):
+        return index.evict()
+    with index._lock:
+        if not any(entry.pins == 0 for entry in index._entries.values()):
+            return None
+        victim = index._victim()
+        index._remove(victim)
+        return EvictedEntry(victim.entry_id, victim.payload)
+
+
+class Engine:
+    """Serves prefill and generation from an exact, sparse prefix cache (public; thread-safe).
+
+    Args:
+      model: a `RecurrentLM` (with ``abstract_state`` / ``memory_profile`` when it offers them).
+      params: its parameters.
+      policy: the Planner spec (positions are snapped down to ``model.chunk_size``).
+      eviction: ``lru``, ``fifo`` or ``utility`` (the index's policies).
+      capacity_entries: the most cached requests.
+      capacity_bytes: a device-memory budget for slots and KV pages (None: sized so that
+        `capacity_entries` entries always fit). KV pages that run short evict entries.
+      namespace: the default namespace of requests (a string, or None for the shared default).
+      max_hints: hints per request the slot budget allows for (``+hints`` policies).
+      background_resolve: re-solve the DP on a background thread (False: inline, deterministic).
+      min_checkpoint_slots: checkpoint lists are padded to a power of two at least this large, so
+        requests storing up to that many states share one compilation.
+      planner_options / index_options: extra `Planner` / `PrefixIndex` keyword arguments.
+    """
+
+    def __init__(self, model: Any, params: Any, *, policy: str = "ldp:8+fork", eviction: str = "lru",
+                 capacity_entries: int = 64, capacity_bytes: int | None = None,
+                 namespace: str | None = None, max_hints: int = 4, background_resolve: bool = True,
+                 min_checkpoint_slots: int = 8,
+                 planner_options: Mapping[str, Any] | None = None,
+                 index_options: Mapping[str, Any] | None = None):
+        _check_namespace(namespace)
+        self.model, self.params = model, params
+        self.policy, self.eviction, self.namespace = policy, eviction, namespace
+        self.chunk_size = int(model.chunk_size)
+        self.layout = self.abstract(model, policy=policy, capacity_entries=capacity_entries,
+                                    capacity_bytes=capacity_bytes, max_hints=max_hints)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="sparse-prefix-dp") \
+            if background_resolve else None
+        self._planner_options = {"max_length": int(model.max_length),
+                                 "bin_size": default_bin_size(int(model.max_length), self.chunk_size),
+                                 **dict(planner_options or {})}
+        self._index_options = {"capacity_entries": capacity_entries, "eviction": eviction,
+                               **dict(index_options or {})}
+        self._lock = threading.RLock()
+        self.store = StateStore(abstract_state_of(model), num_slots=self.layout.num_slots,
+                                page_size=self.chunk_size, num_pages=self.layout.num_pages)
+        # Calls pad tokens to max_length (the chunk loop stops at the longest real row, so padding
+        # costs no compute) and checkpoint lists to a power of two >= min_checkpoint_slots: one
+        # compilation per batch size serves almost every request.
+        if isinstance(min_checkpoint_slots, bool) or not isinstance(min_checkpoint_slots, int) \
+                or min_checkpoint_slots < 1:
+            raise ValueError(f"min_checkpoint_slots must be an int >= 1, got {min_checkpoint_slots!r}")
+        self._k_bucket = _pow2(min_checkpoint_slots)
+        self._reset_host()
+
+    # ------------------------------------------------------------------ sizing
+
+    @staticmethod
+    def abstract(model: Any, *, policy: str = "ldp:8+fork", capacity_entries: int = 64,
+                 capacity_bytes: int | None = None, max_hints: int = 4) -> CacheLayout:
+        """The cache layout an Engine with these arguments allocates (nothing is allocated here)."""
+        return plan_layout(model, policy=policy, capacity_entries=capacity_entries,
+                           capacity_bytes=capacity_bytes, max_hints=max_hints)
+
+    def _reset_host(self) -> None:
+        """A fresh planner, index and counters (the cache becomes empty)."""
+        self.planner = Planner(self.policy, grid=self.chunk_size, executor=self._executor,
+                               **self._planner_options)
+        self.index = PrefixIndex(capacity_slots=self.layout.num_slots, grid=self.chunk_size,
+                                 capture="one-pass", **self._index_options)
+        self._counters = dict(requests=0, hits=0, tokens=0, recomputed_tokens=0, overlap_tokens=0,
+                              checkpoints_stored=0, page_evictions=0, dropped=0)
+
+    def clear(self) -> None:
+        """Empty the cache (entries, states, pages, histograms, counters). Not during requests."""
+        with self._lock:
+            self._require_idle("clear")
+            self._reset_host()
+            self.store.reset()
+
+    def close(self) -> None:
+        """Stop the background re-solve thread."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    def _require_idle(self, verb: str) -> None:
+        if self.index.stats()["open_plans"]:
+            raise RuntimeError(f"cannot {verb} the cache while requests are in flight")
+
+    def save(self, path: Any) -> Any:
+        """Snapshot the whole cache under folder `path` for a warm restart (see `sparse_prefix.persist`)."""
+        from sparse_prefix.persist import save_engine
+        return save_engine(self, path)
+
+    def load(self, path: Any) -> None:
+        """Replace the cache by the snapshot under `path`; on any problem raise `SnapshotError` and leave
+        the cache empty and working (never half-loaded or foreign)."""
+        from sparse_prefix.persist import load_engine
+        load_engine(self, path)
+
+    # ------------------------------------------------------------------ input checks
+
+    def _check_row(self, tokens: Any, name: str) -> np.ndarray:
+        array = np.asarray(tokens)
+        if array.dtype.kind not in "iu":
+            raise TypeError(f"{name} must hold integer token ids, got dtype {array.dtype}")
+        if array.ndim != 1:
+            raise ValueError(f"{name} must be a 1-D sequence of token ids, got shape {array.shape}")
+        if array.size == 0:
+            raise ValueError(f"{name} is empty: a request needs at least one token")
+        if array.size > self.model.max_length:
+            raise ValueError(f"{name} has {array.size} tokens, more than max_length {self.model.max_length}")
+        if array.min() < 0 or array.max() >= self.model.vocab_size:
+            bad = array[(array < 0) | (array >= self.model.vocab_size)]
+            raise ValueError(f"{name} has ids outside 0..{self.model.vocab_size - 1}: {bad[:5].tolist()}")
+        return array.astype(np.int32)
+
+    def _check_hints(self, hints: Any, length: int, name: str) -> tuple[int, ...]:
+        values = np.asarray(hints if not isinstance(hints, np.ndarray) else hints.reshape(-1))
+        if values.size and values.dtype.kind not in "iu":
+            raise TypeError(f"{name} must be integer token positions, got {hints!r}")
+        if values.ndim > 1:
+            raise ValueError(f"{name} must be a flat sequence of positions, got shape {values.shape}")
+        if values.size and (values.min() < 1 or values.max() > length):
+            raise ValueError(f"{name} must lie in 1..{length} (the request length), got {values.tolist()}")
+        return tuple(int(v) for v in values.reshape(-1))
+
+    def _requests(self, tokens: Any, hints: Any) -> tuple[list[np.ndarray], list[tuple[int, ...]], bool]:
+        """Validated rows, per-row hints, and whether the input was a batch."""
+        batch = isinstance(tokens, (list, tuple)) and len(tokens) > 0 and not np.isscalar(tokens[0])
+        if not batch and np.ndim(tokens) == 2:
+            tokens, batch = list(np.asarray(tokens)), True
+        if not batch:
+            row = self._check_row(tokens, "tokens")
+            return [row], [self._check_hints(hints, row.size, "hints")], False
+        rows = [self._check_row(row, f"tokens[{b}]") for b, row in enumerate(tokens)]
+        if hints is None or (not isinstance(hints, np.ndarray) and len(hints) == 0):
+            per_row = [()] * len(rows)
+        elif isinstance(hints, (list, tuple)) and len(hints) == len(rows) \
+                and all(not np.isscalar(h) for h in hints):
+            per_row = [self._check_hints(h, row.size, f"hints[{b}]")
+                       for b, (h, row) in enumerate(zip(hints, rows))]
+        else:
+            raise ValueError(f"hints for a batch of {len(rows)} must be () or one sequence per row")
+        return rows, per_row, True
+
+    # ------------------------------------------------------------------ the request path
+
+    def prefill(self, tokens: Any, hints: Any = (), *, namespace: str | None = None) -> PrefillResult:
+        """Prefill one request (int[L]) or a batch (a list of int[L_b], or int[B, L]) from the cache.
+
+        Args:
+          tokens: token ids in 0..V-1, 1..max_length of them per request.
+          hints: positions in 1..L suggested for checkpoints (``+hints`` policies); for a batch, ()
+            or one sequence per row.
+          namespace: overrides the engine's default namespace for this call.
+
+        Returns:
+          `PrefillResult`: logits at each request's last token (bitwise equal to an uncached prefill
+          at the same batch size) and its `RequestStats`.
+        """
+        rows, per_row_hints, batch = self._requests(tokens, hints)
+        logits, _, stats = self._run(rows, per_row_hints, self._namespace(namespace), self.planner)
+        return PrefillResult(logits, tuple(stats)) if batch else PrefillResult(logits[0], stats[0])
+
+    def _namespace(self, namespace: str | None) -> str | None:
+        _check_namespace(namespace)
+        return self.namespace if namespace is None else namespace
+
+    def _run(self, rows: list[np.ndarray], hints: list[tuple[int, ...]], group: str | None,
+             planner: Any) -> tuple[jax.Array, State, list[RequestStats]]:
+        """Plan, restore, prefill and commit a validated batch; returns (logits [B, V], final, stats)."""
+        start = time.perf_counter()
+        plans: list[RequestPlan] = []
+        with self._lock:
+            try:
+                for row, row_hints in zip(rows, hints):
+                    plans.append(self.index.plan(row, group=group, hints=row_hints, planner=planner,
+                                                 pin=True))
+                planned = time.perf_counter()
+                state = self._restore(plans)
+            except BaseException:
+                for plan in plans:
+                    self.index.abort(plan)
+                raise
+        restored = time.perf_counter()
+        try:
+            logits, final, emitted = self._prefill(plans, state)
+            logits = jax.block_until_ready(logits)
+        except BaseException:
+            with self._lock:
+                for plan in plans:
+                    self.index.abort(plan)
+            raise
+        computed = time.perf_counter()
+        with self._lock:
+            stored = self._commit(plans, final, emitted)
+        done = time.perf_counter()
+        timings = {"plan": planned - start, "restore": restored - planned, "prefill": computed - restored,
+                   "commit": done - computed, "total": done - start}
+        stats = [RequestStats(overlap_depth=plan.overlap, resume_position=plan.resume_position,
+                              recomputed_tokens=plan.recomputed_tokens, checkpoints_stored=count,
+                              bytes=size, timings=timings)
+                 for plan, (count, size) in zip(plans, stored)]
+        return logits, final, stats
+
+    def _restore(self, plans: list[RequestPlan]) -> State:
+        """The batch state to resume from (zero rows for misses), gathered on device."""
+        slots = [plan.resume_slot if plan.resume_position > 0 else -1 for plan in plans]
+        lengths = [plan.resume_position for plan in plans]
+        table = None
+        if self.store.has_kv:
+            table = np.full((len(plans), self.store.pages_per_sequence), -1, np.int32)
+            for b, plan in enumerate(plans):
+                used = plan.resume_position // self.chunk_size
+                if used:
+                    table[b, :used] = plan.match_payload[:used]
+        return self.store.restore(slots, lengths, table)
+
+    def _prefill(self, plans: list[RequestPlan], state: State):
+        """model.prefill on every row's suffix, emitting at positions relative to its resume point."""
+        batch = len(plans)
+        emits = max(len(plan.emit_positions) for plan in plans)
+        tokens = np.zeros((batch, self.model.max_length), np.int32)   # one shape: see __init__
+        lengths = np.zeros((batch,), np.int32)
+        checkpoints = np.zeros((batch, max(self._k_bucket, _pow2(emits))), np.int32)
+        for b, plan in enumerate(plans):
+            start = plan.resume_position
+            tokens[b, :plan.length - start] = plan.tokens[start:]
+            lengths[b] = plan.length - start
+            checkpoints[b, :len(plan.emit_positions)] = np.asarray(plan.emit_positions) - start
+        return self.model.prefill(self.params, tokens, state, checkpoints, lengths)
+
+    def _commit(self, plans: list[RequestPlan], final: State, emitted) -> list[tuple[int, int]]:
+        """Commit every row; returns per row (states stored, bytes taken). Holds the engine lock."""
+        slot_writes: dict[int, tuple[int, int]] = {}     # slot -> (row, k); later commits win
+        page_writes: dict[int, tuple[int, int]] = {}     # page -> (row, page index in the sequence)
+        stored = []
+        for b, plan in enumerate(plans):
+            self._count(plan)
+            shared, fresh = self._pages_for(plan)
+            if fresh is None:                              # KV pool exhausted even after evicting
+                self.index.abort(plan)
+                self.store.release_pages(shared)
+                self._counters["dropped"] += 1
+                stored.append((0, 0))
+                continue
+            result = self.index.commit(plan, payload=tuple(int(p) for p in (*shared, *fresh)))
+            for victim in result.evicted:
+                self.store.release_pages(victim.payload)
+            if result.entry_id is None:
+                self.store.release_pages(np.concatenate([shared, fresh]))
+                self._counters["dropped"] += 1
+                stored.append((0, 0))
+                continue
+            for k, slot in enumerate(result.slots):
+                slot_writes[int(slot)] = (b, k)
+            for i, page in enumerate(fresh):
+                page_writes[int(page)] = (b, shared.size + i)
+            stored.append((len(result.slots), len(result.slots) * self.layout.slot_bytes
+                           + len(fresh) * self.layout.page_bytes))
+            self._counters["checkpoints_stored"] += len(result.slots)
+        if slot_writes:
+            (rows, ks), slots = zip(*slot_writes.values()), list(slot_writes)
+            self.store.insert(emitted, rows, ks, slots)
+        if page_writes:
+            (rows, seq_pages), pages = zip(*page_writes.values()), list(page_writes)
+            self.store.write_pages(final.kv, rows, seq_pages, pages)
+        return stored
+
+    def _count(self, plan: RequestPlan) -> None:
+        counters = self._counters
+        counters["requests"] += 1
+        counters["hits"] += int(plan.hit)
+        counters["tokens"] += plan.length
+        counters["recomputed_tokens"] += plan.recomputed_tokens
+        counters["overlap_tokens"] += plan.overlap
+
+    def _pages_for(self, plan: RequestPlan) -> tuple[np.ndarray, np.ndarray | None]:
+        """(pages shared with the resume entry, retained; fresh pages allocated) for a new entry.
+
+        An entry keeps KV for its tokens up to its deepest checkpoint. Full pages inside the common
+        prefix with the resume entry are shared; the rest are copied from this request's final state.
+        Fresh is None when the pool cannot provide them even after evicting every unpinned entry.
+        """
+        empty = np.zeros((0,), np.int32)
+        if not self.store.has_kv:
+            return empty, empty
+        deepest = max([p for p, _ in plan.inherited] + [int(p) for p in plan.emit_positions], default=0)
+        needed = deepest // self.chunk_size
+        shared = empty
+        if plan.match is not None:
+            count = min(plan.overlap // self.chunk_size, needed, len(plan.match_payload))
+            shared = np.asarray(plan.match_payload[:count], np.int32)
+            self.store.retain_pages(shared)
+        while True:
+            try:
+                return shared, self.store.allocate_pages(needed - shared.size)
+            except PoolExhausted:
+                victim = evict_one(self.index)
+                if victim is None:
+                    return shared, None
+                self.store.release_pages(victim.payload)
+                self._counters["page_evictions"] += 1
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, tokens: Any, max_new_tokens: int, sampling: Sampling | None = None, *,
+                 hints: Any = (), namespace: str | None = None,
+                 stop_tokens: Sequence[int] = ()) -> GenerateResult:
+        """Prefill a prompt from the cache, decode up to `max_new_tokens`, and cache the whole turn.
+
+        The prompt and prompt + generated tokens each get a checkpoint at their end (snapped down to
+        the chunk size), so the next turn of a conversation resumes close to where this one stopped.
+        The turn's states are computed by prefill (bitwise equal to an uncached prefill of the same
+        tokens), not taken from the decode loop.
+
+        Args:
+          tokens: the prompt, int[L].  max_new_tokens: >= 1, with L + max_new_tokens <= max_length.
+          sampling: `Sampling` (default greedy).  hints / namespace: as in `prefill`.
+          stop_tokens: generation ends after emitting any of these.
+
+        Returns:
+          `GenerateResult` (the generated ids and the two prefills' stats).
+        """
+        rows, per_row_hints, batch = self._requests(tokens, hints)
+        if batch:
+            raise ValueError("generate takes one prompt (int[L]), not a batch")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+                or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if rows[0].size + max_new_tokens > self.model.max_length:
+            raise ValueError(f"prompt of {rows[0].size} tokens + max_new_tokens {max_new_tokens} exceeds "
+                             f"max_length {self.model.max_length}")
+        sampling = Sampling() if sampling is None else sampling
+        if not isinstance(sampling, Sampling):
+            raise TypeError(f"sampling must be a Sampling, got {type(sampling).__name__}")
+        group = self._namespace(namespace)
+        logits, state, prompt_stats = self._run(rows, per_row_hints, group, _EndPlanner(self.planner, True))
+        rng = np.random.default_rng(sampling.seed)
+        stops = {int(t) for t in stop_tokens}
+        generated: list[int] = []
+        for step in range(max_new_tokens):
+            token = _sample(np.asarray(logits[0], np.float64), sampling, rng)
+            generated.append(token)
+            if token in stops or step + 1 == max_new_tokens:
+                break
+            logits, state = self.model.decode(self.params, np.asarray([token], np.int32), state)
+        turn = np.concatenate([rows[0], np.asarray(generated, np.int32)])
+        _, _, cached_stats = self._run([turn], [per_row_hints[0]], group, _EndPlanner(self.planner, False))
+        return GenerateResult(np.asarray(generated, np.int32), prompt_stats[0], cached_stats[0])
+
+    # ------------------------------------------------------------------ compilation and statistics
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> int:
+        """Compile the prefill and store programs requests of these batch sizes use, ahead of traffic.
+
+        Every call pads tokens to max_length and checkpoints to `min_checkpoint_slots` (see
+        `__init__`), so one program per batch size serves every request storing that few states.
+
+        Returns:
+          The number of batch sizes prepared.
+        """
+        for batch in batch_sizes:
+            if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+                raise ValueError(f"batch_sizes must be ints >= 1, got {batch!r}")
+            state = self.store.restore([-1] * batch, [0] * batch)
+            tokens = np.zeros((batch, self.model.max_length), np.int32)
+            checkpoints = np.zeros((batch, self._k_bucket), np.int32)
+            checkpoints[:, 0] = min(self.chunk_size, self.model.max_length)
+            lengths = np.full((batch,), min(self.chunk_size, self.model.max_length), np.int32)
+            _, final, emitted = self.model.prefill(self.params, tokens, state, checkpoints, lengths)
+            self.store.compile_for(emitted, final.kv)
+        return len(batch_sizes)
+
+    def stats(self) -> dict[str, float]:
+        """Hit rate, token savings, resident and allocated bytes, entries, evictions, drops."""
+        with self._lock:
+            counters = dict(self._counters)
+            index = self.index.stats()
+            pages = self.store.pages_in_use
+        requests = max(counters["requests"], 1)
+        resident = index["resident_states"] * self.layout.slot_bytes + pages * self.layout.page_bytes
+        return {**counters, "hit_rate": counters["hits"] / requests,
+                "saved_fraction": 1.0 - counters["recomputed_tokens"] / max(counters["tokens"], 1),
+                "entries": index["entries"], "resident_states": index["resident_states"],
+                "pages_in_use": pages, "resident_bytes": resident,
+                "allocated_bytes": self.layout.allocated_bytes,
+                "evictions": index["evictions"], "in_flight": index["open_plans"]}
+
+
+def _check_namespace(namespace: Any) -> None:
+    if namespace is not None and not isinstance(namespace, str):
+        raise TypeError(f"namespace must be a string or None, got {type(namespace).__name__}")
+
+
+def _sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    """One token id from f64[V] logits: argmax at temperature 0, else softmax sampling (top-k)."""
+    if sampling.temperature == 0:
+        return int(np.argmax(logits))
+    scaled = logits / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < scaled.size:
+        cutoff = np.partition(scaled, -sampling.top_k)[-sampling.top_k]
+        scaled = np.where(scaled >= cutoff, scaled, -np.inf)
+    probs = np.exp(scaled - scaled.max())
+    return int(rng.choice(scaled.size, p=probs / probs.sum()))
