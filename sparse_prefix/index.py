@@ -161,14 +161,15 @@ class PrefixIndex:
       hash_fn: block -> hashable key (default: hash of the bytes); collisions are harmless.
       utility_alpha: weight of tokens-saved-per-state against recency for ``utility`` eviction.
       utility_fn: EntryInfo -> float replacing the default efficiency (deepest checkpoint / states).
-      block_size: tokens per trie block (>= 1).
+      block_size: tokens per trie block (>= 1); larger blocks mean fewer nodes per entry, smaller
+        ones less token comparison against sibling blocks.
     """
 
     def __init__(self, *, capacity_entries: int, capacity_slots: int | None = None,
                  eviction: str = "fifo", grid: int = 1, capture: str = "one-pass",
                  hash_fn: Callable[[np.ndarray], Hashable] | None = None,
                  utility_alpha: float = 0.5, utility_fn: Callable[[EntryInfo], float] | None = None,
-                 block_size: int = 64):
+                 block_size: int = 256):
         self.capacity_entries = _check_int("capacity_entries", capacity_entries, 1)
         self.capacity_slots = (None if capacity_slots is None
                                else _check_int("capacity_slots", capacity_slots, 1))
@@ -241,8 +242,10 @@ class PrefixIndex:
             if self.capture == "one-pass":
                 if entry is not None:
                     inherited = tuple(c for c in entry.checkpoints if c[0] <= min(overlap, length))
-                have = [p for p, _ in inherited]
-                emit = planned[(planned > resume) & ~np.isin(planned, have)]
+                emit = planned[planned > resume]
+                above = {p for p, _ in inherited if p > resume}  # at most L, when LCP == L
+                if above:
+                    emit = emit[[p not in above for p in emit.tolist()]]
             self._stats["lookups"] += 1
             self._stats["hits"] += int(overlap > 0)
             serial = next(self._serial)

@@ -21,8 +21,11 @@ Policy specs (parsed strictly by `parse_policy`; anything else raises ValueError
 
 Every position is snapped DOWN to a multiple of ``grid`` (the model's exactness grid); zeros are
 dropped. Histograms hold bins whose mass sits at the bin's lower edge, so when ``grid`` divides
-``bin_size`` the DP is solved exactly on the ``bin_size`` grid (an optimum on any finer grid can be
-moved up to the next bin edge without loss), which is N / bin_size times smaller than token level.
+``bin_size`` an optimum on the token (or grid) lattice can be moved up to the next bin edge without
+loss: the DP is then solved exactly on the binned pmf (nb = N / bin_size + 1 depths, positions in
+bins, the cost rescaled: g(bin * x) is proportional to a*x + b*bin*x^2), and a request of length L
+reads ``bin_size * positions_for(L // bin_size)``. That is bin_size times fewer depths than token
+level. Otherwise the token-level pmf is solved with ``grid=grid``.
 
 Re-solving is pluggable: by default a due re-solve runs synchronously inside `observe`
 (deterministic). With ``executor=`` it is submitted there instead (at most one in flight; positions
@@ -196,8 +199,10 @@ class Planner:
         self.cost = placement.parse_cost(cost)
         self.auto_resolve = auto_resolve
         self.executor = executor
-        # Positions on the bin grid are optimal when the solve grid divides the bins (module doc).
-        self.solve_grid = self.bin_size if self.bin_size % self.grid == 0 else self.grid
+        # Bin edges are optimal positions when the grid divides the bins: solve the binned pmf then.
+        self.solve_binned = self.bin_size % self.grid == 0
+        self._solve_cost = (placement.Cost(self.cost.a, self.cost.b * self.bin_size)
+                            if self.solve_binned else self.cost)
         self._lock = threading.RLock()  # re-entrant: a done-callback may run inline
         self._hist = (LengthBucketedHistogram(self.max_length, bin_size=self.bin_size,
                                               decay=self.decay, min_length=min(64, self.max_length))
@@ -300,7 +305,7 @@ class Planner:
                 return False
             generation = self._observations
             self._snapshot_at = generation
-            pmfs = self._hist.pmfs()
+            pmfs = self._hist.binned() if self.solve_binned else self._hist.pmfs()
             masses = self._hist.masses()
         solution = self._solve(generation, pmfs, masses)
         with self._lock:
@@ -310,18 +315,19 @@ class Planner:
         return True
 
     def _solve(self, generation: int, pmfs: np.ndarray, masses: np.ndarray) -> _Solution:
+        """Solves pmfs [nk, D] (D = nb binned, N + 1 token-level) for dp (pooled) or ldp (batched)."""
         from sparse_prefix import placement  # lazy: keeps `import sparse_prefix` free of jax
 
         pooled = pmfs.sum(axis=0)
-        budget = self.spec.param
+        budget, cost = self.spec.param, self._solve_cost
+        grid = 1 if self.solve_binned else self.grid
         if self.spec.kind == "dp":
-            return _Solution(generation, placement.solve(pooled, budget, cost=self.cost,
-                                                         grid=self.solve_grid), None)
+            return _Solution(generation, placement.solve(pooled, budget, cost=cost, grid=grid), None)
         fallback = masses < self.min_bucket_mass
         batch = np.where(fallback[:, None], pooled[None, :], pmfs)
         batch = np.concatenate([batch, pooled[None, :]], axis=0)
         rows = np.where(fallback, batch.shape[0] - 1, np.arange(pmfs.shape[0]))
-        solved = placement.solve_batch(batch, budget, cost=self.cost, grid=self.solve_grid)
+        solved = placement.solve_batch(batch, budget, cost=cost, grid=grid)
         return _Solution(generation, solved, rows)
 
     def positions(self, length: int, overlap: int | None = None,
@@ -370,7 +376,8 @@ class Planner:
         solution = self._solution
         if solution is None:
             return np.asarray(placement.balanced_positions(length, spec.param, grid=grid))
+        depth, scale = (length // self.bin_size, self.bin_size) if self.solve_binned else (length, 1)
         if solution.rows is None:
-            return np.asarray(solution.placement.positions_for(length))
+            return scale * np.asarray(solution.placement.positions_for(depth), dtype=np.int64)
         row = int(solution.rows[self._hist.bucket_of(length)])
-        return np.asarray(solution.placement.positions_for(row, length))
+        return scale * np.asarray(solution.placement.positions_for(row, depth), dtype=np.int64)

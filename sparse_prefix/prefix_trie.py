@@ -26,7 +26,8 @@ import numpy as np
 
 
 def default_block_hash(block: np.ndarray) -> int:
-    """The default key of a token block (int32[<= block_size]): Python's hash of its bytes."""
+    """A block's key (int32[<= block_size]): Python's hash of its bytes. (Without a ``hash_fn`` the
+    trie keys children by the bytes themselves, which a dict hashes the same way, but faster.)"""
     return hash(block.tobytes())
 
 
@@ -40,20 +41,22 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
 class _Node:
     """One block of tokens (positions end - len(block) + 1 .. end) below its parent."""
 
-    __slots__ = ("parent", "key", "block", "end", "children", "ckpt_children", "entries",
+    __slots__ = ("parent", "key", "raw", "block", "end", "children", "ckpt_children", "entries",
                  "ckpt_positions", "ckpt")
 
-    def __init__(self, parent: _Node | None, key: Hashable, block: np.ndarray, end: int):
-        self.parent, self.key, self.block, self.end = parent, key, block, end
+    def __init__(self, parent: _Node | None, key: Hashable, raw: bytes, end: int):
+        self.parent, self.key, self.raw, self.end = parent, key, raw, end
+        self.block = np.frombuffer(raw, dtype=np.int32)  # read-only view of the block's tokens
         self.children: dict[Hashable, list[_Node]] = {}
         self.ckpt_children: set[_Node] = set()     # children holding at least one checkpoint
         self.entries: set[int] = set()             # entries whose tokens pass through this block
         self.ckpt_positions: list[int] = []        # sorted distinct checkpoint positions in the block
         self.ckpt: dict[int, dict[int, int]] = {}  # position -> {entry id: slot}
 
-    def child(self, key: Hashable, block: np.ndarray) -> _Node | None:
+    def child(self, key: Hashable, raw: bytes) -> _Node | None:
+        """The child whose block has exactly these token bytes (verified, whatever the key)."""
         for node in self.children.get(key, ()):
-            if node.block.size == block.size and np.array_equal(node.block, block):
+            if node.raw == raw:
                 return node
         return None
 
@@ -90,23 +93,28 @@ class PrefixTrie:
 
     def __init__(self, block_size: int, hash_fn: Callable[[np.ndarray], Hashable] | None = None):
         self.block_size = block_size
-        self._hash = hash_fn or default_block_hash
+        self._hash = hash_fn
         self._roots: dict[Hashable, _Node] = {}
         self._paths: dict[int, tuple[Hashable, list[_Node], tuple[tuple[int, int], ...]]] = {}
+
+    def _key(self, tokens: np.ndarray, start: int) -> tuple[Hashable, bytes]:
+        """(dict key, token bytes) of the block starting at ``start``."""
+        block = tokens[start:start + self.block_size]
+        raw = block.tobytes()
+        return (raw if self._hash is None else self._hash(block)), raw
 
     def insert(self, entry_id: int, group: Hashable, tokens: np.ndarray,
                checkpoints: tuple[tuple[int, int], ...]) -> None:
         """Adds an entry: int32[L] tokens and its sorted (position in 1..L, slot) checkpoints."""
         node = self._roots.get(group)
         if node is None:
-            node = self._roots[group] = _Node(None, None, tokens[:0].copy(), 0)
+            node = self._roots[group] = _Node(None, None, b"", 0)
         nodes = []
         for start in range(0, tokens.size, self.block_size):
-            block = tokens[start:start + self.block_size]
-            key = self._hash(block)
-            child = node.child(key, block)
+            key, raw = self._key(tokens, start)
+            child = node.child(key, raw)
             if child is None:
-                child = _Node(node, key, block.copy(), start + block.size)
+                child = _Node(node, key, raw, min(start + self.block_size, tokens.size))
                 node.children.setdefault(key, []).append(child)
             child.entries.add(entry_id)
             nodes.append(child)
@@ -166,8 +174,7 @@ class PrefixTrie:
         node, depth, path = self._roots[group], 0, []
         size, length = self.block_size, tokens.size
         while depth < length:
-            block = tokens[depth:depth + size]
-            child = node.child(self._hash(block), block)
+            child = node.child(*self._key(tokens, depth))
             if child is None:
                 break
             path.append(child)

@@ -147,17 +147,23 @@ def test_dp_positions_equal_solving_the_histogram_pmf():
         assert planner.positions(length).tolist() == expected.positions_for(length).tolist()
 
 
-def test_solving_on_the_bin_grid_is_as_good_as_token_level():
+@pytest.mark.parametrize("grid, cost", [(1, "linear"), (4, "linear"), (2, "hybrid:1,0.05"),
+                                        (3, "linear"), (3, "hybrid:2,0.01")])
+def test_binned_solve_is_as_good_as_the_token_level_solve_on_the_grid(grid, cost):
     rng = np.random.default_rng(3)
-    for trial in range(4):
-        planner = Planner("dp:2", bin_size=8, grid=1, resolve_every=12, max_length=96)
-        pairs = [(int(d), 96) for d in rng.integers(0, 97, size=12)]
-        observe_all(planner, pairs)
-        pmf = planner._hist.pmfs().sum(axis=0)
-        token_level = placement.solve(pmf, 2, grid=1)
-        ours = planner.positions(96)
-        assert placement.expected_cost(pmf, ours) == pytest.approx(token_level.expected_cost,
-                                                                   abs=1e-12)
+    planner = Planner("dp:2", bin_size=8, grid=grid, cost=cost, resolve_every=12, max_length=96)
+    assert planner.solve_binned == (8 % grid == 0)
+    observe_all(planner, [(int(d), 96) for d in rng.integers(0, 97, size=12)])
+    pmf = planner._hist.pmfs().sum(axis=0)
+    for length in (96, 61, 20):
+        truncated = pmf[:length + 1]
+        ours = planner.positions(length)
+        assert np.all(ours % grid == 0) and np.all(ours <= length)
+        if not truncated.any():
+            continue
+        best = placement.brute_force(truncated, 2, cost=cost, grid=grid)
+        assert placement.expected_cost(truncated, ours, cost) == pytest.approx(
+            best.expected_cost, rel=1e-12, abs=1e-12)
 
 
 def test_ldp_uses_each_buckets_solution_and_falls_back_to_pooled():
@@ -189,7 +195,7 @@ def test_ldp_solves_all_buckets_in_one_batched_call(monkeypatch):
     planner = Planner("ldp:2", bin_size=8, resolve_every=5, max_length=128)
     observe_all(planner, [(10, 20), (30, 40), (60, 70), (90, 100), (100, 128)])
     buckets = planner._hist.num_buckets
-    assert calls == [(buckets + 1, 129)]
+    assert calls == [(buckets + 1, 128 // 8 + 1)]  # the binned pmfs plus the pooled row
 
 
 def test_manual_resolve_keeps_the_request_path_free():
