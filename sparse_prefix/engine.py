@@ -33,7 +33,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from sparse_prefix.index import EvictedEntry, PrefixIndex, RequestPlan
+from sparse_prefix.index import PrefixIndex, RequestPlan
 from sparse_prefix.planner import Planner
 from sparse_prefix.protocol import State
 from sparse_prefix.store import (CacheLayout, PoolExhausted, StateStore, abstract_state_of,
@@ -112,22 +112,6 @@ class _EndPlanner:
 
 def _pow2(count: int) -> int:
     return 1 << max(0, int(count) - 1).bit_length()
-
-
-def evict_one(index: PrefixIndex) -> EvictedEntry | None:
-    """Evict the index's next victim (page pressure), or None if every entry is pinned.
-
-    `PrefixIndex` evicts only inside `commit`; until it offers a public ``evict()``, this reaches
-    its victim choice and removal under its lock (the only place the engine touches its internals).
-    """
-    if hasattr(index, "evict"):
-        return index.evict()
-    with index._lock:
-        if not any(entry.pins == 0 for entry in index._entries.values()):
-            return None
-        victim = index._victim()
-        index._remove(victim)
-        return EvictedEntry(victim.entry_id, victim.payload)
 
 
 class Engine:
@@ -424,7 +408,7 @@ class Engine:
             try:
                 return shared, self.store.allocate_pages(needed - shared.size)
             except PoolExhausted:
-                victim = evict_one(self.index)
+                victim = self.index.evict()
                 if victim is None:
                     return shared, None
                 self.store.release_pages(victim.payload)

@@ -111,3 +111,105 @@ def test_params_digest_sees_every_bit_and_the_tree_structure():
     assert params_digest({"w2": params["w"], "b": params["b"]}) != base
     assert params_digest({"w": params["w"].astype(ml_dtypes.bfloat16), "b": params["b"]}) != base
     assert params_digest(dict(params)) == base
+
+
+# ----------------------------------------------------------------------------- whole-engine snapshots
+
+from engine_toy import ToyLM, uncached  # noqa: E402
+from sparse_prefix.engine import Engine  # noqa: E402
+
+TOY = ToyLM(chunk_size=4, vocab_size=32, max_length=48)
+TOY_PARAMS = TOY.init_params(0)
+
+
+def toy_requests(seed: int, count: int) -> list:
+    rng = np.random.default_rng(seed)
+    doc = rng.integers(1, 32, size=30)
+    return [np.concatenate([doc[:rng.integers(4, 30)], rng.integers(1, 32, size=rng.integers(1, 15))])
+            .astype(np.int32) for _ in range(count)]
+
+
+def toy_engine(params=TOY_PARAMS) -> Engine:
+    return Engine(TOY, params, policy="dp:2+fork", capacity_entries=4, background_resolve=False,
+                  planner_options={"resolve_every": 3})
+
+
+def summary(engine: Engine) -> tuple:
+    entries = tuple((e.group, e.length, e.checkpoints) for e in engine.index.entries())
+    return entries, engine.stats(), engine.store.page_refcounts().tolist(), engine.planner.observations
+
+
+def test_an_engine_snapshot_restores_the_warm_cache_whole(tmp_path):
+    source = toy_engine()
+    for tokens in toy_requests(0, 12):
+        source.prefill(tokens)
+    source.save(tmp_path)
+    restored = toy_engine()
+    restored.load(tmp_path)
+    assert summary(restored) == summary(source)
+    for tokens in toy_requests(1, 6):                 # both continue identically and exactly
+        want, got = source.prefill(tokens), restored.prefill(tokens)
+        assert got.stats.resume_position == want.stats.resume_position
+        np.testing.assert_array_equal(got.last_logits, uncached(TOY, TOY_PARAMS, [tokens])[0])
+        np.testing.assert_array_equal(got.last_logits, want.last_logits)
+
+
+def test_an_interrupted_engine_save_leaves_the_last_complete_snapshot(tmp_path, monkeypatch):
+    engine = toy_engine()
+    for tokens in toy_requests(2, 6):
+        engine.prefill(tokens)
+    engine.save(tmp_path)
+    saved = summary(engine)
+    for tokens in toy_requests(3, 6):
+        engine.prefill(tokens)
+
+    def die_midway(path, arrays):
+        (path / "half-written").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(persist, "_save_arrays", die_midway)
+    with pytest.raises(KeyboardInterrupt):
+        engine.save(tmp_path)
+    restored = toy_engine()
+    restored.load(tmp_path)
+    assert summary(restored) == saved
+
+
+def assert_empty_and_working(engine: Engine) -> None:
+    assert engine.index.entries() == () and engine.store.pages_in_use == 0
+    assert engine.stats()["requests"] == 0
+    tokens = toy_requests(4, 1)[0]
+    np.testing.assert_array_equal(engine.prefill(tokens).last_logits,
+                                  uncached(TOY, engine.params, [tokens])[0])
+    assert engine.prefill(tokens).stats.resume_position > 0
+
+
+def test_a_snapshot_of_other_weights_is_refused_leaving_an_empty_working_cache(tmp_path):
+    source = toy_engine()
+    for tokens in toy_requests(5, 5):
+        source.prefill(tokens)
+    source.save(tmp_path)
+    other = toy_engine(TOY.init_params(1))
+    for tokens in toy_requests(6, 3):
+        other.prefill(tokens)
+    with pytest.raises(SnapshotError, match="params_sha256"):
+        other.load(tmp_path)
+    assert_empty_and_working(other)
+
+
+def test_a_corrupted_or_missing_engine_snapshot_leaves_an_empty_working_cache(tmp_path):
+    source = toy_engine()
+    for tokens in toy_requests(7, 5):
+        source.prefill(tokens)
+    folder = source.save(tmp_path)
+    victim = max((p for p in (folder / "arrays").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[:-3] + b"\x00\x01\x02")
+    target = toy_engine()
+    for tokens in toy_requests(8, 3):
+        target.prefill(tokens)
+    with pytest.raises(SnapshotError, match="checksums"):
+        target.load(tmp_path)
+    assert_empty_and_working(target)
+    with pytest.raises(SnapshotError, match="no snapshot"):
+        target.load(tmp_path / "absent")
+    assert_empty_and_working(target)
