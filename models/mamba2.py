@@ -1,18 +1,18 @@
-"""Mamba2 (SSD) as pure functions over a params pytree, with exact one-pass checkpoint-emitting prefill.
+"""Mamba2 (SSD) language model as pure functions over a params pytree, with exact one-pass
+checkpoint-emitting prefill (public: `Mamba2LM`, `Mamba2Config`, the mamba2-* presets).
 
-Why pure functions and not Flax modules: the cache needs the model as four jitted functions of
+Why pure functions and not Flax modules: the cache needs the model as jitted functions of
 (params, state, inputs) -- chunk step, prefill, decode, forward -- whose state is an explicit typed
 pytree that the store slices, gathers and donates. Params are NamedTuples with a leading layer axis
-(one `lax.scan` over layers compiles a 64-layer model as fast as a 2-layer one), the config is a
-frozen, hashable dataclass (jit caches key on it), and the mixer functions below are reusable as-is by
-hybrid stacks (`mamba2_mixer_chunk` / `mamba2_mixer_decode` / `mamba2_mixer_state`).
+(one `lax.scan` over layers compiles a 64-layer model about as fast as a 2-layer one); the config is
+a frozen, hashable dataclass, so every model object of one config shares one set of compiled
+programs. The per-layer mixer lives in `mamba2_mixer` (re-exported here) for hybrid stacks.
 
 Numerics follow state-spaces/mamba and HF `Mamba2ForCausalLM`: weights and activations in the compute
-dtype (bf16 by default), the residual stream, norms, SSD and the recurrent state in float32; the
-gated RMSNorm is HF's MambaRMSNormGated (gate before norm, normalised per group of d_inner/ngroups).
+dtype (bf16 by default); the residual stream (residual_in_fp32), norms, SSD and the recurrent state in
+float32. A padded slot (dt = 0, no conv shift) leaves the state exactly unchanged.
 
-Shape legend: see `sparse_prefix.protocol`; here also E = d_inner = expand * d, Dp = in_proj width
-= 2 E + 2 G N + H, Dc = conv channels = E + 2 G N, G = ngroups.
+Shape legend: see `sparse_prefix.protocol`.
 """
 
 from __future__ import annotations
@@ -28,69 +28,22 @@ import numpy as np
 
 from sparse_prefix.chunking import (bucket_length, check_decode_args, check_prefill_args, check_state,
                                     checkpoint_bucket, run_chunks, scan_chunks)
-from sparse_prefix.protocol import Checkpoints, MemoryProfile, RecurrentState, State, restore_state
+from sparse_prefix.protocol import Checkpoints, MemoryProfile, State, restore_state
 
-from .layers import causal_conv_chunk, causal_conv_step, rms_norm
+from .checkpoint_io import register_family
+from .layers import rms_norm
+from .mamba2_mixer import (BACKENDS, Mamba2MixerConfig, MixerParams, gated_rms_norm, init_mamba2_mixer,
+                           mamba2_mixer_chunk, mamba2_mixer_decode, mamba2_mixer_state)
 from .registry import register
-from .ssd import ssd_chunk, ssd_scan, ssd_step
 
 Array = jax.Array
-BACKENDS = ("chunked", "sequential")
+__all__ = ["BACKENDS", "LayerParams", "Mamba2Config", "Mamba2LM", "Mamba2MixerConfig", "Mamba2Params",
+           "MixerParams", "gated_rms_norm", "init_mamba2_mixer", "init_mamba2_params",
+           "init_mamba2_state", "mamba2_chunk_step", "mamba2_logits", "mamba2_mixer_chunk",
+           "mamba2_mixer_decode", "mamba2_mixer_state"]
 
 
 # ----------------------------------------------------------------------------- configuration
-
-
-@dataclasses.dataclass(frozen=True)
-class Mamba2MixerConfig:
-    """One Mamba2 mixer (the state-spaces defaults). Hashable: jit caches key on it.
-
-    Attributes:
-      d_model: d. d_state: N. d_conv: W. expand: E / d. headdim: P. ngroups: G.
-      norm_eps: epsilon of the gated RMSNorm. dt_limit: (min, max) clamp of dt after softplus.
-      use_bias: biases on in_proj / out_proj. conv_bias: bias on the depthwise conv.
-      backend: "chunked" (quadratic SSD form per chunk) or "sequential" (token scan reference).
-    """
-
-    d_model: int
-    d_state: int = 128
-    d_conv: int = 4
-    expand: int = 2
-    headdim: int = 64
-    ngroups: int = 1
-    norm_eps: float = 1e-5
-    dt_limit: tuple[float, float] = (0.0, math.inf)
-    use_bias: bool = False
-    conv_bias: bool = True
-    backend: str = "chunked"
-
-    def __post_init__(self):
-        for field in ("d_model", "d_state", "d_conv", "expand", "headdim", "ngroups"):
-            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
-                raise ValueError(f"{field} must be a positive int, got {getattr(self, field)!r}")
-        if self.d_inner % self.headdim:
-            raise ValueError(f"d_inner {self.d_inner} is not a multiple of headdim {self.headdim}")
-        if self.nheads % self.ngroups:
-            raise ValueError(f"nheads {self.nheads} is not a multiple of ngroups {self.ngroups}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        object.__setattr__(self, "dt_limit", tuple(float(v) for v in self.dt_limit))
-
-    @property
-    def d_inner(self) -> int:
-        return self.expand * self.d_model
-
-    @property
-    def nheads(self) -> int:
-        return self.d_inner // self.headdim
-
-    @property
-    def conv_dim(self) -> int:
-        return self.d_inner + 2 * self.ngroups * self.d_state
-
-    @property
-    def in_proj_size(self) -> int:
-        return self.d_inner + self.conv_dim + self.nheads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,26 +104,6 @@ class Mamba2Config:
 # ----------------------------------------------------------------------------- parameters
 
 
-class MixerParams(NamedTuple):
-    """One mixer's weights (kernels laid out for x @ W).
-
-    in_proj [d, Dp], in_proj_bias [Dp] | None, conv_weight [W, Dc] (row W-1 multiplies the current
-    input), conv_bias [Dc] | None, dt_bias / A_log / D float32[H], norm [E] (gated RMSNorm),
-    out_proj [E, d], out_proj_bias [d] | None.
-    """
-
-    in_proj: Array
-    in_proj_bias: Array | None
-    conv_weight: Array
-    conv_bias: Array | None
-    dt_bias: Array
-    A_log: Array
-    D: Array
-    norm: Array
-    out_proj: Array
-    out_proj_bias: Array | None
-
-
 class LayerParams(NamedTuple):
     """One block: pre-norm weight [d] and the mixer. In `Mamba2Params.layers` every leaf is stacked."""
 
@@ -187,150 +120,19 @@ class Mamba2Params(NamedTuple):
     lm_head: Array | None
 
 
-def _uniform(key: Array, shape: tuple[int, ...], bound: float, dtype) -> Array:
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
-
-
-def init_mamba2_mixer(key: Array, cfg: Mamba2MixerConfig, dtype=jnp.bfloat16, *,
-                      out_scale: float = 1.0) -> MixerParams:
-    """Random mixer weights, the state-spaces initialisation (torch Linear/Conv1d defaults, dt in
-    [1e-3, 0.1] log-uniform through an inverse softplus bias, A uniform in [1, 16], D = 1).
-
-    Args:
-      key: PRNG key. cfg: the mixer. dtype: weight dtype (dt_bias, A_log, D stay float32).
-      out_scale: multiplies out_proj (state-spaces uses 1/sqrt(n_layer)).
-    """
-    keys = jax.random.split(key, 7)
-    dt = jnp.exp(jax.random.uniform(keys[0], (cfg.nheads,), jnp.float32)
-                 * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-    dt = jnp.maximum(dt, 1e-4)
-    width_bound = 1.0 / math.sqrt(cfg.d_conv)
-    return MixerParams(
-        in_proj=_uniform(keys[1], (cfg.d_model, cfg.in_proj_size), 1 / math.sqrt(cfg.d_model), dtype),
-        in_proj_bias=jnp.zeros((cfg.in_proj_size,), dtype) if cfg.use_bias else None,
-        conv_weight=_uniform(keys[2], (cfg.d_conv, cfg.conv_dim), width_bound, dtype),
-        conv_bias=_uniform(keys[3], (cfg.conv_dim,), width_bound, dtype) if cfg.conv_bias else None,
-        dt_bias=dt + jnp.log(-jnp.expm1(-dt)),
-        A_log=jnp.log(jax.random.uniform(keys[4], (cfg.nheads,), jnp.float32, 1.0, 16.0)),
-        D=jnp.ones((cfg.nheads,), jnp.float32),
-        norm=jnp.ones((cfg.d_inner,), dtype),
-        out_proj=_uniform(keys[5], (cfg.d_inner, cfg.d_model),
-                          out_scale / math.sqrt(cfg.d_inner), dtype),
-        out_proj_bias=jnp.zeros((cfg.d_model,), dtype) if cfg.use_bias else None,
-    )
-
-
-def mamba2_mixer_state(cfg: Mamba2MixerConfig, batch: int, dtype=jnp.bfloat16) -> RecurrentState:
-    """Zero state of one mixer: ssm float32[B, H, P, N], conv window [B, W-1, Dc] in `dtype`."""
-    return RecurrentState(
-        ssm=jnp.zeros((batch, cfg.nheads, cfg.headdim, cfg.d_state), jnp.float32),
-        conv=jnp.zeros((batch, cfg.d_conv - 1, cfg.conv_dim), dtype))
-
-
-# ----------------------------------------------------------------------------- the mixer
-
-
-def _linear(x: Array, kernel: Array, bias: Array | None) -> Array:
-    """x [..., i] @ kernel [i, o] (+ bias) with float32 accumulation, returned in x.dtype."""
-    y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
-
-
-def gated_rms_norm(y: Array, gate: Array, weight: Array, groups: int, eps: float) -> Array:
-    """HF MambaRMSNormGated (norm_before_gate=False): RMSNorm per group of (y * silu(gate)) * weight.
-
-    Args:
-      y: [..., E] float32. gate: [..., E]. weight: [E]. groups: G (each group of E/G normalised alone).
-
-    Returns:
-      float32[..., E].
-    """
-    gated = y.astype(jnp.float32) * jax.nn.silu(gate.astype(jnp.float32))
-    grouped = gated.reshape(gated.shape[:-1] + (groups, gated.shape[-1] // groups))
-    grouped = grouped * jax.lax.rsqrt(jnp.mean(grouped * grouped, axis=-1, keepdims=True) + eps)
-    return grouped.reshape(gated.shape) * weight.astype(jnp.float32)
-
-
-def _split_projection(cfg: Mamba2MixerConfig, zxbcdt: Array) -> tuple[Array, Array, Array]:
-    """in_proj output [..., Dp] -> (z [..., E], xBC [..., Dc], dt [..., H])."""
-    return jnp.split(zxbcdt, [cfg.d_inner, cfg.d_inner + cfg.conv_dim], axis=-1)
-
-
-def _split_conv(cfg: Mamba2MixerConfig, xbc: Array) -> tuple[Array, Array, Array]:
-    """Activated conv output [..., Dc] -> (x [..., H, P], B [..., G, N], C [..., G, N])."""
-    gn = cfg.ngroups * cfg.d_state
-    x, b, c = jnp.split(xbc, [cfg.d_inner, cfg.d_inner + gn], axis=-1)
-    lead = xbc.shape[:-1]
-    return (x.reshape(lead + (cfg.nheads, cfg.headdim)), b.reshape(lead + (cfg.ngroups, cfg.d_state)),
-            c.reshape(lead + (cfg.ngroups, cfg.d_state)))
-
-
-def _time_step(params: MixerParams, cfg: Mamba2MixerConfig, dt_raw: Array) -> Array:
-    """softplus(dt + dt_bias) clamped to dt_limit, float32[..., H]."""
-    dt = jax.nn.softplus(dt_raw.astype(jnp.float32) + params.dt_bias.astype(jnp.float32))
-    low, high = cfg.dt_limit
-    return jnp.clip(dt, low, high)
-
-
-def _mixer_output(params: MixerParams, cfg: Mamba2MixerConfig, y: Array, x: Array, z: Array,
-                  dtype) -> Array:
-    """D skip, gated norm and out_proj: y, x [..., H, P] float32, z [..., E] -> [..., d] in dtype."""
-    y = y + params.D.astype(jnp.float32)[:, None] * x
-    y = y.reshape(y.shape[:-2] + (cfg.d_inner,))
-    normed = gated_rms_norm(y, z, params.norm, cfg.ngroups, cfg.norm_eps)
-    return _linear(normed.astype(dtype), params.out_proj, params.out_proj_bias)
-
-
-def mamba2_mixer_chunk(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, state: RecurrentState,
-                       valid: Array) -> tuple[Array, RecurrentState]:
-    """One chunk through one mixer (the prefill path).
-
-    Args:
-      params: one layer's `MixerParams`. cfg: the mixer config.
-      x: [B, C, d] normalised block input in the compute dtype.
-      state: this layer's `RecurrentState` (ssm float32[B, H, P, N], conv [B, W-1, Dc]).
-      valid: bool[B, C], a prefix of each row; padded slots leave the state exactly unchanged.
-
-    Returns:
-      (y [B, C, d] in x.dtype -- garbage on padded slots --, the state after the chunk's real tokens).
-    """
-    z, xbc, dt_raw = _split_projection(cfg, _linear(x, params.in_proj, params.in_proj_bias))
-    n_valid = jnp.sum(valid, axis=1, dtype=jnp.int32)
-    conv, window = causal_conv_chunk(xbc, state.conv, params.conv_weight, params.conv_bias, n_valid)
-    xs, b, c = _split_conv(cfg, jax.nn.silu(conv))
-    dt = jnp.where(valid[..., None], _time_step(params, cfg, dt_raw), 0.0)
-    a = -jnp.exp(params.A_log.astype(jnp.float32))
-    ssd = ssd_chunk if cfg.backend == "chunked" else ssd_scan
-    y, ssm = ssd(xs, dt, a, b, c, state.ssm)
-    return _mixer_output(params, cfg, y, xs, z, x.dtype), RecurrentState(ssm=ssm, conv=window)
-
-
-def mamba2_mixer_decode(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, state: RecurrentState
-                        ) -> tuple[Array, RecurrentState]:
-    """One token through one mixer, closed form: x [B, d] -> (y [B, d], state)."""
-    z, xbc, dt_raw = _split_projection(cfg, _linear(x, params.in_proj, params.in_proj_bias))
-    conv, window = causal_conv_step(xbc, state.conv, params.conv_weight, params.conv_bias)
-    xs, b, c = _split_conv(cfg, jax.nn.silu(conv))
-    a = -jnp.exp(params.A_log.astype(jnp.float32))
-    y, ssm = ssd_step(xs, _time_step(params, cfg, dt_raw), a, b, c, state.ssm)
-    return _mixer_output(params, cfg, y, xs, z, x.dtype), RecurrentState(ssm=ssm, conv=window)
-
-
 # ----------------------------------------------------------------------------- the language model
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def init_mamba2_params(key: Array, cfg: Mamba2Config) -> Mamba2Params:
     """Random parameters: embedding N(0, 0.02), per-layer mixers (out_proj scaled 1/sqrt(n_layer))."""
     dtype = cfg.compute_dtype
     k_embed, k_layers, k_head = jax.random.split(key, 3)
-    mixers = jax.vmap(lambda k: init_mamba2_mixer(k, cfg.mixer, dtype,
-                                                  out_scale=1 / math.sqrt(cfg.n_layer))
-                      )(jax.random.split(k_layers, cfg.n_layer))
-    embedding = (0.02 * jax.random.normal(k_embed, (cfg.vocab_size, cfg.d_model))).astype(dtype)
+    mixers = init_mamba2_mixer(k_layers, cfg.mixer, dtype, out_scale=1 / math.sqrt(cfg.n_layer),
+                               layers=cfg.n_layer)
+    embedding = 0.02 * jax.random.normal(k_embed, (cfg.vocab_size, cfg.d_model), dtype)
     lm_head = None if cfg.tie_embeddings else (
-        0.02 * jax.random.normal(k_head, (cfg.d_model, cfg.vocab_size))).astype(dtype)
+        0.02 * jax.random.normal(k_head, (cfg.d_model, cfg.vocab_size), dtype))
     return Mamba2Params(
         embedding=embedding,
         layers=LayerParams(norm=jnp.ones((cfg.n_layer, cfg.d_model), dtype), mixer=mixers),
@@ -437,6 +239,8 @@ class Mamba2LM:
       donate_state: donate the state buffers to prefill / decode.
     """
 
+    family = "mamba2"
+
     def __init__(self, config: Mamba2Config, *, min_checkpoint_slots: int = 4,
                  donate_state: bool = True):
         if not isinstance(config, Mamba2Config):
@@ -519,6 +323,9 @@ class Mamba2LM:
         return MemoryProfile(checkpoint_elements=ssm + conv,
                              checkpoint_bytes=4 * ssm + conv * self.dtype.itemsize,
                              kv_elements_per_token=0, kv_bytes_per_token=0, ssm_elements=ssm)
+
+
+register_family(Mamba2LM.family, lambda config: Mamba2LM(Mamba2Config.from_dict(config)))
 
 
 # ----------------------------------------------------------------------------- presets
