@@ -1,0 +1,160 @@
+"""Prefill speed on one accelerator: tokens/s, model-FLOP utilisation, checkpoint-emission overhead.
+
+Run on the device machine (or CPU with tiny presets):
+
+    python -m sparse_prefix.experiments.bench_prefill --presets mamba2-130m,mamba2-1.3b \
+        --lengths 2048,8192,16384 --emit 1,8,32 --peer --out results/prefill.json
+
+Every timing is the warm median of `--repeats` calls of the public `model.prefill` (host-side checks
+and padding included) on random tokens, synchronised with `block_until_ready`. Model FLOPs are
+2 x non-embedding parameters x tokens, against a bf16 matmul measured in the same run. With `--peer`
+the mamba2-jax package (Flax NNX; its jitted `forward` returns logits at every position) is timed on
+the same shapes in the same run, when it can be imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def timed(fn, repeats: int, warmup: int = 2) -> list[float]:
+    """Wall times (s) of `fn()` (which must block until its result is ready), after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_rate(size: int = 8192, repeats: int = 10) -> float:
+    """Measured bf16 matmul throughput in FLOP/s on random data."""
+    key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(key_a, (size, size), jnp.bfloat16)
+    b = jax.random.normal(key_b, (size, size), jnp.bfloat16)
+    dot = jax.jit(lambda x, y: x @ y)
+    times = timed(lambda: dot(a, b).block_until_ready(), repeats)
+    return 2 * size ** 3 / statistics.median(times)
+
+
+def non_embedding_params(params) -> int:
+    """Parameters outside the embedding / LM head (the 2·P·L FLOP convention)."""
+    total = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = jax.tree_util.keystr(path).lower()
+        if "embed" in name or "lm_head" in name:
+            continue
+        total += int(np.prod(leaf.shape))
+    return total
+
+
+def bench_ours(preset: str, length: int, emit: int, repeats: int, dtype) -> dict:
+    """Time `model.prefill` of `length` tokens with `emit` evenly spaced on-grid checkpoints."""
+    from sparse_prefix.models import create
+    model, params = create(preset, dtype=dtype)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, model.vocab_size, size=(1, length), dtype=np.int32)
+    if emit:
+        grid = model.chunk_size
+        positions = np.unique(np.linspace(0, length, emit + 2)[1:-1].astype(np.int64) // grid * grid)
+        positions = positions[positions > 0][:emit]
+    else:
+        positions = np.zeros((0,), np.int64)
+    checkpoints = positions.astype(np.int32)
+
+    def call():
+        state = model.init_state(1)
+        jax.block_until_ready(state)
+        logits, final, _ = model.prefill(params, tokens, state, checkpoints)
+        jax.block_until_ready((logits, final))
+
+    times = timed(call, repeats)
+    return {"impl": "sparse-prefix", "preset": preset, "length": length, "checkpoints": len(checkpoints),
+            "median_s": statistics.median(times), "min_s": min(times),
+            "non_embedding_params": non_embedding_params(params)}
+
+
+def bench_peer(preset: str, length: int, repeats: int, param_dtype) -> dict | None:
+    """Time mamba2-jax's jitted forward on the same Mamba2 shape (None when not importable)."""
+    try:
+        from flax import nnx
+        from mamba2_jax import Mamba2Config, Mamba2ForCausalLM
+        from mamba2_jax.modeling import forward
+    except Exception as error:  # the peer is optional (and may not import on every jax)
+        print(f"peer unavailable: {error}", file=sys.stderr)
+        return None
+    shapes = {"mamba2-130m": (768, 24), "mamba2-370m": (1024, 48), "mamba2-780m": (1536, 48),
+              "mamba2-1.3b": (2048, 48), "mamba2-2.7b": (2560, 64)}
+    if preset not in shapes:
+        return None
+    hidden, layers = shapes[preset]
+    cfg = Mamba2Config(vocab_size=50288, hidden_size=hidden, num_hidden_layers=layers)
+    model = Mamba2ForCausalLM(cfg, rngs=nnx.Rngs(0))
+    if param_dtype != jnp.float32:
+        graph, state = nnx.split(model)
+        state = jax.tree_util.tree_map(lambda x: x.astype(param_dtype), state)
+        model = nnx.merge(graph, state)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50277, size=(1, length), dtype=np.int32))
+    times = timed(lambda: jax.block_until_ready(forward(model, tokens)["logits"]), repeats)
+    return {"impl": f"mamba2-jax ({jnp.dtype(param_dtype).name} params)", "preset": preset,
+            "length": length, "checkpoints": 0, "median_s": statistics.median(times),
+            "min_s": min(times)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="mamba2-130m,mamba2-1.3b")
+    parser.add_argument("--lengths", default="2048,8192,16384")
+    parser.add_argument("--emit", default="", help="checkpoint counts to time at the emit length")
+    parser.add_argument("--emit-length", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--peer", action="store_true")
+    parser.add_argument("--peer-dtypes", default="float32,bfloat16")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+
+    dtype = jnp.dtype(args.dtype)
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}")
+    rate = matmul_rate() if device.platform == "gpu" else matmul_rate(2048, 3)
+    print(f"bf16 matmul: {rate / 1e12:.0f} TFLOP/s")
+    rows = []
+    for preset in args.presets.split(","):
+        for length in [int(x) for x in args.lengths.split(",")]:
+            row = bench_ours(preset, length, 0, args.repeats, dtype)
+            rows.append(row)
+            if args.peer:
+                for name in args.peer_dtypes.split(","):
+                    peer = bench_peer(preset, length, args.repeats, jnp.dtype(name))
+                    if peer:
+                        peer["non_embedding_params"] = row["non_embedding_params"]
+                        rows.append(peer)
+        for emit in [int(x) for x in args.emit.split(",") if x]:
+            rows.append(bench_ours(preset, args.emit_length, emit, args.repeats, dtype))
+    print(f"\n{'impl':34s} {'preset':22s} {'L':>6s} {'K':>3s} {'ms':>9s} {'tok/s':>10s} {'MFU':>6s}")
+    for row in rows:
+        flops = 2 * row["non_embedding_params"] * row["length"]
+        row["tokens_per_s"] = row["length"] / row["median_s"]
+        row["mfu"] = flops / row["median_s"] / rate
+        print(f"{row['impl']:34s} {row['preset']:22s} {row['length']:6d} {row['checkpoints']:3d} "
+              f"{row['median_s'] * 1e3:9.2f} {row['tokens_per_s']:10.0f} {row['mfu']:6.1%}")
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump({"device": device.device_kind, "jax": jax.__version__,
+                       "matmul_flops": rate, "rows": rows}, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
