@@ -21,6 +21,7 @@ from typing import Sequence
 _COMMAND_MODULES = (
     "sparse_prefix.cli_simulate",
     "sparse_prefix.cli_place",
+    "sparse_prefix.experiments.cli_reproduce",
 )
 
 _BAD_INPUT = (ValueError, TypeError, FileNotFoundError, ImportError)

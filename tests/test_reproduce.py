@@ -1,0 +1,184 @@
+"""The reproduction: policy runs, acceptance checks, the replay protocol on real data, the command."""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+
+import numpy as np
+import pytest
+
+from sparse_prefix.experiments import paper, reproduce
+from sparse_prefix.experiments.reproduce import PolicyRun
+from sparse_prefix.paths import shared_dir
+from sparse_prefix.simulate import PolicySummary
+from sparse_prefix.traces import Request, protocol_order, split_warm
+
+try:
+    shared_dir()
+    HAVE_SHARED = True
+except FileNotFoundError:
+    HAVE_SHARED = False
+needs_shared = pytest.mark.skipif(not HAVE_SHARED, reason="../shared (the real data) is absent")
+
+
+def _summary(policy: str, checkpoints: float, saved: float) -> PolicySummary:
+    mean = {"checkpoints_per_request": checkpoints, "tokens_saved_pct": saved}
+    return PolicySummary(policy, (0,), mean, {k: 0.0 for k in mean}, {k: (v,) for k, v in mean.items()})
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+def test_default_runs_cover_the_papers_grid_ours_and_the_peers_with_unique_labels():
+    runs = reproduce.default_runs("hybrid:1,1e-05")
+    labels = [run.label for run in runs]
+    assert len(set(labels)) == len(labels)
+    paper_specs = {run.spec for run in runs if run.origin == "paper"}
+    assert paper_specs == set(paper.paper_policies())
+    by_label = {run.label: run for run in runs}
+    assert by_label["vLLM all"].spec == "block:528"
+    assert by_label["Marconi"].eviction == "utility" and by_label["Marconi"].spec == "end+fork"
+    assert by_label["dp:3 bins=1"].planner_options == (("bin_size", 1),)
+    assert by_label["dp:3 grid=64"].grid == 64
+    assert by_label["dp:3 cost=hybrid"].planner_options == (("cost", "hybrid:1,1e-05"),)
+
+
+def test_every_published_point_names_a_replayed_paper_policy():
+    labels = {run.label for run in reproduce.paper_runs()}
+    for run in paper.PAPER_RUNS.values():
+        assert {p.policy for p in run.points} <= labels
+
+
+def test_runs_from_names_mixes_sets_labels_and_specs_and_rejects_bad_specs():
+    runs = reproduce.runs_from_names(["peers", "dp:8 grid=64", "ldp:4+hints"])
+    assert [r.label for r in runs] == ["vLLM all", "SGLang", "Marconi", "dp:8 grid=64", "ldp:4+hints"]
+    with pytest.raises(ValueError, match="policy spec"):
+        reproduce.runs_from_names(["dp:x"])
+
+
+def test_checkpoint_bytes_are_three_gdn_states_and_conv_windows():
+    state = 3 * 16 * 128 * 128 * 4             # float32 [H, Dk, Dv] per GDN layer
+    conv = 3 * 3 * (2 * 16 * 128 + 16 * 128) * 2  # W-1 = 3 rows of q, k, v channels in fp16
+    assert reproduce.checkpoint_bytes() == state + conv
+
+
+def test_hybrid_cost_is_attention_flops_over_twice_the_linear_flops():
+    a, b = (float(v) for v in reproduce.hybrid_cost_spec().removeprefix("hybrid:").split(","))
+    assert a == 1.0
+    attention = 4 * 8 * 256                      # one attention layer: 8 heads x 256, QK and PV
+    assert 1e-5 < b < 1e-4 and math.isclose(attention / (2 * b), 169e6, rel_tol=0.1)
+
+
+# ------------------------------------------------------------------------------------ acceptance
+
+
+def test_frontier_is_a_staircase_over_points_with_no_more_checkpoints():
+    points = [(1.0, 30.0), (3.0, 40.0), (2.0, 35.0)]
+    assert reproduce.frontier_at(points, 0.5) is None
+    assert reproduce.frontier_at(points, 1.0) == 30.0
+    assert reproduce.frontier_at(points, 2.9) == 35.0
+    assert reproduce.frontier_at(points, 100.0) == 40.0
+
+
+def _acceptance(values: dict[str, tuple[float, float]]):
+    runs = [run for run in reproduce.default_runs() if run.label in values]
+    summaries = {label: _summary(label, *point) for label, point in values.items()}
+    return reproduce.acceptance(summaries, runs)
+
+
+def test_acceptance_passes_when_dp_and_ldp_dominate_and_fails_when_a_baseline_wins():
+    values = {"dp:1": (1.0, 30.0), "dp:3": (3.0, 40.0), "balanced:1": (1.0, 25.0), "log": (3.5, 39.0),
+              "block:64": (100.0, 40.5), "block:1024": (5.0, 39.0), "ldp:1": (1.0, 32.0), "ldp:8": (4.0, 40.5),
+              "none+fork+hints": (1.5, 40.0)}
+    checks = _acceptance(values)
+    assert all(checks[name]["passed"] for name in ("dp_dominates_heuristics", "dp_near_ceiling",
+                                                   "ldp_dominates_block", "hints_fork_near_ceiling"))
+    assert checks["dp_dominates_heuristics"]["margins"]["log"] == pytest.approx(1.0)
+    worse = _acceptance(values | {"log": (3.5, 41.0), "none+fork+hints": (2.5, 40.5), "ldp:8": (4.0, 38.0)})
+    assert not worse["dp_dominates_heuristics"]["passed"]
+    assert not worse["hints_fork_near_ceiling"]["passed"]
+    assert worse["ldp_dominates_block"]["margins"]["block:1024"] == pytest.approx(-1.0)
+
+
+def test_acceptance_fails_when_no_dp_point_has_so_few_checkpoints():
+    checks = _acceptance({"dp:1": (1.2, 30.0), "balanced:1": (1.0, 20.0)})
+    assert not checks["dp_dominates_heuristics"]["passed"]
+    assert checks["dp_dominates_heuristics"]["margins"]["balanced:1"] is None
+
+
+def test_subset_groups_draws_whole_groups_per_seed():
+    requests = [Request(f"g{i % 6}", np.arange(1, 4 + i)) for i in range(24)]
+    first = reproduce.subset_groups(requests, 2, seed=0)
+    assert len({r.group for r in first}) == 2 and len(first) == 8
+    assert first == reproduce.subset_groups(requests, 2, seed=0)
+    assert reproduce.subset_groups(requests, 10, seed=0) == requests
+    draws = {frozenset(r.group for r in reproduce.subset_groups(requests, 2, seed=s)) for s in range(6)}
+    assert len(draws) > 1
+
+
+# ----------------------------------------------------------------------------- real data protocol
+
+
+@pytest.fixture(scope="module")
+def quality_slice(tmp_path_factory):
+    from sparse_prefix.experiments.requests import load_requests
+
+    return load_requests("quality", groups=5, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+@needs_shared
+def test_protocol_keeps_order_within_groups_and_splits_sixty_forty(quality_slice):
+    order = protocol_order(quality_slice, seed=3, limit=50)
+    assert len(order) == 50
+    position = {id(r): i for i, r in enumerate(quality_slice)}
+    by_group = collections.defaultdict(list)
+    for request in order:
+        by_group[request.group].append(position[id(request)])
+    assert all(indices == sorted(indices) for indices in by_group.values())
+    warm, measured = split_warm(order)
+    assert (len(warm), len(measured)) == (30, 20)
+
+
+@needs_shared
+def test_replay_resumes_at_most_at_the_second_to_last_token(quality_slice):
+    from sparse_prefix.simulate import replay
+
+    order = protocol_order(quality_slice, seed=0)
+    result = replay(order, "block:64", capacity_entries=20)
+    records = result.records
+    assert np.all(records["resume_position"] <= records["length"] - 1)
+    assert np.all(records["resume_position"] <= records["overlap"])
+    assert records["hit"].mean() > 0.5  # a few articles, many questions each
+
+
+@needs_shared
+def test_reproduce_command_writes_tables_plots_and_json(tmp_path):
+    from sparse_prefix.cli import main
+
+    out = tmp_path / "out"
+    status = main(["reproduce", "--dataset", "quality", "--file-groups", "3", "--seeds", "2", "--limit", "36",
+                   "--workers", "1", "--quiet", "--out", str(out), "--policies", "dp:1", "block:64",
+                   "block:4096", "balanced:1", "ldp:1", "none+fork+hints", "vLLM all", "Marconi"])
+    assert status == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert set(payload["results"]) == {"separate", "one-pass"}
+    separate = {row["label"]: row for row in payload["results"]["separate"]}
+    assert separate["Marconi"]["eviction"] == "utility" and separate["dp:1"]["seeds"] == [0, 1]
+    assert separate["block:64"]["mean"]["checkpoints_per_request"] > 20
+    assert set(payload["acceptance"]["separate"]) >= {"dp_dominates_heuristics", "hints_fork_near_ceiling"}
+    assert [r["policy"] for r in payload["paper_comparison"]] == ["dp:1", "balanced:1", "block:4096", "block:64"]
+    assert payload["stats"]["replayed_requests"] == 36
+    table = (out / "table.md").read_text()
+    assert "| dp:1 | paper |" in table and "0.78" in table  # the paper's dp:1 checkpoints beside ours
+    for png in ("pareto.png", "pareto-one-pass.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@needs_shared
+def test_reproduce_command_rejects_a_bad_count(capsys):
+    from sparse_prefix.cli import main
+
+    assert main(["reproduce", "--dataset", "quality", "--seeds", "0"]) == 2
+    assert "--seeds" in capsys.readouterr().err
