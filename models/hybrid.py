@@ -48,6 +48,7 @@ class HybridConfig:
       gdn / attention / mamba: the mixer configs the pattern needs (None where unused).
       tie_embeddings: the head reuses the embedding matrix.
       norm_eps: RMSNorm eps.  norm_offset: 1.0 for (1 + w) norms (Qwen3.5), 0.0 for plain w.
+      dtype: the compute dtype's name (parameters, activations, conv windows, KV).
     """
 
     vocab_size: int
@@ -62,8 +63,10 @@ class HybridConfig:
     tie_embeddings: bool = True
     norm_eps: float = 1e-6
     norm_offset: float = 1.0
+    dtype: str = "bfloat16"
 
     def __post_init__(self):
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
         for name in ("vocab_size", "d_model", "d_ff", "chunk_size", "max_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"HybridConfig.{name} must be a positive int, got {getattr(self, name)!r}")
@@ -76,6 +79,23 @@ class HybridConfig:
         for letter in sorted(set(self.pattern)):
             mixers.KINDS[letter].check(self, letter)
 
+    def to_dict(self) -> dict:
+        """JSON-ready dict (inverse of `from_dict`)."""
+        out = dataclasses.asdict(self)
+        for name in ("gdn", "attention", "mamba"):
+            if getattr(self, name) is not None and hasattr(getattr(self, name), "to_dict"):
+                out[name] = getattr(self, name).to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HybridConfig":
+        data = dict(data)
+        for name, kind in mixers.CONFIG_TYPES.items():
+            if data.get(name) is not None:
+                value = data[name]
+                data[name] = kind.from_dict(value) if hasattr(kind, "from_dict") else kind(**value)
+        return cls(**data)
+
 
 class HybridLM:
     """A hybrid recurrent LM (public; implements `RecurrentLM`).
@@ -84,7 +104,7 @@ class HybridLM:
     donated to the result); keep a copy if you need it again, or build with `donate_state=False`.
 
     Args:
-      config: the stack.  dtype: compute dtype of parameters, activations, conv windows and KV.
+      config: the stack.  dtype: overrides config.dtype (the compute dtype) when given.
       backend: the Gated DeltaNet backend, "chunked" (default) or "sequential" (the reference).
       min_checkpoint_slots: checkpoint lists are padded to a power of two at least this large.
       donate_state: donate the state buffers to prefill / decode.
@@ -92,14 +112,16 @@ class HybridLM:
 
     family = "hybrid"
 
-    def __init__(self, config: HybridConfig, *, dtype=jnp.bfloat16, backend: str = "chunked",
+    def __init__(self, config: HybridConfig, *, dtype=None, backend: str = "chunked",
                  min_checkpoint_slots: int = 4, donate_state: bool = True):
         if not isinstance(config, HybridConfig):
             raise TypeError(f"config must be a HybridConfig, got {type(config).__name__}")
         if backend not in ("chunked", "sequential"):
             raise ValueError(f"backend must be 'chunked' or 'sequential', got {backend!r}")
+        if dtype is not None:
+            config = dataclasses.replace(config, dtype=jnp.dtype(dtype).name)
         self.config = config
-        self.dtype = jnp.dtype(dtype)
+        self.dtype = jnp.dtype(config.dtype)
         self.backend = backend
         self.chunk_size = config.chunk_size
         self.vocab_size = config.vocab_size
@@ -121,11 +143,15 @@ class HybridLM:
         self._prefill_jit = jax.jit(self._prefill_device, donate_argnums=donate)
         self._decode_jit = jax.jit(self._decode_device, donate_argnums=donate)
         self._forward_jit = jax.jit(self._forward_device)
+        self._init_jit = jax.jit(self._init_params)
 
     # ------------------------------------------------------------------ parameters and state
 
     def init_params(self, key: Array) -> dict:
         """Random parameters: embed [V, d], layers (tuple of dicts), final_norm [d], lm_head [d, V]."""
+        return self._init_jit(key)
+
+    def _init_params(self, key: Array) -> dict:
         cfg = self.config
         keys = jax.random.split(key, len(self._kinds) + 2)
         norm = jnp.full((cfg.d_model,), 1.0 - cfg.norm_offset, self.dtype)
@@ -232,11 +258,12 @@ class HybridLM:
         state, hidden = self._layers(params, state, x, mix)
         return self._logits(params, hidden), state._replace(length=position + 1)
 
-    def _forward_device(self, params, tokens, state):
+    def _forward_device(self, params, tokens):
         self.compile_count += 1
         step = lambda s, t, p, v: self.chunk_step(params, s, t, p, v)  # noqa: E731
-        hidden, final = scan_chunks(step, state, tokens, chunk_size=self.chunk_size)
-        return self._logits(params, hidden), final
+        hidden, _ = scan_chunks(step, self.init_state(tokens.shape[0]), tokens,
+                                chunk_size=self.chunk_size)
+        return self._logits(params, hidden)
 
     # ------------------------------------------------------------------ the contract (host side)
 
@@ -277,22 +304,18 @@ class HybridLM:
         """`RecurrentLM.restore`: the recurrent part of slot k int32[B]; KV kept, length set."""
         return restore_state(state, checkpoints, jnp.asarray(k, jnp.int32))
 
-    def forward(self, params: dict, tokens, state: State | None = None) -> tuple[Array, State]:
-        """Logits at every position f32[B, T, V] and the final state (T a multiple of C, all real)."""
-        tokens_np = np.asarray(tokens)
-        if tokens_np.dtype.kind not in "iu" or tokens_np.ndim != 2:
-            raise TypeError(f"tokens must be an integer array [B, T], got {tokens_np.dtype} "
-                            f"{tokens_np.shape}")
-        if tokens_np.shape[1] % self.chunk_size or tokens_np.shape[1] == 0:
-            raise ValueError(f"forward needs T a positive multiple of chunk_size {self.chunk_size}, "
-                             f"got {tokens_np.shape[1]}")
-        if np.any((tokens_np < 0) | (tokens_np >= self.vocab_size)):
-            raise ValueError(f"token ids must lie in 0..{self.vocab_size - 1}")
-        state = self.init_state(tokens_np.shape[0]) if state is None else state
-        check_state(state, self.abstract_state(tokens_np.shape[0]))
-        if np.any(np.asarray(state.length) + tokens_np.shape[1] > self.max_length):
-            raise ValueError(f"state length + tokens exceeds max_length {self.max_length}")
-        return self._forward_jit(params, tokens_np.astype(np.int32), state)
+    def forward(self, params: dict, tokens) -> Array:
+        """Logits f32[B, T, V] at every position from a fresh state (training and references).
+
+        T is padded up to a multiple of C (padding after the real tokens changes no real logit).
+        """
+        tokens_np, _, _ = check_prefill_args(tokens, None, np.zeros((0,), np.int32),
+                                             vocab_size=self.vocab_size, max_length=self.max_length)
+        total = tokens_np.shape[1]
+        padded = -(-total // self.chunk_size) * self.chunk_size
+        if padded > self.max_length:
+            raise ValueError(f"tokens padded to {padded} exceed max_length {self.max_length}")
+        return self._forward_jit(params, np.pad(tokens_np, ((0, 0), (0, padded - total))))[:, :total]
 
 
 # ----------------------------------------------------------------------------- presets

@@ -64,3 +64,5 @@ ATTENTION = MixerKind(
 )
 
 KINDS: dict[str, MixerKind] = {"G": GATED_DELTANET, "A": ATTENTION}
+# HybridConfig fields holding mixer configs, and their types (for `HybridConfig.from_dict`).
+CONFIG_TYPES: dict[str, type] = {"gdn": GDNConfig, "attention": AttentionConfig}
