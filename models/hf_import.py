@@ -26,6 +26,18 @@ _MIXER_TENSORS = ("in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bia
                   "A_log", "D", "norm.weight", "out_proj.weight", "out_proj.bias")
 
 
+def _number(value) -> float:
+    """A float from config JSON; transformers writes infinities as {"__float__": "Infinity"}."""
+    if isinstance(value, Mapping) and "__float__" in value:
+        value = value["__float__"]
+    return float(value)
+
+
+def _dt_limit(value) -> tuple[float, float]:
+    low, high = (0.0, math.inf) if value is None else value
+    return (_number(low), _number(high))
+
+
 def config_from_hf(hf_config: Mapping, *, chunk_size: int = 256, max_length: int = 1 << 17,
                    dtype: str = "bfloat16") -> Mamba2Config:
     """A `Mamba2Config` from a transformers or state-spaces config.json dict.
@@ -43,7 +55,7 @@ def config_from_hf(hf_config: Mapping, *, chunk_size: int = 256, max_length: int
         d_model=int(hf_config["hidden_size"]), d_state=int(hf_config.get("state_size", 128)),
         d_conv=int(hf_config.get("conv_kernel", 4)), expand=int(hf_config.get("expand", 2)),
         headdim=int(hf_config.get("head_dim", 64)), ngroups=int(hf_config.get("n_groups", 1)),
-        norm_eps=eps, dt_limit=tuple(hf_config.get("time_step_limit", (0.0, math.inf))),
+        norm_eps=eps, dt_limit=_dt_limit(hf_config.get("time_step_limit")),
         use_bias=bool(hf_config.get("use_bias", False)),
         conv_bias=bool(hf_config.get("use_conv_bias", True)))
     if "num_heads" in hf_config and int(hf_config["num_heads"]) != mixer.nheads:
@@ -72,7 +84,7 @@ def _config_from_state_spaces(cfg: Mapping, chunk_size: int, max_length: int, dt
         d_model=int(cfg["d_model"]), d_state=int(ssm.get("d_state", 128)),
         d_conv=int(ssm.get("d_conv", 4)), expand=int(ssm.get("expand", 2)),
         headdim=int(ssm.get("headdim", 64)), ngroups=int(ssm.get("ngroups", 1)),
-        dt_limit=tuple(ssm.get("dt_limit", (0.0, math.inf))), use_bias=bool(ssm.get("bias", False)),
+        dt_limit=_dt_limit(ssm.get("dt_limit")), use_bias=bool(ssm.get("bias", False)),
         conv_bias=bool(ssm.get("conv_bias", True)))
     return Mamba2Config(mixer=mixer, n_layer=int(cfg["n_layer"]), vocab_size=vocab,
                         chunk_size=chunk_size, max_length=max_length,
