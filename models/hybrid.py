@@ -29,7 +29,9 @@ from sparse_prefix.protocol import Checkpoints, MemoryProfile, State, restore_st
 
 from . import mixers
 from .attention import AttentionConfig
+from .checkpoint_io import register_family
 from .gated_deltanet import GDNConfig
+from .mamba2_mixer import Mamba2MixerConfig
 from .layers import normal_init, rms_norm
 from .mlp import init_mlp_params, swiglu
 from .registry import register
@@ -318,6 +320,9 @@ class HybridLM:
         return self._forward_jit(params, np.pad(tokens_np, ((0, 0), (0, padded - total))))[:, :total]
 
 
+register_family(HybridLM.family, lambda config: HybridLM(HybridConfig.from_dict(config)))
+
+
 # ----------------------------------------------------------------------------- presets
 
 
@@ -349,6 +354,17 @@ def hybrid_tiny_config() -> HybridConfig:
         tie_embeddings=False)
 
 
+def mamba2_attention_tiny_config() -> HybridConfig:
+    """A small Mamba2 + attention stack (Nemotron-H / Jamba style: attention without rotary, gate or
+    q/k norm, plain RMSNorm weights), C = 8."""
+    return HybridConfig(
+        vocab_size=256, d_model=32, d_ff=64, pattern="MMAM", chunk_size=8, max_length=128,
+        mamba=Mamba2MixerConfig(d_model=32, d_state=16, d_conv=4, expand=2, headdim=16, ngroups=1),
+        attention=AttentionConfig(d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, rotary_dim=0,
+                                  norm_offset=0.0, qk_norm=False, output_gate=False),
+        tie_embeddings=True, norm_eps=1e-5, norm_offset=0.0)
+
+
 @register("qwen3.5-0.8b")
 def _qwen35_08b(dtype):
     return HybridLM(qwen35_config(), dtype=dtype)
@@ -362,3 +378,8 @@ def _qwen35_08b_group(dtype):
 @register("hybrid-tiny")
 def _hybrid_tiny(dtype):
     return HybridLM(hybrid_tiny_config(), dtype=dtype)
+
+
+@register("mamba2-attn-tiny")
+def _mamba2_attention_tiny(dtype):
+    return HybridLM(mamba2_attention_tiny_config(), dtype=dtype)

@@ -11,6 +11,8 @@ from typing import Any, Callable, NamedTuple
 
 from .attention import AttentionConfig, attention_chunk, attention_step, init_attention_params, init_kv_cache
 from .gated_deltanet import GDNConfig, gdn_mixer_chunk, gdn_mixer_step, init_gdn_params, init_gdn_state
+from .mamba2_mixer import (Mamba2MixerConfig, init_mamba2_mixer, mamba2_mixer_chunk, mamba2_mixer_decode,
+                           mamba2_mixer_state)
 
 
 class MixerKind(NamedTuple):
@@ -63,6 +65,19 @@ ATTENTION = MixerKind(
         params, config.attention, x, state, position),
 )
 
-KINDS: dict[str, MixerKind] = {"G": GATED_DELTANET, "A": ATTENTION}
+MAMBA2 = MixerKind(
+    recurrent=True,
+    check=lambda config, letter: _require(config, "mamba", Mamba2MixerConfig, letter),
+    init_params=lambda key, config, letter, dtype: init_mamba2_mixer(
+        key, config.mamba, dtype, out_scale=1.0 / config.pattern.count(letter) ** 0.5),
+    init_state=lambda config, letter, batch, dtype: mamba2_mixer_state(config.mamba, batch, dtype),
+    chunk=lambda params, config, letter, x, state, positions, valid, backend: mamba2_mixer_chunk(
+        params, config.mamba, x, state, valid),
+    step=lambda params, config, letter, x, state, position: mamba2_mixer_decode(
+        params, config.mamba, x, state),
+)
+
+KINDS: dict[str, MixerKind] = {"G": GATED_DELTANET, "A": ATTENTION, "M": MAMBA2}
 # HybridConfig fields holding mixer configs, and their types (for `HybridConfig.from_dict`).
-CONFIG_TYPES: dict[str, type] = {"gdn": GDNConfig, "attention": AttentionConfig}
+CONFIG_TYPES: dict[str, type] = {"gdn": GDNConfig, "attention": AttentionConfig,
+                                 "mamba": Mamba2MixerConfig}

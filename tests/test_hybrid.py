@@ -1,5 +1,7 @@
 """Hybrid stacks: the equivalence matrix, backends, presets, memory profile, compilations, bad input."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,8 @@ import pytest
 from sparse_prefix.models import build
 from sparse_prefix.models.attention import AttentionConfig
 from sparse_prefix.models.gated_deltanet import GDNConfig
-from sparse_prefix.models.hybrid import HybridConfig, HybridLM, hybrid_tiny_config
+from sparse_prefix.models.checkpoint_io import load_model, save_model
+from sparse_prefix.models.hybrid import HybridConfig, HybridLM, hybrid_tiny_config, mamba2_attention_tiny_config
 from sparse_prefix.testing import check_model
 
 WIDTH = 40  # every prefill here uses T = 40 (bucket 64) and K <= 4: one compilation per model
@@ -16,20 +19,22 @@ WIDTH = 40  # every prefill here uses T = 40 (bucket 64) and K <= 4: one compila
 
 def scaled_params(model, seed=0):
     """NumPy random parameters of the model's layout: unit-gain projections (signals O(1)), norm
-    weights near their identity, Gated DeltaNet decays spread over (0.5, 8)."""
+    weights near their identity, decays spread over (0.5, 8)."""
     rng = np.random.default_rng(seed)
     shapes = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
+    plain_norms = {"norm_weight", "norm"} | ({"input_norm", "post_norm", "final_norm"}
+                                             if model.config.norm_offset == 0 else set())
 
     def draw(path, leaf):
-        name = jax.tree_util.keystr(path[-1:])
-        if name == "['A_log']":
+        name = getattr(path[-1], "key", None) or getattr(path[-1], "name", None)
+        if name == "A_log":
             value = np.log(rng.uniform(0.5, 8.0, leaf.shape))
-        elif name == "['dt_bias']":
+        elif name in ("dt_bias", "D"):
             value = np.ones(leaf.shape)
         elif len(leaf.shape) == 2:
             value = rng.normal(size=leaf.shape) / np.sqrt(leaf.shape[0])
         else:
-            value = 0.1 * rng.normal(size=leaf.shape)
+            value = (name in plain_norms) + 0.1 * rng.normal(size=leaf.shape)
         return jnp.asarray(value, leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(draw, shapes)
@@ -46,6 +51,13 @@ def test_hybrid_tiny_passes_the_equivalence_matrix(tiny):
     report = check_model(model, params)
     assert report["bitwise_checks"] > 0 and report["max_decode_error"] < 1e-4
     assert model.compile_count == 2                     # one prefill shape, one decode
+
+
+def test_mamba2_attention_stack_passes_the_equivalence_matrix():
+    model = HybridLM(mamba2_attention_tiny_config(), dtype=jnp.float32)      # donates its state
+    report = check_model(model, scaled_params(model, seed=1))
+    assert report["bitwise_checks"] > 0 and report["max_decode_error"] < 1e-4
+    assert model.compile_count == 2
 
 
 def test_bfloat16_compute_keeps_float32_states_and_resumes_bitwise_on_the_grid():
@@ -128,8 +140,9 @@ def test_qwen35_presets_have_the_published_text_shape():
     assert (g.num_k_heads, g.num_v_heads, g.head_k_dim, g.head_v_dim, g.conv_width) == (16, 16, 128, 128, 4)
     group = build("qwen3.5-0.8b-group").config
     assert group.pattern == "GGGA" and group.attention == a and group.gdn == g
-    tiny = build("hybrid-tiny")
-    assert tiny.chunk_size <= 32 and tiny.vocab_size <= 512
+    for name in ("hybrid-tiny", "mamba2-attn-tiny"):
+        tiny = build(name)
+        assert tiny.chunk_size <= 32 and tiny.vocab_size <= 512
 
 
 def test_state_layout_follows_the_pattern():
@@ -138,6 +151,17 @@ def test_state_layout_follows_the_pattern():
     assert len(state.recurrent) == model.config.pattern.count("G")
     assert len(state.kv) == model.config.pattern.count("A")
     assert state.kv[0].k.shape == (3, model.max_length, 2, 8) and state.length.shape == (3,)
+
+
+def test_configs_and_models_round_trip_through_json_and_orbax(tiny, tmp_path):
+    model, params = tiny
+    for config in (model.config, mamba2_attention_tiny_config(), build("qwen3.5-0.8b").config):
+        assert HybridConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    save_model(str(tmp_path / "saved"), model, params)
+    loaded, loaded_params = load_model(str(tmp_path / "saved"))
+    assert isinstance(loaded, HybridLM) and loaded.config == model.config
+    for got, want in zip(jax.tree_util.tree_leaves(loaded_params), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(got, want)
 
 
 def _config(**changes):
@@ -153,6 +177,7 @@ def _config(**changes):
     (dict(pattern="GX"), "unknown layer letters"),
     (dict(pattern=""), "pattern"),
     (dict(attention=None), "HybridConfig.attention"),
+    (dict(pattern="MA"), "HybridConfig.mamba"),
     (dict(chunk_size=6), "multiple of gdn.sub_chunk"),
     (dict(d_model=16), "differs from d_model"),
     (dict(max_length=0), "max_length"),
