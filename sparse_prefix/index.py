@@ -234,9 +234,12 @@ class PrefixIndex:
                 planned = np.zeros(0, dtype=np.int64)
             else:
                 planner.observe(overlap, length)
-                planned = snap_positions(planner.positions(length, overlap, hints), self.grid)
-                if planned.size and (planned[0] < 1 or planned[-1] > length):
-                    raise ValueError(f"planner returned positions outside 1..{length}: {planned}")
+                raw = np.asarray(planner.positions(length, overlap, hints)).reshape(-1)
+                if raw.size and (not np.issubdtype(raw.dtype, np.integer)
+                                 or raw.min() < 1 or raw.max() > length):
+                    raise ValueError(f"planner returned positions that are not integers in "
+                                     f"1..{length}: {raw.tolist()}")
+                planned = snap_positions(raw, self.grid)
             inherited: tuple[tuple[int, int], ...] = ()
             emit = planned
             if self.capture == "one-pass":

@@ -178,7 +178,7 @@ class Planner:
                  decay: float = 0.99, resolve_every: int = 10, cost: Any = "linear",
                  max_length: int = 16384, min_bucket_mass: float = 1.0, auto_resolve: bool = True,
                  executor: Executor | None = None):
-        self.spec = policy if isinstance(policy, PolicySpec) else parse_policy(policy)
+        self.spec = parse_policy(str(policy) if isinstance(policy, PolicySpec) else policy)
         self.grid = _check_int("grid", grid, minimum=1)
         self.max_length = _check_int("max_length", max_length, minimum=1)
         self.bin_size = _check_int("bin_size", bin_size, minimum=1)

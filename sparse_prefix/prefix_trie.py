@@ -166,7 +166,15 @@ class PrefixTrie:
             candidates = set().union(*(c.entries for c, ext in partial.items()
                                        if depth + ext == group_lcp))
         else:
-            candidates = path[-1].entries
+            candidates = set(path[-1].entries)
+            last = path[-1]
+            if last.block.size < self.block_size:
+                # The request ended inside this block: siblings whose longer block starts with the
+                # request's last tokens share all of it too.
+                rest = tokens[last.parent.end:]
+                for sibling in last.parent.all_children():
+                    if sibling is not last and common_prefix(rest, sibling.block) == rest.size:
+                        candidates |= sibling.entries
         return Match(max(candidates), group_lcp, group_lcp, 0, None)
 
     def _walk(self, tokens: np.ndarray, group: Hashable):

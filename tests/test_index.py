@@ -96,6 +96,14 @@ def test_colliding_blocks_are_told_apart_by_their_tokens():
     assert partial.lcp == 3
 
 
+def test_a_request_ending_inside_a_block_matches_longer_siblings():
+    index = PrefixIndex(capacity_entries=4, block_size=4)
+    index.commit(index.plan([7, 8], "g"))
+    longer = index.commit(index.plan([7, 8, 9], "g")).entry_id
+    plan = index.plan([7, 8], "g")  # equal to the first entry, a prefix of the newer one
+    assert (plan.match, plan.overlap, plan.lcp) == (longer, 2, 2)
+
+
 def test_groups_isolate_entries():
     index = PrefixIndex(capacity_entries=4)
     index.commit(index.plan([5, 6, 7], "a"))
@@ -389,7 +397,13 @@ def test_plan_rejects_bad_group_pin_and_planner_output():
         def positions(self, length, overlap, hints):
             return np.array([length + 1])
 
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ValueError, match="not integers in 1..2"):
+        index.plan([1, 2], planner=Broken())
+    Broken.positions = lambda self, length, overlap, hints: np.array([0, 1])
+    with pytest.raises(ValueError, match="not integers in 1..2"):
+        index.plan([1, 2], planner=Broken())
+    Broken.positions = lambda self, length, overlap, hints: np.array([1.0])
+    with pytest.raises(ValueError, match="not integers"):
         index.plan([1, 2], planner=Broken())
 
 
