@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "sparse_prefix.cli_simulate",
     "sparse_prefix.cli_place",
     "sparse_prefix.experiments.cli_reproduce",
+    "sparse_prefix.cli_generate",
 )
 
 _BAD_INPUT = (ValueError, TypeError, FileNotFoundError, ImportError)

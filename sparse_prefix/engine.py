@@ -70,11 +70,13 @@ class PrefillResult(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """Decoding choice: temperature 0 is greedy; top_k keeps the k most likely tokens; seed for the RNG."""
+    """Decoding choice: temperature 0 is greedy; top_k keeps the k most likely tokens; seed for the RNG;
+    banned token ids are never produced (e.g. an "unknown" id)."""
 
     temperature: float = 0.0
     top_k: int | None = None
     seed: int = 0
+    banned: tuple[int, ...] = ()
 
     def __post_init__(self):
         if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
@@ -446,6 +448,9 @@ class Engine:
         sampling = Sampling() if sampling is None else sampling
         if not isinstance(sampling, Sampling):
             raise TypeError(f"sampling must be a Sampling, got {type(sampling).__name__}")
+        if any(not 0 <= int(t) < self.model.vocab_size for t in sampling.banned):
+            raise ValueError(f"sampling.banned ids must lie in 0..{self.model.vocab_size - 1}, "
+                             f"got {list(sampling.banned)}")
         group = self._namespace(namespace)
         logits, state, prompt_stats = self._run(rows, per_row_hints, group, _EndPlanner(self.planner, True))
         rng = np.random.default_rng(sampling.seed)
@@ -507,6 +512,9 @@ def _check_namespace(namespace: Any) -> None:
 
 def _sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
     """One token id from f64[V] logits: argmax at temperature 0, else softmax sampling (top-k)."""
+    if sampling.banned:
+        logits = logits.copy()
+        logits[list(sampling.banned)] = -np.inf
     if sampling.temperature == 0:
         return int(np.argmax(logits))
     scaled = logits / sampling.temperature
