@@ -316,7 +316,7 @@ def test_refcounted_slots_are_freed_exactly_once(seed, capacity, slots, eviction
 
 def test_threads_doing_plan_and_commit_keep_the_invariants():
     index = PrefixIndex(capacity_entries=8, capacity_slots=40, block_size=4)
-    planner = Planner("dp:3+fork", bin_size=4, resolve_every=5, max_length=64)
+    planner = Planner("dp:2+fork", bin_size=8, resolve_every=5, max_length=64)
     shared = np.arange(1, 40, dtype=np.int32)
     errors = []
 

@@ -133,17 +133,17 @@ def test_dp_is_balanced_until_the_first_solve_then_the_dp_optimum():
 
 
 def test_dp_positions_equal_solving_the_histogram_pmf():
-    planner = Planner("dp:3", bin_size=16, decay=0.95, resolve_every=40, max_length=512)
+    planner = Planner("dp:2", bin_size=8, decay=0.95, resolve_every=40, max_length=64)
     rng = np.random.default_rng(2)
-    pairs = [(int(d), 500) for d in rng.integers(0, 501, size=40)]
+    pairs = [(int(d), 60) for d in rng.integers(0, 61, size=40)]
     observe_all(planner, pairs)
-    weights = np.zeros(33)
+    weights = np.zeros(9)
     for k, (depth, _) in enumerate(pairs):
-        weights[depth // 16] += 0.95 ** (len(pairs) - 1 - k)
-    pmf = np.zeros(513)
-    pmf[::16] = weights
-    expected = placement.solve(pmf, 3, grid=16)
-    for length in (500, 300, 100):
+        weights[depth // 8] += 0.95 ** (len(pairs) - 1 - k)
+    pmf = np.zeros(65)
+    pmf[::8] = weights
+    expected = placement.solve(pmf, 2, grid=8)
+    for length in (60, 30, 17):
         assert planner.positions(length).tolist() == expected.positions_for(length).tolist()
 
 
@@ -151,11 +151,11 @@ def test_dp_positions_equal_solving_the_histogram_pmf():
                                         (3, "linear"), (3, "hybrid:2,0.01")])
 def test_binned_solve_is_as_good_as_the_token_level_solve_on_the_grid(grid, cost):
     rng = np.random.default_rng(3)
-    planner = Planner("dp:2", bin_size=8, grid=grid, cost=cost, resolve_every=12, max_length=96)
+    planner = Planner("dp:2", bin_size=8, grid=grid, cost=cost, resolve_every=12, max_length=64)
     assert planner.solve_binned == (8 % grid == 0)
-    observe_all(planner, [(int(d), 96) for d in rng.integers(0, 97, size=12)])
+    observe_all(planner, [(int(d), 64) for d in rng.integers(0, 65, size=12)])
     pmf = planner._hist.pmfs().sum(axis=0)
-    for length in (96, 61, 20):
+    for length in (64, 41, 20):
         truncated = pmf[:length + 1]
         ours = planner.positions(length)
         assert np.all(ours % grid == 0) and np.all(ours <= length)
@@ -167,20 +167,20 @@ def test_binned_solve_is_as_good_as_the_token_level_solve_on_the_grid(grid, cost
 
 
 def test_ldp_uses_each_buckets_solution_and_falls_back_to_pooled():
-    # bucket of length 50: 5 overlaps at 40; bucket of length 200: 2 overlaps at 100 (bin 96).
+    # bucket of length 50: 5 overlaps at 40 (bin 32); bucket of length 200: 2 overlaps at 100 (bin 96).
     pairs = [(40, 50)] * 5 + [(100, 200)] * 2
-    kwargs = dict(bin_size=8, decay=1.0, resolve_every=7, max_length=256)
+    kwargs = dict(bin_size=32, decay=1.0, resolve_every=7, max_length=256)
     dp, ldp = Planner("dp:1", **kwargs), Planner("ldp:1", **kwargs)
     strict = Planner("ldp:1", min_bucket_mass=3, **kwargs)
     for planner in (dp, ldp, strict):
         assert planner.positions(200).tolist() == [100]  # balanced:1 before the first solve
         observe_all(planner, pairs)
         assert planner.solves == 1
-    assert dp.positions(200).tolist() == [40]    # pooled: 40 * 7 = 280 > 96 * 2
+    assert dp.positions(200).tolist() == [32]    # pooled: 32 * 7 = 224 > 96 * 2
     assert ldp.positions(200).tolist() == [96]   # its own bucket
-    assert ldp.positions(50).tolist() == [40]
-    assert ldp.positions(120).tolist() == [40]   # empty bucket -> the pooled solution
-    assert strict.positions(200).tolist() == [40]  # mass 2 < 3 -> pooled
+    assert ldp.positions(50).tolist() == [32]
+    assert ldp.positions(120).tolist() == [32]   # empty bucket -> the pooled solution
+    assert strict.positions(200).tolist() == [32]  # mass 2 < 3 -> pooled
 
 
 def test_ldp_solves_all_buckets_in_one_batched_call(monkeypatch):
@@ -192,10 +192,11 @@ def test_ldp_solves_all_buckets_in_one_batched_call(monkeypatch):
         return real(pmfs, budget, **kwargs)
 
     monkeypatch.setattr(placement, "solve_batch", counting)
-    planner = Planner("ldp:2", bin_size=8, resolve_every=5, max_length=128)
-    observe_all(planner, [(10, 20), (30, 40), (60, 70), (90, 100), (100, 128)])
+    planner = Planner("ldp:1", bin_size=32, resolve_every=5, max_length=256)
+    observe_all(planner, [(10, 20), (30, 40), (60, 70), (90, 100), (100, 256)])
     buckets = planner._hist.num_buckets
-    assert calls == [(buckets + 1, 128 // 8 + 1)]  # the binned pmfs plus the pooled row
+    assert buckets == 5  # half-octaves of 64..256
+    assert calls == [(buckets + 1, 256 // 32 + 1)]  # the binned pmfs plus the pooled row
 
 
 def test_manual_resolve_keeps_the_request_path_free():
