@@ -188,6 +188,19 @@ def test_one_pass_and_separate_capture_on_a_three_request_example():
     assert resident == 10
 
 
+def test_an_identical_request_is_a_new_entry_sharing_every_state():
+    index = PrefixIndex(capacity_entries=4)
+    planner = Planner("block:4", max_length=64)
+    first = index.commit(index.plan(list(range(1, 9)), "g", (), planner))
+    plan = index.plan(list(range(1, 9)), "g", (), planner)
+    assert (plan.overlap, plan.resume_position) == (8, 4)  # the last token is always computed
+    assert plan.inherited == ((4, first.slots[0]), (8, first.slots[1]))
+    assert plan.emit_positions.tolist() == []  # 8 is inherited, not emitted again
+    second = index.commit(plan)
+    assert second.entry_id != first.entry_id and second.slots == ()
+    assert index.stats()["entries"] == 2 and index.refcounts() == {0: 2, 1: 2}
+
+
 def test_plan_observes_before_asking_for_positions():
     calls = []
 
