@@ -32,7 +32,7 @@ import numpy as np
 _MIN_SCALE = 1e-150
 
 
-def _check_int(name: str, value, *, minimum: int) -> int:
+def check_int(name: str, value, *, minimum: int) -> int:
     """Returns ``value`` as int, or raises TypeError/ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
@@ -41,7 +41,8 @@ def _check_int(name: str, value, *, minimum: int) -> int:
     return int(value)
 
 
-def _check_decay(decay) -> float:
+def check_decay(decay) -> float:
+    """Returns ``decay`` as a float in (0, 1], or raises TypeError/ValueError naming it."""
     if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
         raise TypeError(f"decay must be a real number in (0, 1], got {decay!r}")
     decay = float(decay)
@@ -60,7 +61,7 @@ def check_depth(name: str, value) -> int:
     Returns:
       ``value`` as a Python int.
     """
-    return _check_int(name, value, minimum=0)
+    return check_int(name, value, minimum=0)
 
 
 class _DecayedCounts:
@@ -94,11 +95,11 @@ class OverlapHistogram:
     """
 
     def __init__(self, max_depth: int, *, bin_size: int = 64, decay: float = 0.99):
-        self.max_depth = _check_int("max_depth", max_depth, minimum=1)
-        self.bin_size = _check_int("bin_size", bin_size, minimum=1)
+        self.max_depth = check_int("max_depth", max_depth, minimum=1)
+        self.bin_size = check_int("bin_size", bin_size, minimum=1)
         if self.bin_size > self.max_depth:
             raise ValueError(f"bin_size ({bin_size}) must be <= max_depth ({max_depth})")
-        self.decay = _check_decay(decay)
+        self.decay = check_decay(decay)
         self.num_bins = self.max_depth // self.bin_size + 1
         self._counts = _DecayedCounts((self.num_bins,), self.decay)
 
@@ -169,12 +170,12 @@ class LengthBucketedHistogram:
 
     def __init__(self, max_depth: int, *, bin_size: int = 64, decay: float = 0.99,
                  min_length: int = 64):
-        self.max_depth = _check_int("max_depth", max_depth, minimum=1)
-        self.bin_size = _check_int("bin_size", bin_size, minimum=1)
+        self.max_depth = check_int("max_depth", max_depth, minimum=1)
+        self.bin_size = check_int("bin_size", bin_size, minimum=1)
         if self.bin_size > self.max_depth:
             raise ValueError(f"bin_size ({bin_size}) must be <= max_depth ({max_depth})")
-        self.decay = _check_decay(decay)
-        self.min_length = _check_int("min_length", min_length, minimum=1)
+        self.decay = check_decay(decay)
+        self.min_length = check_int("min_length", min_length, minimum=1)
         if self.min_length > self.max_depth:
             raise ValueError(f"min_length ({min_length}) must be <= max_depth ({max_depth})")
         self.first_bucket = half_octave(self.min_length)
@@ -184,13 +185,13 @@ class LengthBucketedHistogram:
 
     def bucket_of(self, length: int) -> int:
         """Row index (0..nk-1) of the bucket of a request of ``length`` >= 1 tokens."""
-        length = _check_int("length", length, minimum=1)
+        length = check_int("length", length, minimum=1)
         clipped = min(max(length, self.min_length), self.max_depth)
         return half_octave(clipped) - self.first_bucket
 
     def bucket_lengths(self, row: int) -> tuple[int, int]:
         """The inclusive range of (clipped) request lengths that map to bucket row ``row``."""
-        row = _check_int("row", row, minimum=0)
+        row = check_int("row", row, minimum=0)
         if row >= self.num_buckets:
             raise ValueError(f"row must be < {self.num_buckets}, got {row}")
         lo = self.min_length if row == 0 else _first_length(row + self.first_bucket)

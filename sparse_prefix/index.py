@@ -39,6 +39,7 @@ from typing import Any, Callable, Hashable, Iterable, NamedTuple
 
 import numpy as np
 
+from sparse_prefix.histogram import check_int
 from sparse_prefix.planner import snap_positions
 from sparse_prefix.prefix_trie import PrefixTrie
 
@@ -60,14 +61,6 @@ def _as_tokens(tokens: Any) -> np.ndarray:
     array = array.astype(np.int32)
     array.flags.writeable = False
     return array
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 @dataclasses.dataclass(eq=False)
@@ -170,9 +163,9 @@ class PrefixIndex:
                  hash_fn: Callable[[np.ndarray], Hashable] | None = None,
                  utility_alpha: float = 0.5, utility_fn: Callable[[EntryInfo], float] | None = None,
                  block_size: int = 256):
-        self.capacity_entries = _check_int("capacity_entries", capacity_entries, 1)
+        self.capacity_entries = check_int("capacity_entries", capacity_entries, minimum=1)
         self.capacity_slots = (None if capacity_slots is None
-                               else _check_int("capacity_slots", capacity_slots, 1))
+                               else check_int("capacity_slots", capacity_slots, minimum=1))
         if eviction not in EVICTION_POLICIES:
             raise ValueError(f"eviction must be one of {EVICTION_POLICIES}, got {eviction!r}")
         if capture not in CAPTURE_MODES:
@@ -184,8 +177,8 @@ class PrefixIndex:
             if fn is not None and not callable(fn):
                 raise TypeError(f"{name} must be callable, got {fn!r}")
         self.eviction, self.capture = eviction, capture
-        self.grid = _check_int("grid", grid, 1)
-        self.block_size = _check_int("block_size", block_size, 1)
+        self.grid = check_int("grid", grid, minimum=1)
+        self.block_size = check_int("block_size", block_size, minimum=1)
         self.utility_alpha = float(utility_alpha)
         self._utility_fn = utility_fn
         self._lock = threading.RLock()

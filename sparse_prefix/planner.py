@@ -44,7 +44,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from sparse_prefix.histogram import LengthBucketedHistogram, _check_decay, _check_int, check_depth
+from sparse_prefix.histogram import LengthBucketedHistogram, check_decay, check_int, check_depth
 
 _BUDGETED = ("block", "balanced", "dp", "ldp")
 _PLAIN = ("none", "log", "sqrt", "end")
@@ -179,13 +179,13 @@ class Planner:
                  max_length: int = 16384, min_bucket_mass: float = 1.0, auto_resolve: bool = True,
                  executor: Executor | None = None):
         self.spec = parse_policy(str(policy) if isinstance(policy, PolicySpec) else policy)
-        self.grid = _check_int("grid", grid, minimum=1)
-        self.max_length = _check_int("max_length", max_length, minimum=1)
-        self.bin_size = _check_int("bin_size", bin_size, minimum=1)
+        self.grid = check_int("grid", grid, minimum=1)
+        self.max_length = check_int("max_length", max_length, minimum=1)
+        self.bin_size = check_int("bin_size", bin_size, minimum=1)
         if self.bin_size > self.max_length:
             raise ValueError(f"bin_size ({bin_size}) must be <= max_length ({max_length})")
-        self.decay = _check_decay(decay)
-        self.resolve_every = _check_int("resolve_every", resolve_every, minimum=1)
+        self.decay = check_decay(decay)
+        self.resolve_every = check_int("resolve_every", resolve_every, minimum=1)
         if (isinstance(min_bucket_mass, bool) or not isinstance(min_bucket_mass, numbers.Real)
                 or not min_bucket_mass >= 0):
             raise ValueError(f"min_bucket_mass must be a number >= 0, got {min_bucket_mass!r}")
@@ -242,7 +242,7 @@ class Planner:
         return f"Planner({str(self.spec)!r}, grid={self.grid})"
 
     def _check_length(self, length) -> int:
-        length = _check_int("length", length, minimum=1)
+        length = check_int("length", length, minimum=1)
         if length > self.max_length:
             raise ValueError(f"length ({length}) exceeds the planner's max_length ({self.max_length})")
         return length
