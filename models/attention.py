@@ -7,9 +7,14 @@ attends to the WHOLE fixed buffer with the mask key_position <= query_position. 
 can neither contribute nor turn the output into NaN. Because each chunk's computation has the same
 shapes whatever came before, a resume on the chunk grid is bitwise identical to the uncached run.
 
-Cost note: a chunk always touches all S key positions, so a prefill of L tokens costs O(L * S) rather
-than O(L^2 / 2). A blocked variant that visits key blocks 0..(last position // block) in a fixed order
-(online softmax over absolute key blocks) would keep the bitwise property and cut this to O(L^2 / 2).
+Two ways to read the buffer (`AttentionConfig.key_block`):
+  * dense (key_block = 0): one softmax over all S positions. A chunk always touches all S keys, so a
+    prefill of L tokens costs O(L * S) however short L is.
+  * blocked (key_block = Bk, S a multiple of Bk): an online softmax over absolute key blocks
+    0, 1, ..., (the chunk's last position) // Bk, always in that order, so a prefill costs
+    O(L^2 / 2 + L * Bk). A block lying wholly beyond a row's positions (visited because a batch-mate
+    reaches further) is an exact no-op for that row (scores -inf, probabilities 0, V zeroed, the
+    running max unchanged), so the bitwise resume property holds whatever the batch-mates are.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ class AttentionConfig:
       rope_theta: the rotary base [rope_parameters.rope_theta].
       norm_eps: q/k RMSNorm eps [rms_norm_eps].  norm_offset: 1.0 for (1 + w) norms (Qwen3.5).
       qk_norm: RMSNorm q and k per head.  output_gate: q_proj also yields a sigmoid gate per channel.
+      key_block: Bk of the blocked buffer read (0 = dense; module docstring). The model's max_length
+        must be a multiple of it.
     """
 
     d_model: int
@@ -49,6 +56,7 @@ class AttentionConfig:
     norm_offset: float = 1.0
     qk_norm: bool = True
     output_gate: bool = True
+    key_block: int = 0
 
     def __post_init__(self):
         for name in ("d_model", "num_heads", "num_kv_heads", "head_dim"):
@@ -58,6 +66,8 @@ class AttentionConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"AttentionConfig.num_heads ({self.num_heads}) must be a multiple of "
                              f"num_kv_heads ({self.num_kv_heads})")
+        if not isinstance(self.key_block, int) or self.key_block < 0:
+            raise ValueError(f"AttentionConfig.key_block must be an int >= 0, got {self.key_block!r}")
         if self.rotary_dim % 2 or not 0 <= self.rotary_dim <= self.head_dim:
             raise ValueError(f"AttentionConfig.rotary_dim must be even and in 0..{self.head_dim}, "
                              f"got {self.rotary_dim}")
@@ -138,17 +148,36 @@ def write_kv(cache: KVCache, k: Array, v: Array, positions: Array, valid: Array)
                    v=cache.v.at[rows, target].set(v.astype(cache.v.dtype), mode="drop"))
 
 
-def attend(q: Array, cache: KVCache, positions: Array) -> Array:
-    """Queries q [B, T, H, D] against the whole buffer, keys at positions <= the query's own.
+def _grouped_scores(q: Array, k: Array) -> Array:
+    """q [B, T, Hkv, G, D], k [B, S', Hkv, D] -> float32 scores [B, Hkv, G, T, S'] (scaled by D^-1/2)."""
+    return jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+                      preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
 
-    Returns [B, T, H*D] in q.dtype. Softmax in float32 (HF's order: scores * D^-1/2, softmax, cast).
+
+def _grouped_values(weights: Array, v: Array) -> Array:
+    """weights [B, Hkv, G, T, S'] (compute dtype), v [B, S', Hkv, D] -> float32 [B, T, Hkv, G, D]."""
+    return jnp.einsum("bkgts,bskd->btkgd", weights, v, preferred_element_type=jnp.float32)
+
+
+def attend(q: Array, cache: KVCache, positions: Array, key_block: int = 0) -> Array:
+    """Queries q [B, T, H, D] against the buffer, keys at positions <= the query's own.
+
+    Returns [B, T, H*D] in q.dtype. Dense: softmax in float32 (HF's order: scores * D^-1/2, softmax,
+    cast, times V). Blocked (key_block > 0): the same softmax accumulated block by block.
     """
     batch, length, heads, dim = q.shape
-    max_length, kv_heads = cache.k.shape[1], cache.k.shape[2]
-    group = heads // kv_heads
-    q = q.reshape(batch, length, kv_heads, group, dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, cache.k.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * (dim ** -0.5)
+    kv_heads = cache.k.shape[2]
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
+    if key_block:
+        out = _attend_blocked(q, cache, positions, key_block)
+    else:
+        out = _attend_dense(q, cache, positions)
+    return out.astype(q.dtype).reshape(batch, length, heads * dim)
+
+
+def _attend_dense(q: Array, cache: KVCache, positions: Array) -> Array:
+    max_length = cache.k.shape[1]
+    scores = _grouped_scores(q, cache.k)
     key_pos = jnp.arange(max_length, dtype=jnp.int32)
     allowed = key_pos[None, None, :] <= positions[:, :, None]                # [B, T, S]
     scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
@@ -158,9 +187,42 @@ def attend(q: Array, cache: KVCache, positions: Array) -> Array:
     weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
     reachable = key_pos[None, :] <= jnp.max(positions, axis=1)[:, None]      # [B, S]
     values = jnp.where(reachable[:, :, None, None], cache.v.astype(q.dtype), 0)
-    out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(q.dtype), values,
-                     preferred_element_type=jnp.float32)
-    return out.astype(q.dtype).reshape(batch, length, heads * dim)
+    return _grouped_values(weights.astype(q.dtype), values)
+
+
+def _attend_blocked(q: Array, cache: KVCache, positions: Array, block: int) -> Array:
+    batch, length, kv_heads, group, dim = q.shape
+    max_length = cache.k.shape[1]
+    if max_length % block:
+        raise ValueError(f"KV buffer length {max_length} is not a multiple of key_block {block}")
+    last = jnp.max(positions, axis=1)                                        # [B]
+    num_blocks = jnp.max(last) // block + 1
+    stats = (batch, kv_heads, group, length, 1)
+
+    def body(carry):
+        index, top, total, acc = carry
+        start = index * block
+        k = jax.lax.dynamic_slice_in_dim(cache.k, start, block, axis=1)
+        v = jax.lax.dynamic_slice_in_dim(cache.v, start, block, axis=1)
+        key_pos = start + jnp.arange(block, dtype=jnp.int32)
+        allowed = key_pos[None, None, :] <= positions[:, :, None]            # [B, T, Bk]
+        scores = jnp.where(allowed[:, None, None], _grouped_scores(q, k), -jnp.inf)
+        new_top = jnp.maximum(top, jnp.max(scores, axis=-1, keepdims=True))
+        safe_top = jnp.where(jnp.isfinite(new_top), new_top, 0.0)
+        rescale = jnp.exp(jnp.where(jnp.isfinite(top), top - safe_top, -jnp.inf))
+        weights = jnp.exp(scores - safe_top)
+        total = total * rescale + jnp.sum(weights, axis=-1, keepdims=True)
+        values = jnp.where((key_pos[None, :] <= last[:, None])[:, :, None, None], v.astype(q.dtype), 0)
+        # acc is [B, T, Hkv, G, D]; the softmax statistics are [B, Hkv, G, T, 1].
+        to_acc = lambda x: jnp.moveaxis(x[..., 0], 3, 1)[..., None]  # noqa: E731
+        acc = acc * to_acc(rescale) + _grouped_values(weights.astype(q.dtype), values)
+        return index + 1, new_top, total, acc
+
+    init = (jnp.zeros((), jnp.int32), jnp.full(stats, -jnp.inf, jnp.float32),
+            jnp.zeros(stats, jnp.float32), jnp.zeros((batch, length, kv_heads, group, dim), jnp.float32))
+    _, _, total, acc = jax.lax.while_loop(lambda carry: carry[0] < num_blocks, body, init)
+    total = jnp.moveaxis(total[..., 0], 3, 1)[..., None]
+    return acc / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)
 
 
 def _output(params: dict, cfg: AttentionConfig, out: Array, gate: Array | None) -> Array:
@@ -182,7 +244,7 @@ def attention_chunk(params: dict, cfg: AttentionConfig, x: Array, cache: KVCache
     """
     q, k, v, gate = _project(params, cfg, x, positions)
     cache = write_kv(cache, k, v, positions, valid)
-    return _output(params, cfg, attend(q, cache, positions), gate), cache
+    return _output(params, cfg, attend(q, cache, positions, cfg.key_block), gate), cache
 
 
 def attention_step(params: dict, cfg: AttentionConfig, x: Array, cache: KVCache, position: Array

@@ -327,10 +327,12 @@ register_family(HybridLM.family, lambda config: HybridLM(HybridConfig.from_dict(
 
 
 def qwen35_config(*, layers: int = 24, max_length: int = 16384, chunk_size: int = 256,
-                  vocab_size: int = 248_320) -> HybridConfig:
+                  vocab_size: int = 248_320, key_block: int = 1024) -> HybridConfig:
     """Qwen3.5-0.8B's text stack (`qwen3_5_text`): d 1024, d_ff 3584, groups of 3 GDN + 1 attention,
     attention 8 q / 2 kv heads x 256 (rotary on 64 dims, theta 1e7, q/k norm, output gate),
-    GDN 16 key / 16 value heads x 128, conv 4, vocab 248320, tied embeddings, (1 + w) norms, eps 1e-6."""
+    GDN 16 key / 16 value heads x 128, conv 4, vocab 248320, tied embeddings, (1 + w) norms, eps 1e-6.
+    Implementation choices (not part of the checkpoint): the exactness grid `chunk_size`, GDN
+    sub-chunks of 64, attention reading the KV buffer in blocks of `key_block` (0 = dense)."""
     if layers % 4:
         raise ValueError(f"layers must be a multiple of 4 (GGGA groups), got {layers}")
     return HybridConfig(
@@ -339,24 +341,26 @@ def qwen35_config(*, layers: int = 24, max_length: int = 16384, chunk_size: int 
         gdn=GDNConfig(d_model=1024, num_k_heads=16, num_v_heads=16, head_k_dim=128, head_v_dim=128,
                       conv_width=4, norm_eps=1e-6, sub_chunk=64),
         attention=AttentionConfig(d_model=1024, num_heads=8, num_kv_heads=2, head_dim=256,
-                                  rotary_dim=64, rope_theta=10_000_000.0, norm_eps=1e-6),
+                                  rotary_dim=64, rope_theta=10_000_000.0, norm_eps=1e-6,
+                                  key_block=key_block),
         tie_embeddings=True, norm_eps=1e-6, norm_offset=1.0)
 
 
 def hybrid_tiny_config() -> HybridConfig:
-    """A small GGGA-like stack for CPU tests: value heads outnumber key heads, untied head, C = 8."""
+    """A small GGGA-like stack for CPU tests: value heads outnumber key heads, untied head, C = 8,
+    attention reading its buffer in blocks of 16."""
     return HybridConfig(
         vocab_size=256, d_model=32, d_ff=64, pattern="GGAG", chunk_size=8, max_length=128,
         gdn=GDNConfig(d_model=32, num_k_heads=2, num_v_heads=4, head_k_dim=8, head_v_dim=8,
                       conv_width=4, sub_chunk=4),
         attention=AttentionConfig(d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, rotary_dim=4,
-                                  rope_theta=10_000.0),
+                                  rope_theta=10_000.0, key_block=16),
         tie_embeddings=False)
 
 
 def mamba2_attention_tiny_config() -> HybridConfig:
     """A small Mamba2 + attention stack (Nemotron-H / Jamba style: attention without rotary, gate or
-    q/k norm, plain RMSNorm weights), C = 8."""
+    q/k norm, plain RMSNorm weights), C = 8, dense attention reads."""
     return HybridConfig(
         vocab_size=256, d_model=32, d_ff=64, pattern="MMAM", chunk_size=8, max_length=128,
         mamba=Mamba2MixerConfig(d_model=32, d_state=16, d_conv=4, expand=2, headdim=16, ngroups=1),

@@ -43,6 +43,14 @@ def _check_gdn(config, letter: str) -> None:
                          f"({config.gdn.sub_chunk})")
 
 
+def _check_attention(config, letter: str) -> None:
+    _require(config, "attention", AttentionConfig, letter)
+    block = config.attention.key_block
+    if block and config.max_length % block:
+        raise ValueError(f"max_length ({config.max_length}) must be a multiple of attention.key_block "
+                         f"({block})")
+
+
 GATED_DELTANET = MixerKind(
     recurrent=True,
     check=_check_gdn,
@@ -55,7 +63,7 @@ GATED_DELTANET = MixerKind(
 
 ATTENTION = MixerKind(
     recurrent=False,
-    check=lambda config, letter: _require(config, "attention", AttentionConfig, letter),
+    check=_check_attention,
     init_params=lambda key, config, letter, dtype: init_attention_params(key, config.attention, dtype),
     init_state=lambda config, letter, batch, dtype: init_kv_cache(config.attention, batch,
                                                                   config.max_length, dtype),

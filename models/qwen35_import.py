@@ -44,11 +44,12 @@ def text_config_of(config: Any) -> dict:
 
 
 def config_from_hf(config: Any, *, max_length: int = 16384, chunk_size: int = 256,
-                   sub_chunk: int = 64) -> HybridConfig:
+                   sub_chunk: int = 64, key_block: int = 1024) -> HybridConfig:
     """A `HybridConfig` from a Qwen3.5 config (the full `qwen3_5` one or its `qwen3_5_text` part).
 
     Raises ValueError for features this implementation does not have (attention bias, activations
     other than SiLU, an ungated attention output, rope scaling other than the default).
+    `max_length`, `chunk_size`, `sub_chunk` and `key_block` (0 = dense attention reads) are ours.
     """
     text = text_config_of(config)
     if text.get("hidden_act", "silu") != "silu":
@@ -85,7 +86,7 @@ def config_from_hf(config: Any, *, max_length: int = 16384, chunk_size: int = 25
         attention=AttentionConfig(d_model=d_model, num_heads=int(text["num_attention_heads"]),
                                   num_kv_heads=int(text["num_key_value_heads"]), head_dim=head_dim,
                                   rotary_dim=int(head_dim * partial), rope_theta=theta, norm_eps=eps,
-                                  norm_offset=1.0),
+                                  norm_offset=1.0, key_block=key_block),
         tie_embeddings=bool(text.get("tie_word_embeddings", False)), norm_eps=eps, norm_offset=1.0)
 
 
@@ -199,7 +200,8 @@ def params_from_hf(weights: Mapping[str, Any], config: HybridConfig, *, dtype=jn
 
 
 def load_qwen35(path: str | os.PathLike, *, dtype=jnp.bfloat16, max_length: int = 16384,
-                chunk_size: int = 256, sub_chunk: int = 64) -> tuple[HybridLM, dict]:
+                chunk_size: int = 256, sub_chunk: int = 64, key_block: int = 1024
+                ) -> tuple[HybridLM, dict]:
     """(model, params) from a local Qwen3.5 checkpoint folder (config.json + *.safetensors)."""
     from safetensors import safe_open
 
@@ -209,7 +211,7 @@ def load_qwen35(path: str | os.PathLike, *, dtype=jnp.bfloat16, max_length: int 
         raise ValueError(f"no config.json in {folder!r}")
     with open(config_path) as handle:
         config = config_from_hf(json.load(handle), max_length=max_length, chunk_size=chunk_size,
-                                sub_chunk=sub_chunk)
+                                sub_chunk=sub_chunk, key_block=key_block)
     files = sorted(name for name in os.listdir(folder) if name.endswith(".safetensors"))
     if not files:
         raise ValueError(f"no .safetensors files in {folder!r}")

@@ -1,5 +1,7 @@
 """Gated attention with a KV buffer: chunked == naive causal attention, stale entries inert, decode."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +14,12 @@ from sparse_prefix.protocol import KVCache
 B, C, S = 2, 8, 32
 CFG = AttentionConfig(d_model=16, num_heads=4, num_kv_heads=2, head_dim=8, rotary_dim=4,
                       rope_theta=10_000.0)
-
-chunk = jax.jit(lambda p, x, cache, pos, valid: attention_chunk(p, CFG, x, cache, pos, valid))
-step = jax.jit(lambda p, x, cache, pos: attention_step(p, CFG, x, cache, pos))
+BLOCKED = dataclasses.replace(CFG, key_block=8)
+VARIANTS = {"dense": CFG, "blocked": BLOCKED}
+CHUNK = {name: jax.jit(lambda p, x, cache, pos, valid, cfg=cfg: attention_chunk(p, cfg, x, cache, pos, valid))
+         for name, cfg in VARIANTS.items()}
+STEP = {name: jax.jit(lambda p, x, cache, pos, cfg=cfg: attention_step(p, cfg, x, cache, pos))
+        for name, cfg in VARIANTS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -63,26 +68,28 @@ def reference(params, x):
     return (out / (1 + np.exp(-gate))) @ params["o_proj"]
 
 
-def run_chunks_of(params, x, cache):
+def run_chunks_of(params, x, cache, variant="dense"):
     outs = []
     for start in range(0, x.shape[1], C):
         pos = np.broadcast_to(np.arange(start, start + C, dtype=np.int32), (B, C))
-        y, cache = chunk(params, x[:, start:start + C], cache, pos, np.ones((B, C), bool))
+        y, cache = CHUNK[variant](params, x[:, start:start + C], cache, pos, np.ones((B, C), bool))
         outs.append(np.asarray(y))
     return np.concatenate(outs, axis=1), cache
 
 
-def test_chunked_attention_matches_naive_causal_attention(params):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_chunked_attention_matches_naive_causal_attention(params, variant):
     x = np.random.default_rng(1).normal(size=(B, 3 * C, CFG.d_model)).astype(np.float32)
-    ours, _ = run_chunks_of(params, x, empty_cache())
+    ours, _ = run_chunks_of(params, x, empty_cache(), variant)
     np.testing.assert_allclose(ours, reference(params.copy(), x.astype(np.float64)), atol=2e-5, rtol=1e-4)
 
 
-def test_stale_and_non_finite_entries_beyond_a_query_contribute_nothing(params):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_stale_and_non_finite_entries_beyond_a_query_contribute_nothing(params, variant):
     x = np.random.default_rng(2).normal(size=(B, 2 * C, CFG.d_model)).astype(np.float32)
-    clean, clean_cache = run_chunks_of(params, x, empty_cache())
+    clean, clean_cache = run_chunks_of(params, x, empty_cache(), variant)
     for fill in (np.nan, np.inf, 1e30):
-        dirty, dirty_cache = run_chunks_of(params, x, empty_cache(fill))
+        dirty, dirty_cache = run_chunks_of(params, x, empty_cache(fill), variant)
         np.testing.assert_array_equal(dirty, clean)
         np.testing.assert_array_equal(dirty_cache.k[:, :2 * C], clean_cache.k[:, :2 * C])
 
@@ -91,20 +98,36 @@ def test_padded_slots_write_nothing_and_valid_slots_land_at_their_positions(para
     x = np.random.default_rng(3).normal(size=(B, C, CFG.d_model)).astype(np.float32)
     pos = np.array([np.arange(5, 5 + C), np.arange(S - 3, S - 3 + C)], np.int32)  # row 1 near S
     valid = np.arange(C)[None, :] < np.array([[6], [3]])
-    _, cache = chunk(params, x, empty_cache(7.0), pos, valid)
+    _, cache = CHUNK["dense"](params, x, empty_cache(7.0), pos, valid)
     written = np.zeros((B, S), bool)
     written[0, 5:11], written[1, S - 3:] = True, True
     assert np.all(np.asarray(cache.k)[~written] == 7.0) and np.all(np.asarray(cache.v)[~written] == 7.0)
     assert not np.any(np.asarray(cache.k)[written] == 7.0)
 
 
-def test_token_steps_match_the_chunk(params):
-    x = np.random.default_rng(4).normal(size=(B, C, CFG.d_model)).astype(np.float32)
-    full, _ = run_chunks_of(params, x, empty_cache())
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_token_steps_match_the_chunk(params, variant):
+    x = np.random.default_rng(4).normal(size=(B, C + 4, CFG.d_model)).astype(np.float32)
+    full, _ = run_chunks_of(params, x[:, :C], empty_cache(), variant)
     cache = empty_cache()
-    for t in range(C):
-        y, cache = step(params, x[:, t], cache, np.full((B,), t, np.int32))
-        np.testing.assert_allclose(y, full[:, t], atol=1e-5, rtol=1e-4)
+    for t in range(C + 4):                         # the blocked read crosses into a second block
+        y, cache = STEP[variant](params, x[:, t], cache, np.full((B,), t, np.int32))
+        if t < C:
+            np.testing.assert_allclose(y, full[:, t], atol=1e-5, rtol=1e-4)
+    want = reference(params.copy(), x.astype(np.float64))[:, -1]
+    np.testing.assert_allclose(y, want, atol=2e-5, rtol=1e-4)
+
+
+def test_a_batch_mate_reaching_further_changes_no_bit_of_a_row(params):
+    """Blocked read: row 0 stays in block 0 while row 1 forces a visit to blocks 1-3."""
+    x = np.random.default_rng(5).normal(size=(B, C, CFG.d_model)).astype(np.float32)
+    cache = empty_cache(np.nan)
+    pos_near = np.stack([np.arange(C), np.arange(C)]).astype(np.int32)
+    pos_far = np.stack([np.arange(C), np.arange(S - C, S)]).astype(np.int32)
+    valid = np.ones((B, C), bool)
+    near, _ = CHUNK["blocked"](params, x, cache, pos_near, valid)
+    far, _ = CHUNK["blocked"](params, x, cache, pos_far, valid)
+    np.testing.assert_array_equal(near[0], far[0])
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -112,6 +135,7 @@ def test_token_steps_match_the_chunk(params):
     (dict(rotary_dim=3), "rotary_dim"),
     (dict(rotary_dim=10), "rotary_dim"),
     (dict(head_dim=0), "head_dim"),
+    (dict(key_block=-1), "key_block"),
 ])
 def test_bad_attention_configs_raise_named_errors(kwargs, message):
     base = dict(d_model=16, num_heads=4, num_kv_heads=2, head_dim=8, rotary_dim=4)

@@ -86,17 +86,6 @@ def test_bfloat16_compute_keeps_float32_states_and_resumes_bitwise_on_the_grid()
         np.testing.assert_array_equal(cache.v[1, :27], ref.v[1, :27])
 
 
-def test_chunked_and_sequential_deltanet_backends_give_the_same_model(tiny):
-    model, params = tiny
-    reference = HybridLM(model.config, dtype=jnp.float32, backend="sequential", donate_state=False)
-    tokens = np.random.default_rng(1).integers(0, model.vocab_size, (2, WIDTH)).astype(np.int32)
-    lengths, ckpts = np.array([WIDTH, 29], np.int32), np.array([[8, 13, 0, 0], [5, 16, 0, 0]], np.int32)
-    got = model.prefill(params, tokens, model.init_state(2), ckpts, lengths)
-    want = reference.prefill(params, tokens, reference.init_state(2), ckpts, lengths)
-    for leaf, ref in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-        np.testing.assert_allclose(leaf, ref, atol=2e-5, rtol=1e-4)
-
-
 def test_forward_logits_at_every_position_match_prefill(tiny):
     model, params = tiny
     tokens = np.random.default_rng(2).integers(0, model.vocab_size, (2, 30)).astype(np.int32)

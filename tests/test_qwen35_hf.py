@@ -39,8 +39,8 @@ def pair(request):
     with torch.no_grad():
         for param in hf.parameters():
             param.add_(0.1 * torch.randn_like(param))
-    ours = HybridLM(config_from_hf(config, max_length=64, chunk_size=8, sub_chunk=4), dtype=jnp.float32,
-                    donate_state=False)
+    ours = HybridLM(config_from_hf(config, max_length=64, chunk_size=8, sub_chunk=4, key_block=16),
+                    dtype=jnp.float32, donate_state=False)
     return hf, ours, params_from_hf(hf.state_dict(), ours.config, dtype=jnp.float32)
 
 
@@ -105,7 +105,7 @@ def _safetensors_folder(tmp_path, hf, layout):
 def test_checkpoint_folders_of_both_layouts_load_the_same_parameters(pair, tmp_path, layout):
     hf, ours, params = pair
     model, loaded = load_qwen35(_safetensors_folder(tmp_path, hf, layout), dtype=jnp.float32,
-                                max_length=64, chunk_size=8, sub_chunk=4)
+                                max_length=64, chunk_size=8, sub_chunk=4, key_block=16)
     assert model.config == ours.config
     flat = lambda tree: [np.asarray(x) for x in __import__("jax").tree_util.tree_leaves(tree)]  # noqa: E731
     for got, want in zip(flat(loaded), flat(params), strict=True):
