@@ -9,7 +9,7 @@ The matrix (C = model.chunk_size, "bitwise" = identical floats, "close" = relati
   1. determinism: prefill(all) twice from `init_state` (the split at 0: no prefix) -> bitwise;
   2. split-and-resume: prefill(prefix) then prefill(rest, from its state) == prefill(all), for splits
      1, C-1, C, C+1, 2C, T-1 (clipped per row): final state and last logits bitwise when the split is
-     a multiple of C, close otherwise;
+     a multiple of C, close otherwise; and bitwise when the prefix call has another token width;
   3. several checkpoints per call, batch rows of different lengths, padded checkpoint lists (padding
      at the end and in the middle, a checkpoint at the row's end): the final state matches (2); each
      emitted state == the final recurrent state of a prefill truncated there with the same earlier
@@ -18,8 +18,8 @@ The matrix (C = model.chunk_size, "bitwise" = identical floats, "close" = relati
   4. restore: the state restored from a checkpoint, resumed over the rest with the later
      checkpoints, reproduces the logits, the final state and the later checkpoints bitwise;
   5. decode step by step == prefill over the same tokens: logits and states within `decode_rtol`.
-All prefill calls share one token width T and one checkpoint width K, so a model that buckets its
-shapes compiles prefill once (and decode once). States are copied before every call, so models that
+All prefill calls but one share one token width T and one checkpoint width K, so a model that
+buckets its shapes compiles prefill twice (and decode once). States are copied before every call, so models that
 donate their state buffers are fine.
 """
 
@@ -128,7 +128,8 @@ def _shift_rows(tokens: np.ndarray, starts: np.ndarray) -> np.ndarray:
 
 
 def check_model(model, params, *, batch: int = 2, length: int | None = None, seed: int = 0,
-                rtol: float = 1e-5, decode_rtol: float = 1e-4, decode_steps: int = 3) -> dict:
+                rtol: float = 1e-5, decode_rtol: float = 1e-4, decode_steps: int = 3,
+                cross_bucket: bool = True) -> dict:
     """Run the equivalence matrix (module docstring) on `model`; raise AssertionError on a failure.
 
     Args:
@@ -139,6 +140,8 @@ def check_model(model, params, *, batch: int = 2, length: int | None = None, see
       rtol: relative norm tolerance off the chunk grid (prefill vs prefill).
       decode_rtol: relative norm tolerance of decode vs prefill (logits and states).
       decode_steps: tokens decoded one at a time.
+      cross_bucket: also resume from a prefix computed by a call of another token width (one more
+        compilation for bucketing models; the engine's exactness relies on it).
 
     Returns:
       A report: calls made, checks run, and the largest tolerance errors seen.
@@ -182,6 +185,17 @@ def check_model(model, params, *, batch: int = 2, length: int | None = None, see
                                    no_ckpts)
         check.rows(f"split {split}: logits of prefix + resumed rest", logits, full_logits, on_grid)
         check.state(f"split {split}: state of prefix + resumed rest", state, full_state, on_grid)
+
+    # 2b. The same on-grid resume when the prefix call has another token width (shape bucket): an
+    # engine resumes requests of every length from states emitted by calls of other lengths.
+    if cross_bucket and lengths.min() > chunk:
+        _, prefix_state, _ = prefill(fresh, tokens[:, :chunk], np.full(batch, chunk, np.int32),
+                                     no_ckpts)
+        starts = np.full(batch, chunk)
+        logits, state, _ = prefill(prefix_state, _shift_rows(tokens, starts), lengths - chunk,
+                                   no_ckpts)
+        check.rows("prefix of another width + resumed rest: logits", logits, full_logits, everywhere)
+        check.state("prefix of another width + resumed rest: state", state, full_state, everywhere)
 
     # 3. Several checkpoints per call, padded lists, rows of different lengths.
     ckpts = np.array([_row_checkpoints(row, lengths[row], chunk) for row in range(batch)], np.int32)
