@@ -138,10 +138,10 @@ class CompactTokenizer:
         return "".join(parts + [self.base.decode(run)] if run else parts)
 
 
-def model_config(config: TrainConfig) -> Mamba2Config:
-    """The Mamba2 shape trained (float32)."""
+def model_config(config: TrainConfig, vocab_size: int) -> Mamba2Config:
+    """The Mamba2 shape trained (float32) for a tokenizer of `vocab_size` ids."""
     mixer = Mamba2MixerConfig(d_model=config.d_model, d_state=config.d_state, headdim=config.headdim)
-    return Mamba2Config(mixer=mixer, n_layer=config.n_layer, vocab_size=config.vocab_size,
+    return Mamba2Config(mixer=mixer, n_layer=config.n_layer, vocab_size=vocab_size,
                         chunk_size=config.chunk_size, max_length=config.max_length, dtype="float32")
 
 
@@ -207,7 +207,7 @@ def train(config: TrainConfig = TrainConfig(), *, data_dir: str | os.PathLike | 
     tokenizer = CompactTokenizer.from_corpus(base, full_train, config.vocab_size)
     train_stream = tokenizer.compact(full_train)
     valid_stream = tokenizer.compact(token_stream(articles[-2:], base.encode))
-    cfg = model_config(config)
+    cfg = model_config(config, tokenizer.vocab_size)
     model = Mamba2LM(cfg)
     params = model.init_params(jax.random.PRNGKey(config.seed))
     optimizer = make_optimizer(config)
@@ -249,6 +249,9 @@ def tokenizer_of(metadata: dict[str, Any], data_dir: str | os.PathLike | None = 
                             np.asarray(metadata["vocabulary"], np.int64))
 
 
+
+
+
 def save_trained(directory: str | os.PathLike, model: Mamba2LM, params: Any, metadata: dict) -> Path:
     """Write the model to `directory` atomically (temporary folder, then rename over any old one)."""
     directory = Path(directory)
@@ -279,4 +282,8 @@ def load_trained(name: str = DEFAULT_NAME, root: str | os.PathLike | None = None
         raise FileNotFoundError(f"no trained model {name!r} in {directory.parent}; run "
                                 f"`sparse-prefix train --name {name}` first (a few minutes on a CPU)")
     model, params = load_model(str(directory))
-    return model, params, json.loads((directory / "train.json").read_text())
+    metadata = json.loads((directory / "train.json").read_text())
+    if len(metadata.get("vocabulary", ())) + 1 != model.vocab_size:
+        raise ValueError(f"the cached model in {directory} has {model.vocab_size} token ids but its "
+                         f"vocabulary {len(metadata.get('vocabulary', ())) + 1}; retrain with --force")
+    return model, params, metadata

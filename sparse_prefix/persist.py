@@ -122,12 +122,15 @@ def save_snapshot(root: str | os.PathLike, arrays: dict[str, np.ndarray], metada
     root.mkdir(parents=True, exist_ok=True)
     name = f"snapshot-{uuid.uuid4().hex}"
     staging = root / f".tmp-{name}"
+    stored = {key: np.asarray(a) for key, a in arrays.items() if np.size(a)}
+    empty = {key: [list(np.shape(a)), np.asarray(a).dtype.name] for key, a in arrays.items() if not np.size(a)}
     try:
         staging.mkdir()
-        if arrays:
-            _save_arrays(staging / "arrays", arrays)
+        if stored:                      # orbax refuses zero-size arrays: those go in meta.json
+            _save_arrays(staging / "arrays", stored)
         _write_json(staging / "meta.json", {"format": FORMAT, "fingerprint": fingerprint,
-                                            "metadata": metadata, "arrays": sorted(arrays)})
+                                            "metadata": metadata, "arrays": sorted(stored),
+                                            "empty_arrays": empty})
         _write_json(staging / "MANIFEST.json", _file_hashes(staging))
         final = root / name
         os.rename(staging, final)
@@ -184,10 +187,14 @@ def load_snapshot(root: str | os.PathLike, fingerprint: dict[str, Any]
                             f"(differs in {', '.join(differing)})")
     try:
         arrays = _load_arrays(folder / "arrays") if meta["arrays"] else {}
+        if sorted(arrays) != meta["arrays"]:
+            raise SnapshotError(f"snapshot {folder} holds arrays {sorted(arrays)}, expected {meta['arrays']}")
+        for key, (shape, dtype) in meta["empty_arrays"].items():
+            arrays[key] = np.zeros(shape, jax.numpy.dtype(dtype))
+    except SnapshotError:
+        raise
     except Exception as error:  # noqa: BLE001 -- orbax/tensorstore raise many types on bad data
         raise SnapshotError(f"snapshot arrays in {folder} are unreadable: {error}") from error
-    if sorted(arrays) != meta["arrays"]:
-        raise SnapshotError(f"snapshot {folder} holds arrays {sorted(arrays)}, expected {meta['arrays']}")
     return arrays, meta["metadata"]
 
 

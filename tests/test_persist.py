@@ -34,6 +34,15 @@ def test_a_saved_snapshot_loads_back_bitwise_with_its_metadata(tmp_path):
     assert meta == {"entries": [1, 2]}
 
 
+def test_zero_size_arrays_round_trip_with_their_shape_and_dtype(tmp_path):
+    arrays = {"tokens": np.zeros((0,), np.int32), "pages": np.zeros((0, 4), ml_dtypes.bfloat16),
+              "slab": np.ones((2,), np.float32)}
+    save_snapshot(tmp_path, arrays, {}, PRINT)
+    assert_same(load_snapshot(tmp_path, PRINT)[0], arrays)
+    save_snapshot(tmp_path, {"only_empty": np.zeros((0,), np.int64)}, {}, PRINT)
+    assert_same(load_snapshot(tmp_path, PRINT)[0], {"only_empty": np.zeros((0,), np.int64)})
+
+
 def test_an_interrupted_save_leaves_the_previous_snapshot_whole(tmp_path, monkeypatch):
     save_snapshot(tmp_path, arrays_of(1), {"generation": 1}, PRINT)
 
