@@ -22,9 +22,6 @@ import numpy as np
 
 from .mamba2 import LayerParams, Mamba2Config, Mamba2LM, Mamba2MixerConfig, Mamba2Params, MixerParams
 
-_MIXER_TENSORS = ("in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "dt_bias",
-                  "A_log", "D", "norm.weight", "out_proj.weight", "out_proj.bias")
-
 
 def _number(value) -> float:
     """A float from config JSON; transformers writes infinities as {"__float__": "Infinity"}."""

@@ -67,6 +67,8 @@ class Mamba2Config:
     dtype: str = "bfloat16"
 
     def __post_init__(self):
+        if not isinstance(self.mixer, Mamba2MixerConfig):
+            raise TypeError(f"mixer must be a Mamba2MixerConfig, got {type(self.mixer).__name__}")
         for field in ("n_layer", "vocab_size", "chunk_size", "max_length"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
                 raise ValueError(f"{field} must be a positive int, got {getattr(self, field)!r}")
@@ -245,6 +247,8 @@ class Mamba2LM:
                  donate_state: bool = True):
         if not isinstance(config, Mamba2Config):
             raise TypeError(f"config must be a Mamba2Config, got {type(config).__name__}")
+        if not isinstance(min_checkpoint_slots, int) or min_checkpoint_slots < 1:
+            raise ValueError(f"min_checkpoint_slots must be a positive int, got {min_checkpoint_slots!r}")
         self.config = config
         self.min_checkpoint_slots = min_checkpoint_slots
         self._programs = _programs(config, bool(donate_state))

@@ -19,8 +19,8 @@ The matrix (C = model.chunk_size, "bitwise" = identical floats, "close" = relati
      checkpoints, reproduces the logits, the final state and the later checkpoints bitwise;
   5. decode step by step == prefill over the same tokens: logits and states within `decode_rtol`.
 All prefill calls but one share one token width T and one checkpoint width K, so a model that
-buckets its shapes compiles prefill twice (and decode once). States are copied before every call, so models that
-donate their state buffers are fine.
+buckets its shapes compiles prefill twice (and decode once). States are copied before every call,
+so models that donate their state buffers are fine.
 """
 
 from __future__ import annotations
@@ -66,8 +66,9 @@ class _Checker:
                 self.bitwise += 1
                 if not np.array_equal(got[row], want[row]):
                     diff = np.abs(got[row].astype(np.float64) - want[row].astype(np.float64))
+                    where = np.unravel_index(diff.argmax(), diff.shape)
                     raise AssertionError(f"{what}, row {row}: expected bitwise equality, max abs "
-                                         f"difference {diff.max():.3g} at {np.unravel_index(diff.argmax(), diff.shape)}")
+                                         f"difference {diff.max():.3g} at {where}")
             else:
                 self.close += 1
                 error = _rel_error(got[row], want[row])
