@@ -17,7 +17,6 @@ import os
 from typing import Any, Callable
 
 import jax
-import orbax.checkpoint as ocp
 
 FORMAT = 1
 _FAMILIES: dict[str, Callable[[dict], Any]] = {}
@@ -33,6 +32,8 @@ def save_params(directory: str, params: Any) -> None:
     path = os.path.join(os.path.abspath(directory), "params")
     if os.path.exists(path):
         raise FileExistsError(f"{path} already exists")
+    import orbax.checkpoint as ocp   # lazy: model code (and the GPU machine) must not need orbax
+
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path, params)
     checkpointer.wait_until_finished()
@@ -49,6 +50,8 @@ def restore_params(directory: str, like: Any) -> Any:
         raise FileNotFoundError(f"no saved params at {path}")
     abstract = jax.tree_util.tree_map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), like)
+    import orbax.checkpoint as ocp   # lazy, as in save_params
+
     try:
         return ocp.StandardCheckpointer().restore(path, abstract)
     except (ValueError, KeyError, TypeError) as err:
