@@ -16,6 +16,7 @@ shapes (T to C * 2^i, K to a power of two), so the number of compilations stays 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -99,11 +100,143 @@ class HybridConfig:
         return cls(**data)
 
 
+class HybridStack:
+    """The device side of a hybrid stack: pure functions of (params, state, inputs) for one config.
+
+    Args:
+      config: the stack (its dtype is the compute dtype).  backend: "chunked" or "sequential" (GDN).
+    """
+
+    def __init__(self, config: HybridConfig, backend: str):
+        self.config = config
+        self.backend = backend
+        self.dtype = jnp.dtype(config.dtype)
+        self.kinds = tuple(mixers.KINDS[letter] for letter in config.pattern)
+        counters, slots = {True: 0, False: 0}, []
+        for kind in self.kinds:                 # index of each layer in State.recurrent / State.kv
+            slots.append(counters[kind.recurrent])
+            counters[kind.recurrent] += 1
+        self.slots = tuple(slots)
+
+    def init_params(self, key: Array) -> dict:
+        """Random parameters: embed [V, d], layers (tuple of dicts), final_norm [d], lm_head [d, V]."""
+        cfg, dtype = self.config, self.dtype
+        keys = jax.random.split(key, len(self.kinds) + 2)
+        norm = jnp.full((cfg.d_model,), 1.0 - cfg.norm_offset, dtype)
+        layers = []
+        for letter, kind, layer_key in zip(cfg.pattern, self.kinds, keys[2:]):
+            mixer_key, mlp_key = jax.random.split(layer_key)
+            layers.append({"input_norm": norm, "mixer": kind.init_params(mixer_key, cfg, letter, dtype),
+                           "post_norm": norm,
+                           "mlp": init_mlp_params(mlp_key, cfg.d_model, cfg.d_ff, dtype)})
+        params = {"embed": normal_init(keys[0], (cfg.vocab_size, cfg.d_model), 0.02, dtype),
+                  "layers": tuple(layers), "final_norm": norm}
+        if not cfg.tie_embeddings:
+            params["lm_head"] = normal_init(keys[1], (cfg.d_model, cfg.vocab_size), 0.02, dtype)
+        return params
+
+    def init_state(self, batch: int) -> State:
+        """Zero state for `batch` rows: recurrent states, KV buffers [B, S, Hkv, D], length 0."""
+        recurrent, kv = [], []
+        for letter, kind in zip(self.config.pattern, self.kinds):
+            (recurrent if kind.recurrent else kv).append(
+                kind.init_state(self.config, letter, batch, self.dtype))
+        return State(recurrent=tuple(recurrent), kv=tuple(kv) if kv else None,
+                     length=jnp.zeros((batch,), jnp.int32))
+
+    def _norm(self, x: Array, weight: Array) -> Array:
+        return rms_norm(x, weight, self.config.norm_eps, offset=self.config.norm_offset)
+
+    def logits(self, params: dict, hidden: Array) -> Array:
+        """hidden [..., d] (final-normed) -> f32[..., V]."""
+        hidden = hidden.astype(self.dtype)
+        if self.config.tie_embeddings:
+            return jnp.einsum("...d,vd->...v", hidden, params["embed"].astype(self.dtype),
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", hidden, params["lm_head"].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def _layers(self, params: dict, state: State, x: Array, mix) -> tuple[State, Array]:
+        """Run every layer on x ([B, C, d] or [B, d]); `mix(kind, letter, layer params, x, layer state)`."""
+        recurrent, kv = list(state.recurrent), list(state.kv or ())
+        for letter, kind, slot, layer in zip(self.config.pattern, self.kinds, self.slots,
+                                             params["layers"]):
+            held = recurrent if kind.recurrent else kv
+            y, held[slot] = mix(kind, letter, layer["mixer"], self._norm(x, layer["input_norm"]),
+                                held[slot])
+            x = x + y.astype(x.dtype)
+            x = x + swiglu(layer["mlp"], self._norm(x, layer["post_norm"]))
+        state = state._replace(recurrent=tuple(recurrent), kv=tuple(kv) if kv else None)
+        return state, self._norm(x, params["final_norm"])
+
+    def chunk_step(self, params: dict, state: State, tokens: Array, positions: Array, valid: Array
+                   ) -> tuple[State, Array]:
+        """The chunk step of `run_chunks`: tokens, positions int32[B, C], valid bool[B, C] (a prefix).
+
+        Returns (state, final-normed hidden [B, C, d]); padded slots leave the state exactly unchanged.
+        """
+        def mix(kind, letter, layer_params, h, layer_state):
+            return kind.chunk(layer_params, self.config, letter, h, layer_state, positions, valid,
+                              self.backend)
+
+        return self._layers(params, state, params["embed"][tokens].astype(self.dtype), mix)
+
+    def token_step(self, params: dict, state: State, token: Array) -> tuple[Array, State]:
+        """One token per row at position state.length: token int32[B] -> (logits f32[B, V], state)."""
+        position = state.length.astype(jnp.int32)
+
+        def mix(kind, letter, layer_params, h, layer_state):
+            return kind.step(layer_params, self.config, letter, h, layer_state, position)
+
+        state, hidden = self._layers(params, state, params["embed"][token].astype(self.dtype), mix)
+        return self.logits(params, hidden), state._replace(length=position + 1)
+
+
+class _Programs:
+    """The jitted programs of one (config, backend, donation); `traces` counts compilations."""
+
+    def __init__(self, stack: HybridStack, donate: bool):
+        self.stack = stack
+        self.traces = 0
+        argnums = (2,) if donate else ()
+        self.prefill = jax.jit(self._prefill, donate_argnums=argnums)
+        self.decode = jax.jit(self._decode, donate_argnums=argnums)
+        self.forward = jax.jit(self._forward)
+        self.init_params = jax.jit(stack.init_params)
+
+    def _prefill(self, params, tokens, state, checkpoints, lengths):
+        self.traces += 1
+        stack = self.stack
+        step = lambda s, t, p, v: stack.chunk_step(params, s, t, p, v)  # noqa: E731
+        hidden, final, emitted = run_chunks(step, state, tokens, lengths, checkpoints,
+                                            chunk_size=stack.config.chunk_size,
+                                            hidden_size=stack.config.d_model, hidden_dtype=stack.dtype)
+        return stack.logits(params, hidden), final, emitted
+
+    def _decode(self, params, token, state):
+        self.traces += 1
+        return self.stack.token_step(params, state, token)
+
+    def _forward(self, params, tokens):
+        self.traces += 1
+        stack = self.stack
+        step = lambda s, t, p, v: stack.chunk_step(params, s, t, p, v)  # noqa: E731
+        hidden, _ = scan_chunks(step, stack.init_state(tokens.shape[0]), tokens,
+                                chunk_size=stack.config.chunk_size)
+        return stack.logits(params, hidden)
+
+
+@functools.lru_cache(maxsize=16)
+def _programs(config: HybridConfig, backend: str, donate: bool) -> _Programs:
+    return _Programs(HybridStack(config, backend), donate)
+
+
 class HybridLM:
     """A hybrid recurrent LM (public; implements `RecurrentLM`).
 
     `prefill` and `decode` consume the `state` they are given (its buffers -- the KV above all -- are
     donated to the result); keep a copy if you need it again, or build with `donate_state=False`.
+    Models of an equal (config, backend, donation) share their compiled programs.
 
     Args:
       config: the stack.  dtype: overrides config.dtype (the compute dtype) when given.
@@ -123,62 +256,31 @@ class HybridLM:
         if dtype is not None:
             config = dataclasses.replace(config, dtype=jnp.dtype(dtype).name)
         self.config = config
-        self.dtype = jnp.dtype(config.dtype)
         self.backend = backend
-        self.chunk_size = config.chunk_size
-        self.vocab_size = config.vocab_size
-        self.max_length = config.max_length
-        self.hidden_size = config.d_model
-        self.compile_count = 0
-        kinds = [mixers.KINDS[letter] for letter in config.pattern]
-        self._kinds = tuple(kinds)
-        counters = {True: 0, False: 0}
-        slots = []
-        for kind in kinds:
-            slots.append(counters[kind.recurrent])
-            counters[kind.recurrent] += 1
-        self._slots = tuple(slots)
-        self.num_recurrent, self.num_attention = counters[True], counters[False]
         self.min_checkpoint_slots = int(min_checkpoint_slots)
+        self._programs = _programs(config, backend, bool(donate_state))
         self._abstract: dict[int, State] = {}
-        donate = (2,) if donate_state else ()
-        self._prefill_jit = jax.jit(self._prefill_device, donate_argnums=donate)
-        self._decode_jit = jax.jit(self._decode_device, donate_argnums=donate)
-        self._forward_jit = jax.jit(self._forward_device)
-        self._init_jit = jax.jit(self._init_params)
 
-    # ------------------------------------------------------------------ parameters and state
+    chunk_size = property(lambda self: self.config.chunk_size)
+    vocab_size = property(lambda self: self.config.vocab_size)
+    max_length = property(lambda self: self.config.max_length)
+    dtype = property(lambda self: jnp.dtype(self.config.dtype))
+    stack = property(lambda self: self._programs.stack)
+
+    @property
+    def compile_count(self) -> int:
+        """Traces of the jitted prefill / decode / forward so far (shared by models of an equal config)."""
+        return self._programs.traces
 
     def init_params(self, key: Array) -> dict:
-        """Random parameters: embed [V, d], layers (tuple of dicts), final_norm [d], lm_head [d, V]."""
-        return self._init_jit(key)
-
-    def _init_params(self, key: Array) -> dict:
-        cfg = self.config
-        keys = jax.random.split(key, len(self._kinds) + 2)
-        norm = jnp.full((cfg.d_model,), 1.0 - cfg.norm_offset, self.dtype)
-        layers = []
-        for letter, kind, layer_key in zip(cfg.pattern, self._kinds, keys[2:]):
-            mixer_key, mlp_key = jax.random.split(layer_key)
-            layers.append({"input_norm": norm, "mixer": kind.init_params(mixer_key, cfg, letter, self.dtype),
-                           "post_norm": norm, "mlp": init_mlp_params(mlp_key, cfg.d_model, cfg.d_ff,
-                                                                     self.dtype)})
-        params = {"embed": normal_init(keys[0], (cfg.vocab_size, cfg.d_model), 0.02, self.dtype),
-                  "layers": tuple(layers), "final_norm": norm}
-        if not cfg.tie_embeddings:
-            params["lm_head"] = normal_init(keys[1], (cfg.d_model, cfg.vocab_size), 0.02, self.dtype)
-        return params
+        """Random parameters (jitted): embed [V, d], layers, final_norm [d], lm_head [d, V] if untied."""
+        return self._programs.init_params(key)
 
     def init_state(self, batch: int) -> State:
         """Zero state for `batch` rows: recurrent states, KV buffers [B, S, Hkv, D], length 0."""
-        if not isinstance(batch, (int, np.integer)) or batch < 1:
+        if not isinstance(batch, (int, np.integer)) or isinstance(batch, bool) or batch < 1:
             raise ValueError(f"batch must be a positive int, got {batch!r}")
-        recurrent, kv = [], []
-        for letter, kind in zip(self.config.pattern, self._kinds):
-            target = recurrent if kind.recurrent else kv
-            target.append(kind.init_state(self.config, letter, int(batch), self.dtype))
-        return State(recurrent=tuple(recurrent), kv=tuple(kv) if kv else None,
-                     length=jnp.zeros((batch,), jnp.int32))
+        return self.stack.init_state(int(batch))
 
     def abstract_state(self, batch: int) -> State:
         """`init_state(batch)` as ShapeDtypeStructs (nothing allocated)."""
@@ -200,73 +302,6 @@ class HybridLM:
                              kv_elements_per_token=kv_elements, kv_bytes_per_token=kv_bytes,
                              ssm_elements=ssm)
 
-    # ------------------------------------------------------------------ device code
-
-    def _norm(self, x: Array, weight: Array) -> Array:
-        return rms_norm(x, weight, self.config.norm_eps, offset=self.config.norm_offset)
-
-    def _logits(self, params: dict, hidden: Array) -> Array:
-        """hidden [..., d] (final-normed) -> f32[..., V]."""
-        hidden = hidden.astype(self.dtype)
-        if self.config.tie_embeddings:
-            return jnp.einsum("...d,vd->...v", hidden, params["embed"].astype(self.dtype),
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("...d,dv->...v", hidden, params["lm_head"].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
-
-    def _layers(self, params: dict, state: State, x: Array, mix) -> tuple[State, Array]:
-        """Run every layer on x ([B, C, d] or [B, d]); `mix(kind, letter, layer params, x, layer state)`."""
-        recurrent, kv = list(state.recurrent), list(state.kv or ())
-        for letter, kind, slot, layer in zip(self.config.pattern, self._kinds, self._slots,
-                                             params["layers"]):
-            held = recurrent if kind.recurrent else kv
-            y, held[slot] = mix(kind, letter, layer["mixer"], self._norm(x, layer["input_norm"]),
-                                held[slot])
-            x = x + y.astype(x.dtype)
-            x = x + swiglu(layer["mlp"], self._norm(x, layer["post_norm"]))
-        state = state._replace(recurrent=tuple(recurrent), kv=tuple(kv) if kv else None)
-        return state, self._norm(x, params["final_norm"])
-
-    def chunk_step(self, params: dict, state: State, tokens: Array, positions: Array, valid: Array
-                   ) -> tuple[State, Array]:
-        """The chunk step of `run_chunks`: tokens, positions int32[B, C], valid bool[B, C] (a prefix).
-
-        Returns (state, final-normed hidden [B, C, d]); padded slots leave the state exactly unchanged.
-        """
-        x = params["embed"][tokens].astype(self.dtype)
-
-        def mix(kind, letter, layer_params, h, layer_state):
-            return kind.chunk(layer_params, self.config, letter, h, layer_state, positions, valid,
-                              self.backend)
-
-        return self._layers(params, state, x, mix)
-
-    def _prefill_device(self, params, tokens, state, checkpoints, lengths):
-        self.compile_count += 1
-        step = lambda s, t, p, v: self.chunk_step(params, s, t, p, v)  # noqa: E731
-        hidden, final, emitted = run_chunks(step, state, tokens, lengths, checkpoints,
-                                            chunk_size=self.chunk_size, hidden_size=self.hidden_size,
-                                            hidden_dtype=self.dtype)
-        return self._logits(params, hidden), final, emitted
-
-    def _decode_device(self, params, token, state):
-        self.compile_count += 1
-        x = params["embed"][token].astype(self.dtype)
-        position = state.length.astype(jnp.int32)
-
-        def mix(kind, letter, layer_params, h, layer_state):
-            return kind.step(layer_params, self.config, letter, h, layer_state, position)
-
-        state, hidden = self._layers(params, state, x, mix)
-        return self._logits(params, hidden), state._replace(length=position + 1)
-
-    def _forward_device(self, params, tokens):
-        self.compile_count += 1
-        step = lambda s, t, p, v: self.chunk_step(params, s, t, p, v)  # noqa: E731
-        hidden, _ = scan_chunks(step, self.init_state(tokens.shape[0]), tokens,
-                                chunk_size=self.chunk_size)
-        return self._logits(params, hidden)
-
     # ------------------------------------------------------------------ the contract (host side)
 
     def prefill(self, params: dict, tokens, state: State, checkpoints, lengths=None
@@ -287,7 +322,7 @@ class HybridLM:
         padded_slots = checkpoint_bucket(slots, self.min_checkpoint_slots)
         tokens_np = np.pad(tokens_np, ((0, 0), (0, bucket_length(total, self.chunk_size) - total)))
         ckpt_np = np.pad(ckpt_np, ((0, 0), (0, padded_slots - slots)))
-        logits, final, emitted = self._prefill_jit(params, tokens_np, state, ckpt_np, lengths_np)
+        logits, final, emitted = self._programs.prefill(params, tokens_np, state, ckpt_np, lengths_np)
         if padded_slots != slots:
             emitted = jax.tree_util.tree_map(lambda leaf: leaf[:, :slots], emitted)
         return logits, final, emitted
@@ -300,7 +335,7 @@ class HybridLM:
         token_np = check_decode_args(token, batch=batch, vocab_size=self.vocab_size,
                                      max_length=self.max_length,
                                      state_length=None if batch < 0 else np.asarray(state.length))
-        return self._decode_jit(params, token_np, state)
+        return self._programs.decode(params, token_np, state)
 
     def restore(self, state: State, checkpoints: Checkpoints, k) -> State:
         """`RecurrentLM.restore`: the recurrent part of slot k int32[B]; KV kept, length set."""
@@ -317,7 +352,7 @@ class HybridLM:
         padded = -(-total // self.chunk_size) * self.chunk_size
         if padded > self.max_length:
             raise ValueError(f"tokens padded to {padded} exceed max_length {self.max_length}")
-        return self._forward_jit(params, np.pad(tokens_np, ((0, 0), (0, padded - total))))[:, :total]
+        return self._programs.forward(params, np.pad(tokens_np, ((0, 0), (0, padded - total))))[:, :total]
 
 
 register_family(HybridLM.family, lambda config: HybridLM(HybridConfig.from_dict(config)))

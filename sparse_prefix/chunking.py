@@ -27,6 +27,7 @@ from sparse_prefix.protocol import Checkpoints, State
 
 Array = jax.Array
 ChunkStep = Callable[[State, Array, Array, Array], tuple[State, Array]]
+GroupStep = Callable[[State, Array, Array, Array, bool], tuple[State, Array, "tuple | None"]]
 
 
 class ChunkPlan(NamedTuple):
@@ -80,32 +81,49 @@ def chunk_slots(plan: ChunkPlan, chunk: Array, chunk_size: int) -> tuple[Array, 
     return jnp.where(valid, src, 0), valid
 
 
-def _write_slots(buffers: tuple, states: tuple, slot: Array, emitting: Array) -> tuple:
-    """buffers[b, slot[b]] = states[b] for rows where `emitting`; leaves [B, K, ...] and [B, ...]."""
-    rows = jnp.arange(slot.shape[0])
+def single_chunk_group_step(step: ChunkStep) -> GroupStep:
+    """Adapt a one-chunk step to the group-step signature (G = 1)."""
 
-    def write(buffer, value):
-        keep = buffer[rows, slot]
-        mask = emitting.reshape((-1,) + (1,) * (value.ndim - 1))
-        return buffer.at[rows, slot].set(jnp.where(mask, value.astype(buffer.dtype), keep))
+    def group_step(state, tokens, positions, valid, want_boundaries):
+        state, hidden = step(state, tokens[:, 0], positions[:, 0], valid[:, 0])
+        boundaries = (jax.tree_util.tree_map(lambda leaf: leaf[:, None], state.recurrent)
+                      if want_boundaries else None)
+        return state, hidden[:, None], boundaries
 
-    return jax.tree_util.tree_map(write, buffers, states)
+    return group_step
 
 
-def run_chunks(step: ChunkStep, state: State, tokens: Array, lengths: Array, checkpoints: Array,
-               *, chunk_size: int, hidden_size: int, hidden_dtype=jnp.float32
-               ) -> tuple[Array, State, Checkpoints]:
-    """Drive `step` over a prefill call, emitting recurrent states at `checkpoints`.
+def _group_step(step, chunks_per_step: int | None) -> tuple[GroupStep, int]:
+    if chunks_per_step is None:
+        return single_chunk_group_step(step), 1
+    if not isinstance(chunks_per_step, int) or chunks_per_step < 1:
+        raise ValueError(f"chunks_per_step must be a positive int or None, got {chunks_per_step!r}")
+    return step, chunks_per_step
+
+
+def run_chunks(step, state: State, tokens: Array, lengths: Array, checkpoints: Array,
+               *, chunk_size: int, hidden_size: int, hidden_dtype=jnp.float32,
+               chunks_per_step: int | None = None) -> tuple[Array, State, Checkpoints]:
+    """Drive a model's step over a prefill call, emitting recurrent states at `checkpoints`.
 
     Args:
-      step: the model's chunk step (module docstring).
+      step: with `chunks_per_step=None`, a one-chunk `ChunkStep` (module docstring); with an int G,
+        a `GroupStep` ``step(state, tokens[B, G, C], positions[B, G, C], valid[B, G, C],
+        want_boundaries) -> (state, hidden[B, G, C, d], boundaries)`` that runs G consecutive chunks
+        of the layout at once, where `boundaries` (only when `want_boundaries`, else None) has the
+        structure of `state.recurrent` with leaves [B, G, ...]: the state after each of the G chunks.
+        Each chunk's valid slots are a prefix of it; a chunk may be all padding (identity).
       state: the state to resume from; its `length` int32[B] is the absolute offset of tokens[:, 0].
       tokens: int32[B, T]. lengths: int32[B] (>= 1). checkpoints: int32[B, K] (<= 0: padding).
-      chunk_size: C. hidden_size: d of the hidden rows `step` returns.
+      chunk_size: C. hidden_size: d of the hidden rows the step returns.
+      chunks_per_step: G (see `step`); bigger G gives the accelerator bigger matmuls. Exactness does
+        not depend on G as long as the group step computes every chunk the same way wherever it sits
+        in the group (per-chunk math batched over G, state passed chunk to chunk in order).
 
     Returns:
       (hidden f32/hidden_dtype[B, d] at each row's last real token, final state, Checkpoints).
     """
+    group_step, group = _group_step(step, chunks_per_step)
     batch = tokens.shape[0]
     slots = checkpoints.shape[1]
     plan = plan_chunks(lengths, checkpoints, chunk_size)
@@ -114,59 +132,75 @@ def run_chunks(step: ChunkStep, state: State, tokens: Array, lengths: Array, che
     ckpt_buffers = jax.tree_util.tree_map(
         lambda leaf: jnp.zeros((leaf.shape[0], slots) + leaf.shape[1:], leaf.dtype), state.recurrent)
     last_hidden = jnp.zeros((batch, hidden_size), hidden_dtype)
+    slots_of = jax.vmap(lambda chunk: chunk_slots(plan, chunk, chunk_size), out_axes=1)
+
+    def write(buffers, boundaries, slot):
+        return jax.tree_util.tree_map(
+            lambda buffer, value: buffer.at[rows[:, None], slot].set(value.astype(buffer.dtype),
+                                                                     mode="drop"),
+            buffers, boundaries)
 
     def body(carry):
-        chunk, current, buffers, last = carry
-        src, valid = chunk_slots(plan, chunk, chunk_size)
-        chunk_tokens = jnp.take_along_axis(tokens, src, axis=1)
-        current, hidden = step(current, chunk_tokens, base[:, None] + src, valid)
-        is_last = valid & (src == (lengths - 1)[:, None])
-        picked = hidden[rows, jnp.argmax(is_last, axis=1)].astype(hidden_dtype)
-        last = jnp.where(jnp.any(is_last, axis=1)[:, None], picked, last)
+        index, current, buffers, last = carry
+        chunk_ids = index * group + jnp.arange(group, dtype=jnp.int32)
+        src, valid = slots_of(chunk_ids)                                   # [B, G, C]
+        group_tokens = jnp.take_along_axis(tokens, src.reshape(batch, -1), axis=1).reshape(src.shape)
+        current, hidden, boundaries = group_step(current, group_tokens, base[:, None, None] + src,
+                                                 valid, slots > 0)
+        flat_src, flat_valid = src.reshape(batch, -1), valid.reshape(batch, -1)
+        is_last = flat_valid & (flat_src == (lengths - 1)[:, None])
+        picked = hidden.reshape(batch, flat_src.shape[1], -1)[rows, jnp.argmax(is_last, axis=1)]
+        last = jnp.where(jnp.any(is_last, axis=1)[:, None], picked.astype(hidden_dtype), last)
         if slots:
-            emits = plan.emit_chunk == chunk
-            emitting = jnp.any(emits, axis=1)
-            slot = jnp.argmax(emits, axis=1)
-            buffers = jax.lax.cond(
-                jnp.any(emitting),
-                lambda b: _write_slots(b, current.recurrent, slot, emitting),
-                lambda b: b, buffers)
-        return chunk + 1, current, buffers, last
+            match = plan.emit_chunk[:, None, :] == chunk_ids[None, :, None]  # [B, G, K]
+            slot = jnp.where(jnp.any(match, axis=2), jnp.argmax(match, axis=2), slots)
+            buffers = jax.lax.cond(jnp.any(match), lambda b: write(b, boundaries, slot),
+                                   lambda b: b, buffers)
+        return index + 1, current, buffers, last
 
+    steps = (plan.num_chunks + group - 1) // group
     init = (jnp.zeros((), jnp.int32), state, ckpt_buffers, last_hidden)
-    _, final, buffers, last_hidden = jax.lax.while_loop(
-        lambda carry: carry[0] < plan.num_chunks, body, init)
+    _, final, buffers, last_hidden = jax.lax.while_loop(lambda carry: carry[0] < steps, body, init)
     ckpt_lengths = jnp.where(checkpoints > 0, base[:, None] + checkpoints, 0).astype(jnp.int32)
     final = final._replace(length=base + lengths.astype(jnp.int32))
     return last_hidden, final, Checkpoints(recurrent=buffers, lengths=ckpt_lengths)
 
 
-def scan_chunks(step: ChunkStep, state: State, tokens: Array, *, chunk_size: int
-                ) -> tuple[Array, State]:
+def scan_chunks(step, state: State, tokens: Array, *, chunk_size: int,
+                chunks_per_step: int | None = None) -> tuple[Array, State]:
     """Every position's hidden row for full, unpadded sequences (training and reference logits).
 
     Args:
-      tokens: int32[B, T] with T a multiple of C; all rows real.
+      step: as in `run_chunks` (a one-chunk step, or a group step with `chunks_per_step`).
+      tokens: int32[B, T] with T a multiple of C; all rows real. With G chunks per step, the last
+        group is completed with all-padding chunks.
 
     Returns:
       (hidden [B, T, d], final state). Differentiable (a `lax.scan`), same step as `run_chunks`.
     """
+    group_step, group = _group_step(step, chunks_per_step)
     batch, total = tokens.shape
     if total % chunk_size:
         raise ValueError(f"tokens length {total} is not a multiple of chunk_size {chunk_size}")
-    chunks = tokens.reshape(batch, total // chunk_size, chunk_size).swapaxes(0, 1)
-    offsets = jnp.arange(total // chunk_size, dtype=jnp.int32) * chunk_size
+    chunks = total // chunk_size
+    steps = -(-chunks // group)
+    padded = steps * group * chunk_size
+    flat = jnp.pad(tokens, ((0, 0), (0, padded - total)))
+    grouped = flat.reshape(batch, steps, group, chunk_size).swapaxes(0, 1)
+    offsets = jnp.arange(padded, dtype=jnp.int32).reshape(steps, group, chunk_size)
     base = state.length.astype(jnp.int32)
-    valid = jnp.ones((batch, chunk_size), bool)
 
     def body(current, inputs):
-        chunk_tokens, offset = inputs
-        positions = base[:, None] + offset + jnp.arange(chunk_size, dtype=jnp.int32)[None, :]
-        return step(current, chunk_tokens, positions, valid)
+        group_tokens, offset = inputs
+        valid = jnp.broadcast_to(offset < total, (batch,) + offset.shape)
+        positions = base[:, None, None] + offset[None]
+        current, hidden, _ = group_step(current, group_tokens, positions, valid, False)
+        return current, hidden
 
-    final, hidden = jax.lax.scan(body, state, (chunks, offsets))
+    final, hidden = jax.lax.scan(body, state, (grouped, offsets))
     final = final._replace(length=base + total)
-    return hidden.swapaxes(0, 1).reshape(batch, total, -1), final
+    hidden = hidden.swapaxes(0, 1).reshape(batch, padded, -1)[:, :total]
+    return hidden, final
 
 
 # ----------------------------------------------------------------------------- host-side checks

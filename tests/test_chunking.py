@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_prefix.chunking import check_prefill_args, plan_chunks, run_chunks
+from sparse_prefix.chunking import check_prefill_args, plan_chunks, run_chunks, scan_chunks
 from sparse_prefix.protocol import RecurrentState, State
 
 C = 4
@@ -100,3 +100,41 @@ def test_resume_from_an_emitted_state_reproduces_the_full_call(split):
 def test_bad_prefill_arguments_raise_a_named_error(tokens, lengths, ckpts, message):
     with pytest.raises((ValueError, TypeError), match=message):
         check_prefill_args(tokens, lengths, ckpts, vocab_size=8, max_length=64)
+
+
+def toy_group_step(state, tokens, positions, valid, want_boundaries):
+    """The toy recurrence over G chunks at once: a scan over the chunks of `toy_step`."""
+
+    def one_chunk(current, inputs):
+        chunk_tokens, chunk_positions, chunk_valid = inputs
+        current, hidden = toy_step(current, chunk_tokens, chunk_positions, chunk_valid)
+        return current, (hidden, current.recurrent)
+
+    inputs = tuple(jnp.swapaxes(x, 0, 1) for x in (tokens, positions, valid))
+    state, (hidden, bounds) = jax.lax.scan(one_chunk, state, inputs)
+    bounds = jax.tree_util.tree_map(lambda x: jnp.swapaxes(x, 0, 1), bounds)
+    return state, jnp.swapaxes(hidden, 0, 1), bounds if want_boundaries else None
+
+
+@pytest.mark.parametrize("group", [2, 3])
+def test_group_steps_emit_the_same_states_as_single_chunk_steps(group):
+    run = jax.jit(lambda state, tokens, lengths, ckpts: run_chunks(
+        toy_group_step, state, tokens, lengths, ckpts, chunk_size=C, hidden_size=1,
+        chunks_per_step=group))
+    rng = np.random.default_rng(group)
+    tokens = rng.integers(0, 5, size=(2, 16)).astype(np.int32)
+    lengths = np.array([13, 9], np.int32)
+    ckpts = np.array([[1, 5, 0, 13], [0, 4, 8, 9]], np.int32)
+    expected = prefill(fresh(2), tokens, lengths, ckpts)
+    got = run(fresh(2), tokens, lengths, ckpts)
+    for want, have in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(got)):
+        np.testing.assert_array_equal(np.asarray(have), np.asarray(want))
+
+
+def test_grouped_scan_matches_the_single_chunk_scan():
+    tokens = np.random.default_rng(5).integers(0, 5, size=(2, 12)).astype(np.int32)
+    single = jax.jit(lambda s, t: scan_chunks(toy_step, s, t, chunk_size=C))(fresh(2), tokens)
+    grouped = jax.jit(lambda s, t: scan_chunks(toy_group_step, s, t, chunk_size=C,
+                                               chunks_per_step=2))(fresh(2), tokens)
+    for want, have in zip(jax.tree_util.tree_leaves(single), jax.tree_util.tree_leaves(grouped)):
+        np.testing.assert_array_equal(np.asarray(have), np.asarray(want))
