@@ -113,6 +113,10 @@ class Request:
 
     __hash__ = None  # type: ignore[assignment]
 
+    def __reduce__(self):
+        # Through the constructor, so an unpickled request (a sweep worker's) is validated and read-only.
+        return (Request, (self.group, self.tokens, self.hints, self.text, dict(self.meta)))
+
     def __repr__(self) -> str:
         return f"Request(group={self.group!r}, length={self.length}, hints={self.hints})"
 

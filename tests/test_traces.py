@@ -59,6 +59,14 @@ def test_request_rejects_bad_fields(kwargs, error):
         Request(**fields)
 
 
+def test_pickled_request_stays_equal_and_read_only():
+    import pickle
+
+    request = Request("a", [3, 1, 2], hints=[2], text="abc", meta={"k": 1})
+    copy = pickle.loads(pickle.dumps(request))
+    assert copy == request and not copy.tokens.flags.writeable
+
+
 def test_truncated_drops_hints_beyond_the_cut():
     request = Request("a", np.arange(10), hints=(2, 5, 9))
     cut = request.truncated(5)
