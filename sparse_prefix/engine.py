@@ -142,29 +142,29 @@ class Engine:
                  planner_options: Mapping[str, Any] | None = None,
                  index_options: Mapping[str, Any] | None = None):
         _check_namespace(namespace)
+        if isinstance(min_checkpoint_slots, bool) or not isinstance(min_checkpoint_slots, int) \
+                or min_checkpoint_slots < 1:
+            raise ValueError(f"min_checkpoint_slots must be an int >= 1, got {min_checkpoint_slots!r}")
         self.model, self.params = model, params
         self.policy, self.eviction, self.namespace = policy, eviction, namespace
         self.chunk_size = int(model.chunk_size)
         self.layout = self.abstract(model, policy=policy, capacity_entries=capacity_entries,
                                     capacity_bytes=capacity_bytes, max_hints=max_hints)
+        # Calls pad tokens to max_length (the chunk loop stops at the longest real row, so padding
+        # costs no compute) and checkpoint lists to a power of two >= min_checkpoint_slots: one
+        # compilation per batch size serves almost every request.
+        self._k_bucket = _pow2(min_checkpoint_slots)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sparse-prefix-dp") \
-            if background_resolve else None
+            if background_resolve else None      # starts no thread before the first re-solve
         self._planner_options = {"max_length": int(model.max_length),
                                  "bin_size": default_bin_size(int(model.max_length), self.chunk_size),
                                  **dict(planner_options or {})}
         self._index_options = {"capacity_entries": capacity_entries, "eviction": eviction,
                                **dict(index_options or {})}
         self._lock = threading.RLock()
+        self._reset_host()                       # validates the policy, eviction and options
         self.store = StateStore(abstract_state_of(model), num_slots=self.layout.num_slots,
                                 page_size=self.chunk_size, num_pages=self.layout.num_pages)
-        # Calls pad tokens to max_length (the chunk loop stops at the longest real row, so padding
-        # costs no compute) and checkpoint lists to a power of two >= min_checkpoint_slots: one
-        # compilation per batch size serves almost every request.
-        if isinstance(min_checkpoint_slots, bool) or not isinstance(min_checkpoint_slots, int) \
-                or min_checkpoint_slots < 1:
-            raise ValueError(f"min_checkpoint_slots must be an int >= 1, got {min_checkpoint_slots!r}")
-        self._k_bucket = _pow2(min_checkpoint_slots)
-        self._reset_host()
 
     # ------------------------------------------------------------------ sizing
 
@@ -240,6 +240,8 @@ class Engine:
 
     def _requests(self, tokens: Any, hints: Any) -> tuple[list[np.ndarray], list[tuple[int, ...]], bool]:
         """Validated rows, per-row hints, and whether the input was a batch."""
+        if isinstance(tokens, (list, tuple)) and len(tokens) == 0:
+            raise ValueError("tokens is empty: a request needs at least one token")
         batch = isinstance(tokens, (list, tuple)) and len(tokens) > 0 and not np.isscalar(tokens[0])
         if not batch and np.ndim(tokens) == 2:
             tokens, batch = list(np.asarray(tokens)), True
@@ -373,12 +375,19 @@ class Engine:
             stored.append((len(result.slots), len(result.slots) * self.layout.slot_bytes
                            + len(fresh) * self.layout.page_bytes))
             self._counters["checkpoints_stored"] += len(result.slots)
-        if slot_writes:
-            (rows, ks), slots = zip(*slot_writes.values()), list(slot_writes)
-            self.store.insert(emitted, rows, ks, slots)
-        if page_writes:
-            (rows, seq_pages), pages = zip(*page_writes.values()), list(page_writes)
-            self.store.write_pages(final.kv, rows, seq_pages, pages)
+        try:
+            if slot_writes:
+                (rows, ks), slots = zip(*slot_writes.values()), list(slot_writes)
+                self.store.insert(emitted, rows, ks, slots)
+            if page_writes:
+                (rows, seq_pages), pages = zip(*page_writes.values()), list(page_writes)
+                self.store.write_pages(final.kv, rows, seq_pages, pages)
+        except BaseException:
+            # The index already lists these entries: rather than ever serve a state that was not
+            # written, drop the whole cache.
+            self._reset_host()
+            self.store.reset()
+            raise
         return stored
 
     def _count(self, plan: RequestPlan) -> None:

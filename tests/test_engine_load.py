@@ -87,8 +87,8 @@ def test_concurrent_callers_get_exact_answers():
         thread.join()
     assert failures == []
     check_invariants(engine)
+    engine.close()                                  # waits for a re-solve still running
     assert engine.stats()["hits"] > 40 and engine.planner.solves > 0
-    engine.close()
 
 
 def test_a_pinned_resume_entry_survives_eviction_pressure_while_its_request_runs():
@@ -125,3 +125,33 @@ def test_every_eviction_policy_keeps_the_accounting(eviction):
             np.testing.assert_array_equal(result.last_logits, uncached(MODEL, PARAMS, [tokens])[0])
     check_invariants(engine)
     assert engine.stats()["evictions"] > 50
+
+
+def test_a_slow_background_resolve_never_stalls_requests(monkeypatch):
+    import time
+
+    from sparse_prefix import placement
+
+    started, release = threading.Event(), threading.Event()
+    real_solve = placement.solve
+
+    def slow_solve(*args, **kwargs):
+        started.set()
+        release.wait(timeout=30)
+        return real_solve(*args, **kwargs)
+
+    monkeypatch.setattr(placement, "solve", slow_solve)
+    engine = Engine(MODEL, PARAMS, policy="dp:2+fork", capacity_entries=4, background_resolve=True,
+                    planner_options={"resolve_every": 2})
+    requests = workload(4, 40)
+    for tokens in requests[:2]:
+        engine.prefill(tokens)
+    assert started.wait(timeout=10)                 # a re-solve is now stuck in the background
+    begin = time.perf_counter()
+    for tokens in requests[2:]:
+        result = engine.prefill(tokens)
+        np.testing.assert_array_equal(result.last_logits, uncached(MODEL, PARAMS, [tokens])[0])
+    assert time.perf_counter() - begin < 25 and engine.planner.solves == 0
+    release.set()
+    engine.close()
+    assert engine.planner.solves >= 1
