@@ -32,8 +32,9 @@ from sparse_prefix.protocol import Checkpoints, MemoryProfile, State, restore_st
 
 from .checkpoint_io import register_family
 from .layers import rms_norm
-from .mamba2_mixer import (BACKENDS, Mamba2MixerConfig, MixerParams, gated_rms_norm, init_mamba2_mixer,
-                           mamba2_mixer_chunk, mamba2_mixer_decode, mamba2_mixer_state)
+from .mamba2_mixer import (BACKENDS, Mamba2MixerConfig, MixerParams, full_precision, gated_rms_norm,
+                           init_mamba2_mixer, mamba2_mixer_chunk, mamba2_mixer_decode,
+                           mamba2_mixer_state)
 from .registry import register
 
 Array = jax.Array
@@ -186,10 +187,12 @@ def mamba2_chunk_step(params: Mamba2Params, cfg: Mamba2Config, state: State, tok
 def mamba2_logits(params: Mamba2Params, cfg: Mamba2Config, hidden: Array) -> Array:
     """Head: final-normed hidden [..., d] -> float32 logits [..., V] (tied or untied)."""
     hidden = hidden.astype(cfg.compute_dtype)
+    precision = full_precision(cfg.compute_dtype)
     if params.lm_head is None:
-        return jnp.einsum("...d,vd->...v", hidden, params.embedding,
+        return jnp.einsum("...d,vd->...v", hidden, params.embedding, precision=precision,
                           preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", hidden, params.lm_head, preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", hidden, params.lm_head, precision=precision,
+                      preferred_element_type=jnp.float32)
 
 
 class _Programs:

@@ -29,7 +29,7 @@ import numpy as np
 from sparse_prefix.protocol import RecurrentState
 
 from .layers import causal_conv_chunk, causal_conv_step
-from .ssd import ssd_chunk, ssd_scan, ssd_step
+from .ssd import full_precision, ssd_chunk, ssd_scan, ssd_step
 
 Array = jax.Array
 BACKENDS = ("chunked", "sequential")
@@ -164,7 +164,8 @@ def mamba2_mixer_state(cfg: Mamba2MixerConfig, batch: int, dtype=jnp.bfloat16) -
 
 def _linear(x: Array, kernel: Array, bias: Array | None) -> Array:
     """x [..., i] @ kernel [i, o] (+ bias) with float32 accumulation, returned in x.dtype."""
-    y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
+    y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype), preferred_element_type=jnp.float32,
+                   precision=full_precision(x.dtype))
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     return y.astype(x.dtype)
@@ -234,8 +235,10 @@ def mamba2_mixer_chunk(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, st
     xs, b, c = _split_conv(cfg, jax.nn.silu(conv))
     dt = jnp.where(valid[..., None], _time_step(params, cfg, dt_raw), 0.0)
     a = -jnp.exp(params.A_log.astype(jnp.float32))
-    ssd = ssd_chunk if cfg.backend == "chunked" else ssd_scan
-    y, ssm = ssd(xs, dt, a, b, c, state.ssm)
+    if cfg.backend == "chunked":
+        y, ssm = ssd_chunk(xs, dt, a, b, c, state.ssm, matmul_dtype=x.dtype)
+    else:
+        y, ssm = ssd_scan(xs, dt, a, b, c, state.ssm)
     return _mixer_output(params, cfg, y, xs, z, x.dtype), RecurrentState(ssm=ssm, conv=window)
 
 
