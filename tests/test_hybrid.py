@@ -48,16 +48,18 @@ def tiny():
 
 def test_hybrid_tiny_passes_the_equivalence_matrix(tiny):
     model, params = tiny
+    before = model.compile_count
     report = check_model(model, params)
     assert report["bitwise_checks"] > 0 and report["max_decode_error"] < 1e-4
-    assert model.compile_count == 2                     # one prefill shape, one decode
+    assert model.compile_count - before <= 3            # two prefill widths (one cross-bucket), decode
 
 
 def test_mamba2_attention_stack_passes_the_equivalence_matrix():
     model = HybridLM(mamba2_attention_tiny_config(), dtype=jnp.float32)      # donates its state
+    before = model.compile_count
     report = check_model(model, scaled_params(model, seed=1))
     assert report["bitwise_checks"] > 0 and report["max_decode_error"] < 1e-4
-    assert model.compile_count == 2
+    assert model.compile_count - before <= 3
 
 
 def test_bfloat16_compute_keeps_float32_states_and_resumes_bitwise_on_the_grid():
