@@ -30,10 +30,14 @@ from sparse_prefix.protocol import RecurrentState
 from .layers import causal_conv_chunk, causal_conv_step, normal_init
 
 Array = jax.Array
-# Products that touch the float32 recurrent state run at full float32 precision on every backend
-# (the GPU default would round them to TF32).
-_HIGHEST = jax.lax.Precision.HIGHEST
 _L2_EPS = 1e-6
+
+
+def rule_precision(dtype) -> jax.lax.Precision:
+    """Matmul precision of the float32 delta rule for a model computing in `dtype`: full float32 for
+    float32 models on every backend; the backend default (TF32 on recent GPUs, more mantissa than
+    the bf16 projections feeding it) for reduced-precision models. CPU computes float32 either way."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +126,7 @@ def _l2_normalise(x: Array) -> Array:
 
 
 def gated_delta_chunked(q: Array, k: Array, v: Array, g: Array, beta: Array, state: Array,
-                        sub_chunk: int) -> tuple[Array, Array]:
+                        sub_chunk: int, precision=jax.lax.Precision.HIGHEST) -> tuple[Array, Array]:
     """The gated delta rule over C tokens in sub-chunks of c (module docstring), float32.
 
     Args:
@@ -130,7 +134,7 @@ def gated_delta_chunked(q: Array, k: Array, v: Array, g: Array, beta: Array, sta
       v: f32[B, C, H, Dv].  g: f32[B, C, H] log-decays (<= 0).  beta: f32[B, C, H].
         Padded slots must carry beta = 0 and g = 0 (then they leave the state exactly unchanged).
       state: f32[B, H, Dk, Dv], the state before the first token.
-      sub_chunk: c; C must be a multiple of it.
+      sub_chunk: c; C must be a multiple of it.  precision: of every matmul (see `rule_precision`).
 
     Returns:
       (o f32[B, C, H, Dv], state after the C tokens f32[B, H, Dk, Dv]).
@@ -149,7 +153,7 @@ def gated_delta_chunked(q: Array, k: Array, v: Array, g: Array, beta: Array, sta
     cum = jnp.cumsum(g, axis=-1)                                   # [n, B, H, c]
     causal = jnp.tril(jnp.ones((sub_chunk, sub_chunk), bool))
     decay = jnp.exp(jnp.where(causal, cum[..., :, None] - cum[..., None, :], -jnp.inf))
-    kk = jnp.einsum("...id,...jd->...ij", k, k, precision=_HIGHEST)
+    kk = jnp.einsum("...id,...jd->...ij", k, k, precision=precision)
     strict = jnp.tril(jnp.ones((sub_chunk, sub_chunk), bool), -1)
     lower = jnp.where(strict, beta[..., :, None] * kk * decay, 0.0)
     system = lower + jnp.eye(sub_chunk, dtype=lower.dtype)
@@ -157,17 +161,17 @@ def gated_delta_chunked(q: Array, k: Array, v: Array, g: Array, beta: Array, sta
     solved = jax.lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True,
                                              unit_diagonal=True)
     u, w = solved[..., :dv], solved[..., dv:]
-    attn = jnp.einsum("...id,...jd->...ij", q, k, precision=_HIGHEST) * decay
+    attn = jnp.einsum("...id,...jd->...ij", q, k, precision=precision) * decay
     q_decayed = q * jnp.exp(cum)[..., None]
     k_to_end = k * jnp.exp(cum[..., -1:] - cum)[..., None]
     end_decay = jnp.exp(cum[..., -1])[..., None, None]
 
     def step(s, inputs):
         u_b, w_b, attn_b, q_b, k_b, end_b = inputs
-        v_new = u_b - jnp.einsum("bhcd,bhde->bhce", w_b, s, precision=_HIGHEST)
-        out = (jnp.einsum("bhcd,bhde->bhce", q_b, s, precision=_HIGHEST)
-               + jnp.einsum("bhij,bhje->bhie", attn_b, v_new, precision=_HIGHEST))
-        s = end_b * s + jnp.einsum("bhcd,bhce->bhde", k_b, v_new, precision=_HIGHEST)
+        v_new = u_b - jnp.einsum("bhcd,bhde->bhce", w_b, s, precision=precision)
+        out = (jnp.einsum("bhcd,bhde->bhce", q_b, s, precision=precision)
+               + jnp.einsum("bhij,bhje->bhie", attn_b, v_new, precision=precision))
+        s = end_b * s + jnp.einsum("bhcd,bhce->bhde", k_b, v_new, precision=precision)
         return s, out
 
     state, out = jax.lax.scan(step, state, (u, w, attn, q_decayed, k_to_end, end_decay))
@@ -175,24 +179,24 @@ def gated_delta_chunked(q: Array, k: Array, v: Array, g: Array, beta: Array, sta
     return out, state
 
 
-def gated_delta_step(q: Array, k: Array, v: Array, g: Array, beta: Array, state: Array
-                     ) -> tuple[Array, Array]:
+def gated_delta_step(q: Array, k: Array, v: Array, g: Array, beta: Array, state: Array,
+                     precision=jax.lax.Precision.HIGHEST) -> tuple[Array, Array]:
     """One token of the gated delta rule: q, k f32[B, H, Dk], v f32[B, H, Dv], g, beta f32[B, H].
 
     Returns (o f32[B, H, Dv], new state f32[B, H, Dk, Dv]).
     """
     state = state * jnp.exp(g)[..., None, None]
-    memory = jnp.einsum("bhde,bhd->bhe", state, k, precision=_HIGHEST)
+    memory = jnp.einsum("bhde,bhd->bhe", state, k, precision=precision)
     delta = beta[..., None] * (v - memory)
     state = state + k[..., :, None] * delta[..., None, :]
-    return jnp.einsum("bhde,bhd->bhe", state, q, precision=_HIGHEST), state
+    return jnp.einsum("bhde,bhd->bhe", state, q, precision=precision), state
 
 
-def gated_delta_sequential(q: Array, k: Array, v: Array, g: Array, beta: Array, state: Array
-                           ) -> tuple[Array, Array]:
+def gated_delta_sequential(q: Array, k: Array, v: Array, g: Array, beta: Array, state: Array,
+                           precision=jax.lax.Precision.HIGHEST) -> tuple[Array, Array]:
     """Reference backend: `gated_delta_step` scanned over the C tokens (same arguments as chunked)."""
     def step(s, inputs):
-        out, s = gated_delta_step(*inputs, s)
+        out, s = gated_delta_step(*inputs, s, precision)
         return s, out
 
     inputs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v, g, beta))
@@ -266,10 +270,11 @@ def gdn_mixer_chunk(params: dict, cfg: GDNConfig, x: Array, state: RecurrentStat
     beta = jnp.where(mask, beta, 0.0)
     g = jnp.where(mask, g, 0.0)
     k = jnp.where(mask[..., None], k, 0.0)
+    precision = rule_precision(dtype)
     if backend == "chunked":
-        o, ssm = gated_delta_chunked(q, k, v, g, beta, state.ssm, cfg.sub_chunk)
+        o, ssm = gated_delta_chunked(q, k, v, g, beta, state.ssm, cfg.sub_chunk, precision)
     else:
-        o, ssm = gated_delta_sequential(q, k, v, g, beta, state.ssm)
+        o, ssm = gated_delta_sequential(q, k, v, g, beta, state.ssm, precision)
     ssm = jnp.where((n_valid > 0)[:, None, None, None], ssm, state.ssm)
     return _gated_norm_out(params, cfg, o, z, dtype), RecurrentState(ssm=ssm, conv=window)
 
@@ -281,5 +286,5 @@ def gdn_mixer_step(params: dict, cfg: GDNConfig, x: Array, state: RecurrentState
     mixed, z, b, a = _project(params, x)
     mixed, window = causal_conv_step(mixed, state.conv, params["conv_weight"], None)
     q, k, v, g, beta = _qkv_gates(params, cfg, mixed, b, a, dtype)
-    o, ssm = gated_delta_step(q, k, v, g, beta, state.ssm)
+    o, ssm = gated_delta_step(q, k, v, g, beta, state.ssm, rule_precision(dtype))
     return _gated_norm_out(params, cfg, o, z, dtype), RecurrentState(ssm=ssm, conv=window)
