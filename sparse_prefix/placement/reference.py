@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from sparse_prefix.placement.costs import Cost, CostLike, check_count, check_pmf, parse_cost
-from sparse_prefix.placement.result import Placement, backtrack, drop_idle, normalized
+from sparse_prefix.placement.result import (Placement, backtrack, drop_idle, normalized,
+                                             placement_cost)
 
 _BLOCK_ELEMENTS = 1 << 21  # rows x candidates evaluated at once (16 MiB of float64)
 
@@ -80,6 +81,16 @@ def reference_solve(pmf: Any, budget: Any, cost: CostLike = "linear", grid: Any 
     model = parse_cost(cost)
     n = pmf.shape[0] - 1
     layers = min(budget, n // grid)
-    tables, values = reference_tables(pmf, model, layers, grid)
-    positions = drop_idle(backtrack(tables, layers, n), pmf, n)
-    return Placement(positions, float(values[n] / pmf.sum()), budget, model, grid, pmf, tables, layers)
+    full, values = reference_tables(pmf, model, layers, grid)
+    tables = split_tables(full, grid)
+    positions = drop_idle(backtrack(tables, layers, grid, n), pmf, n)
+    return Placement(positions, placement_cost(pmf, positions, model), budget, model, grid, pmf, tables,
+                     layers)
+
+
+def split_tables(full: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Full tables int32 [M, N+1] -> (coarse [M-1, C] at rows c*grid - 1, final [N+1] = layer M)."""
+    layers, width = full.shape
+    coarse_rows = np.arange(grid - 1, grid * ((width - 1) // grid), grid)
+    final = full[-1] if layers else np.zeros(width, np.int32)
+    return full[:-1, coarse_rows] if layers else np.zeros((0, coarse_rows.size), np.int32), final

@@ -1,11 +1,14 @@
 """Solve results (`Placement`, `BatchPlacement`) and the host-side helpers every solver shares.
 
 Shape legend: N = the largest overlap depth (a pmf has N+1 entries, depths 0..N); M = the budget (most
-positions); R >= N+1 rows of an argmin table (solvers may pad N up to a bucket); B = batch rows.
+positions); C = N // grid candidate positions; R >= N+1 rows (solvers may pad N up to a bucket);
+B = batch rows.
 
-An argmin table ``tables[m-1, j]`` (int32 [M, R]) holds the position s of the last checkpoint in an
-optimal placement of at most m checkpoints for the depths 0..j (0: no position <= j is allowed, i.e.
-j < grid). Backtracking from row L with layer M gives the optimum for the pmf truncated to 0..L.
+Argmin tables (from the same solve, kept for `positions_for`): ``coarse`` int32 [>= M-1, >= C] --
+``coarse[m-1, c-1]`` is the last position of an optimal placement of at most m checkpoints for the
+depths 0..c*grid-1 (0: none) -- and ``final`` int32 [R], the last position of the optimum with at most
+M checkpoints for depths 0..j, for every row j. Backtracking from row L gives the optimum for the pmf
+truncated to 0..L: s = final[L], then s <- coarse[m-1, s/grid - 1] for m = M-1, ..., 1.
 """
 
 from __future__ import annotations
@@ -25,25 +28,26 @@ def normalized(pmf: np.ndarray) -> np.ndarray:
     return pmf / pmf.sum(axis=-1, keepdims=True)
 
 
-def backtrack(tables: np.ndarray, layers: int, row: int) -> np.ndarray:
+def backtrack(tables: tuple[Any, Any], layers: int, grid: int, row: int) -> np.ndarray:
     """Positions of the optimum for depths 0..`row` with at most `layers` checkpoints.
 
     Args:
-      tables: int [>= layers, > row] argmin table (see the module docstring).
-      layers: how many layers (the budget, capped) to use.
+      tables: (coarse int [>= layers-1, C], final int [> row]) argmin tables (module docstring).
+      layers: the budget (capped) the tables were solved with.
+      grid: the position grid.
       row: the largest depth served (L).
 
     Returns:
       int64 [K] sorted positions, K <= layers.
     """
+    coarse, final = tables
     found = []
-    j = row
+    s = int(final[row]) if layers > 0 else 0
     for m in range(layers - 1, -1, -1):
-        s = int(tables[m, j])
         if s == 0:
             break
         found.append(s)
-        j = s - 1
+        s = int(coarse[m - 1, s // grid - 1]) if m > 0 else 0
     return np.array(found[::-1], dtype=np.int64)
 
 
@@ -138,8 +142,8 @@ class Placement:
         return self._pmf.shape[0] - 1
 
     @functools.cached_property
-    def _host_tables(self) -> np.ndarray | None:
-        return None if self._tables is None else np.asarray(self._tables)
+    def _host_tables(self) -> tuple[np.ndarray, np.ndarray] | None:
+        return None if self._tables is None else tuple(np.asarray(t) for t in self._tables)
 
     def positions_for(self, length: Any) -> np.ndarray:
         """Optimal positions for the pmf truncated to depths 0..L (mass at depths > L dropped).
@@ -156,7 +160,7 @@ class Placement:
         row = min(check_length(length), self.max_depth)
         if self._tables is None:
             return brute_force(self._pmf[: row + 1], self.budget, self.cost, self.grid).positions
-        found = backtrack(self._host_tables, self._layers, row)
+        found = backtrack(self._host_tables, self._layers, self.grid, row)
         return drop_idle(found, self._pmf, row)
 
     def expected_cost_for(self, length: Any) -> float:
@@ -193,8 +197,8 @@ class BatchPlacement:
         return self.positions.shape[0]
 
     @functools.cached_property
-    def _host_tables(self) -> np.ndarray:
-        return np.asarray(self._tables)
+    def _host_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        return tuple(np.asarray(t) for t in self._tables)
 
     def row(self, index: Any) -> Placement:
         """Row `index` as a `Placement` (its `positions_for` uses the batch's tables)."""
@@ -203,7 +207,8 @@ class BatchPlacement:
             raise ValueError(f"index {i} is out of range for a batch of {len(self)}")
         count = int(self.counts[i])
         return Placement(self.positions[i, :count].copy(), float(self.expected_cost[i]), self.budget,
-                         self.cost, self.grid, self._pmfs[i], self._host_tables[i], self._layers)
+                         self.cost, self.grid, self._pmfs[i], tuple(t[i] for t in self._host_tables),
+                         self._layers)
 
     def positions_for(self, index: Any, length: Any) -> np.ndarray:
         """`row(index).positions_for(length)`."""
