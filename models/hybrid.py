@@ -197,6 +197,13 @@ class _Programs:
 
     def __init__(self, stack: HybridStack, donate: bool):
         self.stack = stack
+        # forward (training, references) reads attention KV densely: reverse-mode AD cannot go
+        # through the blocked read's while loop; forward's logits equal prefill's within tolerance.
+        config = stack.config
+        if config.attention is not None and config.attention.key_block:
+            config = dataclasses.replace(config, attention=dataclasses.replace(config.attention,
+                                                                               key_block=0))
+        self.forward_stack = HybridStack(config, stack.backend)
         self.traces = 0
         argnums = (2,) if donate else ()
         self.prefill = jax.jit(self._prefill, donate_argnums=argnums)
@@ -219,7 +226,7 @@ class _Programs:
 
     def _forward(self, params, tokens):
         self.traces += 1
-        stack = self.stack
+        stack = self.forward_stack
         step = lambda s, t, p, v: stack.chunk_step(params, s, t, p, v)  # noqa: E731
         hidden, _ = scan_chunks(step, stack.init_state(tokens.shape[0]), tokens,
                                 chunk_size=stack.config.chunk_size)
@@ -345,6 +352,8 @@ class HybridLM:
         """Logits f32[B, T, V] at every position from a fresh state (training and references).
 
         T is padded up to a multiple of C (padding after the real tokens changes no real logit).
+        Attention reads its KV densely here (reverse-mode AD cannot pass the blocked read's while
+        loop), so these logits equal prefill's within tolerance, not bitwise.
         """
         tokens_np, _, _ = check_prefill_args(tokens, None, np.zeros((0,), np.int32),
                                              vocab_size=self.vocab_size, max_length=self.max_length)
