@@ -16,7 +16,8 @@ CFG = AttentionConfig(d_model=16, num_heads=4, num_kv_heads=2, head_dim=8, rotar
                       rope_theta=10_000.0)
 BLOCKED = dataclasses.replace(CFG, key_block=8)
 VARIANTS = {"dense": CFG, "blocked": BLOCKED}
-CHUNK = {name: jax.jit(lambda p, x, cache, pos, valid, cfg=cfg: attention_chunk(p, cfg, x, cache, pos, valid))
+CHUNK = {name: jax.jit(lambda p, x, cache, pos, valid, cfg=cfg:
+                       attention_chunk(p, cfg, x, cache, pos, valid))
          for name, cfg in VARIANTS.items()}
 STEP = {name: jax.jit(lambda p, x, cache, pos, cfg=cfg: attention_step(p, cfg, x, cache, pos))
         for name, cfg in VARIANTS.items()}

@@ -11,7 +11,8 @@ from sparse_prefix.models import build
 from sparse_prefix.models.attention import AttentionConfig
 from sparse_prefix.models.gated_deltanet import GDNConfig
 from sparse_prefix.models.checkpoint_io import load_model, save_model
-from sparse_prefix.models.hybrid import HybridConfig, HybridLM, hybrid_tiny_config, mamba2_attention_tiny_config
+from sparse_prefix.models.hybrid import (HybridConfig, HybridLM, hybrid_tiny_config,
+                                         mamba2_attention_tiny_config)
 from sparse_prefix.testing import check_model
 
 WIDTH = 40  # every prefill here uses T = 40 (bucket 64) and K <= 4: one compilation per model
