@@ -1,0 +1,185 @@
+"""``sparse-prefix reproduce --timed`` (and ``python -m sparse_prefix.experiments.timed``): timed replays.
+
+    sparse-prefix reproduce --timed --dataset system-prompts --trace traces/system-prompts.jsonl \
+        --preset qwen3.5-0.8b-group [--policies none dp:12 ...] [--seed 0] [--limit N] \
+        [--budget-s 480] [--out DIR]
+
+Calibrates the cost model on the same compiled prefill (unless ``--no-calibrate``), runs
+`timed.timed_replay`, prints the table (policy, checkpoints per request, tokens saved %, measured s,
+speedup, ideal speedup, % of ideal, ...) and writes ``table.md`` and ``results.json`` to ``--out``
+(default ``results/timed-<dataset>-<preset>``), rewritten after every policy so a run cut short still
+leaves its results. Reads only the pre-tokenised ``--trace`` (from ``sparse-prefix reproduce --export``)
+when given, so it runs without ../shared; needs only jax, numpy, flax and rich.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DATASETS = ("quality", "system-prompts")
+CAPACITY = {"quality": 20, "system-prompts": 50}
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool) -> None:
+    """The timed-replay options; `standalone` also adds those `reproduce` already has."""
+    from sparse_prefix.experiments.timed import DEFAULT_POLICIES
+
+    group = parser.add_argument_group("timed replays (--timed)")
+    if standalone:
+        group.add_argument("--dataset", required=True, choices=DATASETS)
+        group.add_argument("--policies", nargs="+", metavar="SPEC")
+        group.add_argument("--limit", type=int, default=1000, help="requests replayed (default 1000)")
+        group.add_argument("--out", type=Path, metavar="DIR")
+        group.add_argument("--capacity", type=int, metavar="N")
+        group.add_argument("--max-tokens", type=int, default=16384)
+        group.add_argument("--data-dir", metavar="DIR")
+        group.add_argument("--tokenizer", default="qwen")
+        group.add_argument("--quiet", action="store_true")
+    else:
+        group.add_argument("--timed", action="store_true",
+                           help="time the replay through the real Engine and model (policies are specs; "
+                                f"default {' '.join(DEFAULT_POLICIES)})")
+    group.add_argument("--trace", type=Path, metavar="FILE",
+                       help="pre-tokenised JSONL trace (from --export); default: tokenise the shared data")
+    group.add_argument("--preset", default="qwen3.5-0.8b-group", help="model preset (default qwen3.5-0.8b-group)")
+    group.add_argument("--dtype", default="bfloat16", help="compute dtype of the model (default bfloat16)")
+    group.add_argument("--seed", type=int, default=0, help="the protocol order's seed (default 0)")
+    group.add_argument("--eviction", default="fifo", choices=("fifo", "lru", "utility"))
+    group.add_argument("--budget-s", type=float, metavar="S",
+                       help="stop starting policies (and abandon one in flight) past S seconds in all")
+    group.add_argument("--calibrate-lengths", metavar="N,N,...",
+                       help="lengths timed for the cost model (default 6 on the chunk grid up to max_length)")
+    group.add_argument("--calibrate-repeats", type=int, default=3, help="timed calls per length (default 3)")
+    group.add_argument("--no-calibrate", action="store_true", help="skip the cost model (no ideal speedups)")
+    group.add_argument("--fold-vocab", action="store_true",
+                       help="take token ids modulo the model's vocabulary (smoke runs on tiny presets)")
+    group.add_argument("--background-resolve", action="store_true",
+                       help="re-solve the DP on the engine's thread (serving mode) instead of inline")
+
+
+def _positive(name: str, value: Any) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"--{name}: must be > 0, got {value}")
+
+
+def load_trace_requests(args: argparse.Namespace) -> list:
+    """The trace: ``--trace`` if given (no shared folder needed), else the shared data set."""
+    if args.trace is not None:
+        from sparse_prefix.traces import load_trace
+
+        return load_trace(args.trace)
+    from sparse_prefix.experiments.requests import load_requests
+
+    return load_requests(args.dataset, data_dir=args.data_dir, tokenizer=args.tokenizer)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Calibrate, replay every policy, print and write the results."""
+    import jax
+    import jax.numpy as jnp
+
+    from sparse_prefix.experiments import costmodel, timed
+    from sparse_prefix.models import create
+
+    for name in ("limit", "capacity", "max_tokens", "budget_s", "calibrate_repeats"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    started = time.perf_counter()
+    policies = args.policies or list(timed.DEFAULT_POLICIES)
+    capacity = args.capacity or CAPACITY[args.dataset]
+    requests = load_trace_requests(args)
+    model, params = create(args.preset, dtype=jnp.dtype(args.dtype))
+    if args.fold_vocab:
+        requests = timed.fold_vocab(requests, int(model.vocab_size))
+    timed.check_vocab(requests, int(model.vocab_size))       # before any device time is spent
+    device = jax.devices()[0]
+    out = args.out or Path("results") / f"timed-{args.dataset}-{args.preset}"
+    config = {"dataset": args.dataset, "trace": None if args.trace is None else str(args.trace),
+              "preset": args.preset, "dtype": args.dtype, "seed": args.seed, "capacity_entries": capacity,
+              "eviction": args.eviction, "limit": args.limit, "max_tokens": args.max_tokens,
+              "fold_vocab": args.fold_vocab, "background_resolve": args.background_resolve,
+              "budget_s": args.budget_s, "device": f"{device.device_kind} ({device.platform})",
+              "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+              "command": " ".join(shlex.quote(a) for a in sys.argv)}
+    print(f"device: {config['device']}, jax {jax.__version__}; {args.preset} ({args.dtype}), "
+          f"{len(requests)} requests in the trace", flush=True)
+    calibration = None
+    if not args.no_calibrate:
+        lengths = ([int(x) for x in args.calibrate_lengths.split(",")] if args.calibrate_lengths
+                   else costmodel.default_lengths(int(model.max_length), int(model.chunk_size)))
+        calibration = costmodel.calibrate(model, params, lengths, repeats=args.calibrate_repeats,
+                                          checkpoint_slots=timed.MIN_CHECKPOINT_SLOTS)
+        fit = calibration.cost
+        print(f"cost model: t(n) = {fit.c0 * 1e3:.2f} ms + {fit.a * 1e6:.3f} us n + {fit.b * 1e9:.4f} ns n^2 "
+              f"(max residual {costmodel.max_relative_residual(calibration):.1%}, "
+              f"{time.perf_counter() - started:.0f} s so far)", flush=True)
+    budget = None if args.budget_s is None else max(args.budget_s - (time.perf_counter() - started), 1e-3)
+
+    def save(result) -> None:
+        write_results(out, config, result, calibration, quiet=True)
+        last = result.timings[-1]
+        print(f"  {last.policy}: {last.measured_s:.2f} s measured ({last.setup_s:.0f} s setup, "
+              f"{last.warm_s:.0f} s warm), {time.perf_counter() - started:.0f} s so far", flush=True)
+
+    result = timed.timed_replay(
+        requests, policies, model=model, params=params, seed=args.seed, capacity=capacity,
+        eviction=args.eviction, limit=args.limit, max_tokens=args.max_tokens, budget_s=budget,
+        background_resolve=args.background_resolve, on_policy=save)
+    config["seconds"] = round(time.perf_counter() - started, 1)
+    write_results(out, config, result, calibration, quiet=args.quiet)
+    return 0
+
+
+def write_results(out: Path, config: dict, result: Any, calibration: Any, *, quiet: bool) -> None:
+    """Write table.md and results.json under `out`; print the table unless `quiet`."""
+    from sparse_prefix.experiments import timed
+    from sparse_prefix.experiments.paper import PAPER_RUNS
+    from sparse_prefix.experiments.reproduce_report import markdown_table, print_table
+
+    cost = None if calibration is None else calibration.cost
+    rows = timed.summary_rows(result, cost)
+    paper = PAPER_RUNS.get(config["dataset"])
+    paper_speedups = {p.policy: p.time_speedup for p in paper.points} if paper else {}
+    cells = timed.table_cells(rows, paper_speedups)
+    title = (f"{config['dataset']}, {config['preset']} ({config['dtype']}) on {config['device']}: "
+             f"{result.n_requests - result.n_warm} measured of {result.n_requests} requests, mean length "
+             f"{result.mean_length:.0f}, capacity {config['capacity_entries']} ({config['eviction']}), "
+             f"seed {config['seed']}")
+    if not quiet:
+        print_table(timed.TABLE_HEADER, cells, title)
+        for entry in result.skipped:
+            print(f"  skipped {entry['policy']}: {entry['reason']}")
+    out.mkdir(parents=True, exist_ok=True)
+    notes = [f"- skipped {e['policy']}: {e['reason']}" for e in result.skipped]
+    if cost is not None:
+        notes.append(f"- cost model t(n) = c0 + a n + b n^2: c0 = {cost.c0:.4g} s, a = {cost.a:.4g} s, "
+                     f"b = {cost.b:.4g} s; ideal = sum t(L) / sum [c0 + a (L - r) + b (L^2 - r^2)]")
+    (out / "table.md").write_text(f"# Timed replay\n\n{title}; `{config['command']}`, {config['date']}\n\n"
+                                  + markdown_table(timed.TABLE_HEADER, cells) + "\n" + "\n".join(notes) + "\n")
+    payload = {"config": config, "calibration": None if calibration is None else calibration.as_dict(),
+               "n_requests": result.n_requests, "n_warm": result.n_warm,
+               "checkpoint_slots": result.checkpoint_slots, "mean_length": result.mean_length,
+               "policies": [dict(row, records=timed.records_as_lists(t)) for row, t in zip(rows, result.timings)],
+               "skipped": list(result.skipped)}
+    (out / "results.json").write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
+    if not quiet:
+        print(f"wrote {out / 'table.md'} and {out / 'results.json'}")
+
+
+def main(argv=None) -> int:
+    """``python -m sparse_prefix.experiments.timed``: the same options as ``reproduce --timed``."""
+    parser = argparse.ArgumentParser(prog="python -m sparse_prefix.experiments.timed",
+                                     description=__doc__.splitlines()[0])
+    add_arguments(parser, standalone=True)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"timed: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2

@@ -1,0 +1,416 @@
+"""Timed replays of the paper's protocol through the real Engine and model (issue 7, "Timed replays").
+
+For each policy a fresh ``Engine(model, params, policy, eviction, capacity_entries)`` (grid = the
+model's chunk size, capture one-pass: what the engine does) serves every request of the protocol order
+(`sparse_prefix.traces.protocol_order`) one by one at batch 1, in the request's group as namespace:
+
+  * before anything is timed, every program the trace needs is compiled: the prefill (one program for
+    the whole run: every engine pads checkpoint lists to the same `checkpoint_slots`, the power of two
+    that covers the most states any request of any policy stores, found by a simulator replay), the
+    store's gather, and its insert / page-write scatters at every row bucket up to what a request can
+    move; then the cache is emptied;
+  * the first `warm_fraction` of the requests run untimed (they fill the cache and the histograms);
+    the device is synchronised after them;
+  * each measured request is timed with `perf_counter` around `engine.prefill`, which returns once
+    the logits are ready (block_until_ready). The scatters that store its states are dispatched
+    asynchronously and finish on the device before the next request's prefill starts, so the sum of
+    the measured times is the device-serialised cost of the replay.
+
+"No cache" is the policy ``none`` through the same Engine and the same compiled prefill: it stores no
+state, so every request misses and runs from position 0. Its total measured time is the baseline of
+every speedup (it always runs first, added when missing).
+
+The engine's own accounting (resume positions, recomputed tokens, states stored) is compared with the
+simulator's one-pass replay of the same order, policy, grid, capacity and planner options
+(`accounting_matches_simulator`); with ``background_resolve=False`` (the default here, so a run is
+deterministic; the DP re-solve then runs inside `observe` and is timed as engine overhead) they must
+agree exactly. The engine overhead share is 1 - sum(prefill) / sum(total) of `RequestStats.timings`,
+i.e. planning, hashing, the gather dispatch and commit; the gather's device time lands inside the
+prefill timing (it runs on the device just before it), so this share is a lower bound. The resume
+benchmark (`bench_resume`) measures the full overhead of a hit directly.
+
+A `budget_s` keeps a run inside a device call's limit: a policy starts only while the time used so far
+plus the last policy's duration fits the budget, and a policy that overruns it mid-way is abandoned
+(reported under ``skipped``, never as a result).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from sparse_prefix.traces import Request, protocol_order, warm_count
+
+DEFAULT_POLICIES = ("none", "block:512", "block:1024", "block:4096", "dp:1", "dp:12", "ldp:1", "ldp:8",
+                    "ldp:8+fork")
+RECORD_FIELDS = ("length", "overlap", "resume_position", "recomputed_tokens", "checkpoints_stored", "hit",
+                 "time_s", "plan_s", "restore_s", "prefill_s", "commit_s")
+MIN_CHECKPOINT_SLOTS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyTiming:
+    """One policy's timed replay.
+
+    Attributes:
+      policy: the Planner spec.
+      records: per measured request, arrays named by `RECORD_FIELDS` (float64 for the ``*_s`` times in
+        seconds, int64 otherwise; ``hit`` is 0/1).
+      warm_s: wall seconds of the untimed warm part.  setup_s: engine construction and compilation.
+      compiles: model compilations during the measured part (None if the model does not count them).
+      simulator_mismatches: measured requests whose resume position, recomputed tokens or states
+        stored differ from the simulator's one-pass replay (None: not checked).
+    """
+
+    policy: str
+    records: Mapping[str, np.ndarray]
+    warm_s: float
+    setup_s: float
+    compiles: int | None
+    simulator_mismatches: int | None
+
+    @property
+    def measured_s(self) -> float:
+        return float(np.sum(self.records["time_s"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class TimedReplay:
+    """A whole timed run.
+
+    Attributes:
+      timings: completed policies, in run order ("none" first).
+      skipped: policies not run or abandoned, each {"policy", "reason"}.
+      n_requests, n_warm: the replayed requests and how many of them only warmed the cache.
+      checkpoint_slots: the padded checkpoint slots of every prefill call.
+      mean_length: mean length of the measured requests.
+    """
+
+    timings: tuple[PolicyTiming, ...]
+    skipped: tuple[dict, ...]
+    n_requests: int
+    n_warm: int
+    checkpoint_slots: int
+    mean_length: float
+
+    def baseline_s(self) -> float | None:
+        """Total measured seconds of the no-cache run (None if it did not complete)."""
+        for timing in self.timings:
+            if timing.policy == "none":
+                return timing.measured_s
+        return None
+
+
+class _OutOfBudget(Exception):
+    def __init__(self, done: int, total: int):
+        super().__init__(f"budget exceeded after {done} of {total} requests")
+
+
+# ----------------------------------------------------------------------------- preparation
+
+
+def fold_vocab(requests: Sequence[Request], vocab_size: int) -> list[Request]:
+    """Requests with token ids taken modulo `vocab_size` (to replay a real trace on a tiny model).
+
+    Folding keeps every shared prefix shared; it can only lengthen overlaps (two different ids may
+    fold to one), so compare accounting only between runs of the same folded trace.
+    """
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be an int >= 1, got {vocab_size!r}")
+    return [Request(r.group, r.tokens % vocab_size, r.hints, meta=r.meta) for r in requests]
+
+
+def check_vocab(requests: Sequence[Request], vocab_size: int) -> None:
+    """Raise ValueError if any token id is outside the model's vocabulary 0..vocab_size-1."""
+    top = max(int(r.tokens.max()) for r in requests)
+    if top >= vocab_size:
+        raise ValueError(f"the trace has token id {top}, outside the model's vocabulary 0..{vocab_size - 1} "
+                         f"(use a model of that tokenizer, or fold ids with --fold-vocab for a smoke run)")
+
+
+def planner_options_for(model: Any) -> dict[str, int]:
+    """The Planner options an Engine of `model` uses (the simulator replays with the same ones)."""
+    from sparse_prefix.store import default_bin_size
+
+    return {"max_length": int(model.max_length),
+            "bin_size": default_bin_size(int(model.max_length), int(model.chunk_size))}
+
+
+def simulate_policies(order: Sequence[Request], policies: Sequence[str], *, model: Any, capacity: int,
+                      eviction: str) -> dict[str, Mapping[str, np.ndarray]]:
+    """The simulator's one-pass replay of every request (nothing warm-only) per policy: records."""
+    from sparse_prefix.simulate import replay
+
+    return {policy: replay(order, policy, warm_fraction=0.0, capacity_entries=capacity, eviction=eviction,
+                           grid=int(model.chunk_size), capture="one-pass",
+                           planner_options=planner_options_for(model)).records
+            for policy in policies}
+
+
+def pow2_at_least(count: int, minimum: int = 1) -> int:
+    """The smallest power of two >= max(count, minimum)."""
+    return 1 << (max(int(count), int(minimum), 1) - 1).bit_length()
+
+
+def move_buckets(rows: int, capacity: int) -> list[int]:
+    """Row counts that compile every store scatter bucket (`store.move_bucket`) for up to `rows` rows
+    moved in one call, each at most `capacity` (the slots or pages that exist)."""
+    from sparse_prefix.store import move_bucket
+
+    counts = sorted({min(move_bucket(n), capacity) for n in range(1, max(rows, 0) + 1)})
+    return [c for c in counts if c >= 1]
+
+
+def prepare_engine(engine: Any, *, checkpoint_slots: int, max_states: int, max_pages: int) -> None:
+    """Compile everything a replay will run on `engine`, then empty its cache.
+
+    Args:
+      engine: a fresh Engine built with ``min_checkpoint_slots=checkpoint_slots``.
+      checkpoint_slots: its padded checkpoint slots (K of the emitted leaves).
+      max_states: the most states one request stores (insert rows per call).
+      max_pages: the most KV pages one request writes.
+    """
+    import jax
+
+    engine.warmup([1])
+    model, store = engine.model, engine.store
+    width, chunk = int(model.max_length), int(model.chunk_size)
+    checkpoints = np.zeros((1, checkpoint_slots), np.int32)
+    checkpoints[0, 0] = min(chunk, width)
+    _, final, emitted = model.prefill(engine.params, np.zeros((1, width), np.int32),
+                                      store.restore([-1], [0]), checkpoints,
+                                      np.asarray([min(chunk, width)], np.int32))
+    for rows in move_buckets(max_states, store.num_slots):
+        store.insert(emitted, np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.arange(rows))
+    if store.has_kv:
+        for rows in move_buckets(max_pages, store.num_pages):
+            store.write_pages(final.kv, np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.arange(rows))
+    engine.clear()
+    jax.block_until_ready(store.restore([-1], [0]))
+
+
+# ----------------------------------------------------------------------------- one policy
+
+
+def _sync(engine: Any) -> None:
+    """Wait for every dispatched store write (a gather reads the slabs and pools they produce)."""
+    import jax
+
+    jax.block_until_ready(engine.store.restore([-1], [0]))
+
+
+def replay_engine(engine: Any, order: Sequence[Request], n_warm: int, *, deadline: float | None = None
+                  ) -> tuple[dict[str, np.ndarray], float, int | None]:
+    """Serve `order` through `engine`: the first `n_warm` untimed, the rest timed one by one.
+
+    Returns:
+      (records of the measured requests named by `RECORD_FIELDS`, warm-part seconds, model
+      compilations during the measured part or None).
+
+    Raises:
+      _OutOfBudget: `deadline` (a `time.perf_counter` value) passed before the replay finished.
+    """
+    import jax
+
+    rows = np.zeros((len(order) - n_warm, len(RECORD_FIELDS)), np.float64)
+    started = time.perf_counter()
+    warm_s, compiles_before = 0.0, None
+    if n_warm == 0:
+        compiles_before = getattr(engine.model, "compile_count", None)
+    for i, request in enumerate(order):
+        if deadline is not None and time.perf_counter() > deadline:
+            raise _OutOfBudget(i, len(order))
+        start = time.perf_counter()
+        result = engine.prefill(request.tokens, hints=request.hints, namespace=request.group)
+        jax.block_until_ready(result.last_logits)
+        elapsed = time.perf_counter() - start
+        if i == n_warm - 1:
+            _sync(engine)
+            warm_s = time.perf_counter() - started
+            compiles_before = getattr(engine.model, "compile_count", None)
+        if i >= n_warm:
+            stats, t = result.stats, result.stats.timings
+            rows[i - n_warm] = (request.length, stats.overlap_depth, stats.resume_position,
+                                stats.recomputed_tokens, stats.checkpoints_stored, stats.overlap_depth > 0,
+                                elapsed, t["plan"], t["restore"], t["prefill"], t["commit"])
+    compiles_after = getattr(engine.model, "compile_count", None)
+    compiles = None if compiles_before is None else int(compiles_after - compiles_before)
+    records = {name: (rows[:, j] if name.endswith("_s") else rows[:, j].astype(np.int64))
+               for j, name in enumerate(RECORD_FIELDS)}
+    return records, warm_s, compiles
+
+
+def simulator_mismatches(records: Mapping[str, np.ndarray], simulated: Mapping[str, np.ndarray],
+                         n_warm: int) -> int:
+    """Measured requests whose engine accounting differs from the simulator's (all-request) records."""
+    pairs = (("resume_position", "resume_position"), ("recomputed_tokens", "recomputed_tokens"),
+             ("checkpoints_stored", "new_checkpoints"))
+    differ = np.zeros(records["length"].shape, bool)
+    for ours, theirs in pairs:
+        differ |= records[ours] != simulated[theirs][n_warm:]
+    return int(differ.sum())
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def timed_replay(requests: Sequence[Request], policies: Sequence[str], *, model: Any, params: Any,
+                 seed: int, capacity: int, eviction: str = "fifo", warm_fraction: float = 0.6,
+                 limit: int = 1000, max_tokens: int = 16384, budget_s: float | None = None,
+                 background_resolve: bool = False, check_accounting: bool = True,
+                 on_policy: Callable[[TimedReplay], None] | None = None) -> TimedReplay:
+    """Time the replay protocol through the real Engine for each policy (see the module docstring).
+
+    Args:
+      requests: the trace in file order (token ids inside the model's vocabulary).
+      policies: Planner specs; "none" (no cache, the baseline) is run first, added if missing.
+      model, params: the `RecurrentLM` and its parameters.
+      seed: the protocol order's seed.  capacity: cache entries (20 QuALITY, 50 System Prompts).
+      eviction: the index's eviction policy.  warm_fraction: the untimed leading share.
+      limit, max_tokens: the protocol's request cut and truncation (capped at model.max_length).
+      budget_s: wall seconds this call may take (None: unlimited).
+      background_resolve: re-solve the DP on the engine's thread (serving mode; accounting may then
+        differ from the simulator) instead of inline.
+      check_accounting: compare each policy's accounting with the simulator.
+      on_policy: called with the partial `TimedReplay` after each policy (e.g. to save results).
+
+    Returns:
+      A `TimedReplay`.
+    """
+    from sparse_prefix.engine import Engine
+    from sparse_prefix.planner import parse_policy
+
+    started = time.perf_counter()
+    deadline = None if budget_s is None else started + float(budget_s)
+    if budget_s is not None and (isinstance(budget_s, bool) or not budget_s > 0):
+        raise ValueError(f"budget_s must be a number > 0 or None, got {budget_s!r}")
+    policies = [str(p) for p in policies]
+    for policy in policies:
+        parse_policy(policy)
+    policies = ["none"] + [p for p in dict.fromkeys(policies) if p != "none"]
+    order = protocol_order(requests, seed=seed, limit=limit, max_tokens=min(max_tokens, int(model.max_length)))
+    check_vocab(order, int(model.vocab_size))
+    n_warm = warm_count(len(order), warm_fraction)
+    if not 0.0 <= warm_fraction < 1.0 or n_warm >= len(order):
+        raise ValueError(f"warm_fraction={warm_fraction} leaves no measured request out of {len(order)}")
+    simulated = simulate_policies(order, policies, model=model, capacity=capacity, eviction=eviction)
+    most_states = max(int(r["new_checkpoints"].max()) for r in simulated.values())
+    slots = pow2_at_least(most_states, MIN_CHECKPOINT_SLOTS)
+    max_pages = max(r.length for r in order) // int(model.chunk_size)
+    timings: list[PolicyTiming] = []
+    skipped: list[dict] = []
+    last_duration = 0.0
+
+    def snapshot() -> TimedReplay:
+        measured = [r.length for r in order[n_warm:]]
+        return TimedReplay(tuple(timings), tuple(skipped), len(order), n_warm, slots, float(np.mean(measured)))
+
+    for policy in policies:
+        now = time.perf_counter()
+        if deadline is not None and now + last_duration > deadline:
+            skipped.append({"policy": policy, "reason": f"not started: {now - started:.0f} s used, the last "
+                                                        f"policy took {last_duration:.0f} s, budget {budget_s} s"})
+            continue
+        engine = Engine(model, params, policy=policy, eviction=eviction, capacity_entries=capacity,
+                        background_resolve=background_resolve, min_checkpoint_slots=slots,
+                        planner_options=planner_options_for(model))
+        try:
+            prepare_engine(engine, checkpoint_slots=slots,
+                           max_states=int(simulated[policy]["new_checkpoints"].max()), max_pages=max_pages)
+            setup_s = time.perf_counter() - now
+            records, warm_s, compiles = replay_engine(engine, order, n_warm, deadline=deadline)
+        except _OutOfBudget as stop:
+            skipped.append({"policy": policy, "reason": f"abandoned: {stop}"})
+            continue
+        finally:
+            engine.close()
+            del engine
+            gc.collect()
+        mismatches = simulator_mismatches(records, simulated[policy], n_warm) if check_accounting else None
+        timings.append(PolicyTiming(policy, records, warm_s, setup_s, compiles, mismatches))
+        last_duration = time.perf_counter() - now
+        if on_policy is not None:
+            on_policy(snapshot())
+    return snapshot()
+
+
+# ----------------------------------------------------------------------------- summaries
+
+
+def policy_metrics(timing: PolicyTiming, *, baseline_s: float | None, cost: Any = None) -> dict[str, Any]:
+    """The table row of one policy.
+
+    Args:
+      timing: its `PolicyTiming`.
+      baseline_s: the no-cache run's total measured seconds (None: no speedups).
+      cost: a `costmodel.CostModel` for the cost-model ideal (None: omitted).
+
+    Returns:
+      checkpoints_per_request, tokens_saved_pct, hit_rate_pct, measured_s, mean_request_ms,
+      speedup, token_ideal_x, ideal_speedup, pct_of_ideal, engine_overhead_pct, warm_s, setup_s,
+      compiles_during_measurement, simulator_mismatches (None where not available).
+    """
+    from sparse_prefix.experiments.costmodel import token_ideal
+
+    r = timing.records
+    lengths, resumes = r["length"], r["resume_position"]
+    measured = timing.measured_s
+    speedup = None if baseline_s is None else baseline_s / measured
+    ideal = None if cost is None else cost.ideal_speedup(lengths, resumes)
+    return {
+        "policy": timing.policy,
+        "requests": int(lengths.size),
+        "checkpoints_per_request": float(r["checkpoints_stored"].mean()),
+        "tokens_saved_pct": 100.0 * float(resumes.sum()) / float(lengths.sum()),
+        "hit_rate_pct": 100.0 * float(r["hit"].mean()),
+        "measured_s": measured,
+        "mean_request_ms": 1e3 * measured / lengths.size,
+        "speedup": speedup,
+        "token_ideal_x": token_ideal(lengths, resumes),
+        "ideal_speedup": ideal,
+        "pct_of_ideal": None if speedup is None or ideal is None else 100.0 * speedup / ideal,
+        "engine_overhead_pct": 100.0 * (1.0 - float(r["prefill_s"].sum()) / float(r["time_s"].sum())),
+        "warm_s": timing.warm_s,
+        "setup_s": timing.setup_s,
+        "compiles_during_measurement": timing.compiles,
+        "simulator_mismatches": timing.simulator_mismatches,
+    }
+
+
+def summary_rows(result: TimedReplay, cost: Any = None) -> list[dict[str, Any]]:
+    """`policy_metrics` of every completed policy, in run order."""
+    baseline = result.baseline_s()
+    return [policy_metrics(t, baseline_s=baseline, cost=cost) for t in result.timings]
+
+
+TABLE_HEADER = ("policy", "ckpts/request", "tokens saved %", "hit %", "measured s", "speedup",
+                "ideal speedup", "% of ideal", "token ideal", "overhead %", "paper speedup")
+
+
+def table_cells(rows: Sequence[Mapping[str, Any]], paper_speedups: Mapping[str, float] | None = None
+                ) -> list[list[str]]:
+    """Formatted cells for `TABLE_HEADER` ("-" where a value is unavailable)."""
+    def fmt(value, pattern):
+        return "-" if value is None else pattern.format(value)
+
+    paper_speedups = paper_speedups or {}
+    return [[row["policy"], fmt(row["checkpoints_per_request"], "{:.2f}"), fmt(row["tokens_saved_pct"], "{:.1f}"),
+             fmt(row["hit_rate_pct"], "{:.0f}"), fmt(row["measured_s"], "{:.2f}"), fmt(row["speedup"], "{:.2f}x"),
+             fmt(row["ideal_speedup"], "{:.2f}x"), fmt(row["pct_of_ideal"], "{:.0f}"),
+             fmt(row["token_ideal_x"], "{:.2f}x"), fmt(row["engine_overhead_pct"], "{:.1f}"),
+             fmt(paper_speedups.get(row["policy"]), "{:.2f}x")] for row in rows]
+
+
+def records_as_lists(timing: PolicyTiming) -> dict[str, list]:
+    """JSON-ready per-request records."""
+    return {name: values.tolist() for name, values in timing.records.items()}
+
+
+if __name__ == "__main__":
+    from sparse_prefix.experiments.cli_timed import main
+
+    raise SystemExit(main())
