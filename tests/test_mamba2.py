@@ -97,7 +97,7 @@ def test_bf16_model_keeps_float32_states_and_tracks_the_float32_model(tiny):
     params_as32 = jax.tree_util.tree_map(lambda p: p.astype(jnp.float32), params)
     want, _, _ = model32.prefill(params_as32, tokens, model32.init_state(B), np.zeros(0, np.int32))
     assert logits.dtype == jnp.float32 and state.recurrent[0].ssm.dtype == jnp.float32
-    assert _rel(logits, want) < 0.05
+    assert _rel(logits, want) < 0.02  # measured 0.005
 
 
 def test_presets_have_the_state_spaces_shapes():
