@@ -219,6 +219,13 @@ def _gather_state(slabs: tuple, pools: tuple | None, slots: Array, page_table: A
     return State(recurrent=recurrent, kv=kv, length=lengths.astype(jnp.int32))
 
 
+def _committed(tree: Any) -> Any:
+    """Place buffers on the default device explicitly. jit keys its compilations on whether inputs are
+    committed to a device, and scatter outputs are; committing the fresh buffers too means one
+    compilation (of the store's functions and of the model's prefill fed by `restore`), not two."""
+    return jax.device_put(tree, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+
+
 # ----------------------------------------------------------------------------- host side
 
 
@@ -321,7 +328,7 @@ class StateStore:
                 lambda leaf: jnp.zeros((max(self.num_pages, 1), self.page_size) + tuple(leaf.shape[2:]),
                                        leaf.dtype),
                 tuple(self.abstract.kv))
-        return StoreBuffers(slabs=slabs, pools=pools)
+        return _committed(StoreBuffers(slabs=slabs, pools=pools))
 
     # ------------------------------------------------------------------ sizes
 
@@ -492,7 +499,7 @@ class StateStore:
         refcount = np.asarray(refcount)
         if refcount.shape != (self.num_pages,) or refcount.dtype.kind not in "iu" or np.any(refcount < 0):
             raise ValueError(f"snapshot page refcounts have shape {refcount.shape}, need ({self.num_pages},)")
-        device_leaves = [jnp.asarray(leaf) for leaf in leaves]
+        device_leaves = _committed([jnp.asarray(leaf) for leaf in leaves])
         with self._lock:
             self._buffers = jax.tree_util.tree_unflatten(treedef, device_leaves)
             self._refs.load(refcount)

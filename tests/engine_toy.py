@@ -120,12 +120,14 @@ class ToyLM:
 
 
 def uncached(model, params, rows, slots: int = 8) -> np.ndarray:
-    """Reference logits f32[B, V]: one uncached prefill of `rows` (padded like the Engine pads)."""
+    """Reference logits f32[B, V]: one uncached prefill of `rows` (padded like the Engine pads, from a
+    state committed to the device like the Engine's, so both share one compilation)."""
     batch = len(rows)
     tokens = np.zeros((batch, model.max_length), np.int32)
     for b, row in enumerate(rows):
         tokens[b, :len(row)] = row
     lengths = np.asarray([len(r) for r in rows], np.int32)
-    logits, _, _ = model.prefill(params, tokens, model.init_state(batch),
+    state = jax.device_put(model.init_state(batch), jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    logits, _, _ = model.prefill(params, tokens, state,
                                  np.zeros((batch, slots), np.int32), lengths)
     return np.asarray(logits)

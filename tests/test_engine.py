@@ -126,7 +126,7 @@ def test_namespaces_never_resume_from_each_other():
     again = engine.prefill(request.tokens, namespace="tenant-a")
     assert first.stats.overlap_depth == 0 and other.stats.overlap_depth == 0
     assert again.stats.overlap_depth == request.length and again.stats.resume_position > 0
-    default = Engine(*tiny("hybrid-tiny"), policy="block:8", namespace="tenant-c",
+    default = Engine(*tiny("hybrid-tiny"), policy="block:8", capacity_entries=8, namespace="tenant-c",
                      background_resolve=False)
     assert default.prefill(request.tokens).stats.overlap_depth == 0
     for result in (first, other, again):
