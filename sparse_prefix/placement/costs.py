@@ -138,7 +138,8 @@ def check_pmf(pmf: Any, name: str = "pmf", ndim: int = 1) -> np.ndarray:
         raise ValueError(f"{name} contains NaN or inf")
     if np.any(array < 0):
         raise ValueError(f"{name} has negative entries (min {array.min()!r})")
-    totals = array.sum(axis=-1)
+    with np.errstate(over="ignore"):
+        totals = array.sum(axis=-1)
     if not np.all(np.isfinite(totals)):
         raise ValueError(f"{name} is too large: its total mass overflows float64")
     if np.any(totals <= 0):

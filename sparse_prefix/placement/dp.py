@@ -35,13 +35,21 @@ AUTO_RADIX = {"cpu": 8, "gpu": 64}
 DENSE_UP_TO = 64
 
 
+def current_platform() -> str:
+    """The platform ("cpu", "gpu", "tpu") that jitted calls run on now (honours jax.default_device)."""
+    device = jax.config.jax_default_device
+    if device is None:
+        return jax.default_backend()
+    return device if isinstance(device, str) else device.platform
+
+
 def search_levels(method: str, rows: int, platform: str | None = None) -> int:
     """Passes of the row-minimum search: "dense" = 1, "tiled:L" = L, "auto" by size and platform.
 
     Args:
       method: "auto", "dense" or "tiled:L" (L >= 1).
       rows: the rows searched.
-      platform: jax backend for "auto" (default: the current default backend).
+      platform: jax platform for "auto" (default: `current_platform()`).
     """
     if not isinstance(method, str):
         raise TypeError(f"method must be a string, got {method!r}")
@@ -53,7 +61,7 @@ def search_levels(method: str, rows: int, platform: str | None = None) -> int:
         raise ValueError(f"method must be 'auto', 'dense' or 'tiled:L' (L >= 1), got {method!r}")
     if rows <= DENSE_UP_TO:
         return 1
-    radix = AUTO_RADIX.get(platform or jax.default_backend(), AUTO_RADIX["gpu"])
+    radix = AUTO_RADIX.get(platform or current_platform(), AUTO_RADIX["gpu"])
     return max(1, int(np.ceil(np.log(rows) / np.log(radix) - 1e-9)))
 
 

@@ -24,8 +24,14 @@ from sparse_prefix.placement.costs import Cost, CostLike, check_count, check_pmf
 
 
 def normalized(pmf: np.ndarray) -> np.ndarray:
-    """pmf / its total (last axis), float64."""
-    return pmf / pmf.sum(axis=-1, keepdims=True)
+    """pmf scaled by a power of two so that each row's largest weight lies in [1, 2) (float64).
+
+    A power-of-two scale is exact, so integer weights (counts) keep every sum of the DP exact and ties
+    are decided exactly (to the smaller position) by every solver; dividing by the total would round.
+    The scale also keeps huge or tiny weights away from overflow.
+    """
+    _, exponent = np.frexp(pmf.max(axis=-1, keepdims=True))
+    return np.ldexp(pmf, 1 - exponent)
 
 
 def backtrack(tables: tuple[Any, Any], layers: int, grid: int, row: int) -> np.ndarray:

@@ -67,7 +67,7 @@ def _solve_device(pmfs: np.ndarray, model: Cost, layers: int, grid: int, method:
     with jax.enable_x64(True):
         args = (np.int32(layers), np.int32(n))
         if batched:
-            batching = "map" if jax.default_backend() == "cpu" else "vmap"
+            batching = "map" if dp.current_platform() == "cpu" else "vmap"
             coarse, final, found, _ = dp.solve_many(
                 prefix_mass, prefix_cost, g, *args, grid=grid, height=height, method=method,
                 batching=batching)

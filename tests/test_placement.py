@@ -1,0 +1,198 @@
+"""Placement solvers agree: JAX DP == NumPy reference == brute force, on the grid, truncated, batched.
+
+Compile budget: every JAX solve here uses N <= 16 (one shape bucket, dense search) except the
+tiled-search tests, which share N = 100 (bucket 128) with method "tiled:2".
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparse_prefix.placement import (brute_force, expected_cost, hybrid, reference_solve, solve,
+                                     solve_batch)
+from sparse_prefix.placement import dp
+from sparse_prefix.placement.search import Lines, padded_rows, radices, row_argmin
+
+COSTS = ["linear", "hybrid:1,0.25"]
+TILED = "tiled:2"
+
+
+def close(a, b, rel=1e-9):
+    return abs(a - b) <= rel * max(abs(a), abs(b)) + 1e-12
+
+
+@st.composite
+def small_pmfs(draw, max_depth=12):
+    """Random pmfs over 0..N (N <= max_depth) with zeros, some mass, sometimes integer counts."""
+    n = draw(st.integers(1, max_depth))
+    weights = draw(st.lists(st.one_of(st.just(0.0), st.floats(0.0, 10.0), st.integers(0, 5).map(float)),
+                            min_size=n + 1, max_size=n + 1))
+    if sum(weights) == 0:
+        weights[draw(st.integers(0, n))] = 1.0
+    return np.array(weights)
+
+
+def check_valid(placement, n, budget, grid):
+    positions = placement.positions
+    assert positions.dtype == np.int64
+    assert positions.size <= budget
+    assert np.all(np.diff(positions) > 0)
+    assert np.all((positions >= 1) & (positions <= n) & (positions % grid == 0))
+
+
+@settings(max_examples=25, deadline=None)
+@given(pmf=small_pmfs(), budget=st.integers(0, 3), cost=st.sampled_from(COSTS),
+       grid=st.sampled_from([1, 2, 3]))
+def test_jax_and_reference_dp_match_brute_force(pmf, budget, cost, grid):
+    n = pmf.size - 1
+    best = brute_force(pmf, budget, cost, grid)
+    for placement in (solve(pmf, budget, cost=cost, grid=grid),
+                      reference_solve(pmf, budget, cost, grid)):
+        check_valid(placement, n, budget, grid)
+        assert close(placement.expected_cost, best.expected_cost)
+        assert close(expected_cost(pmf, placement.positions, cost), placement.expected_cost)
+
+
+@settings(max_examples=25, deadline=None)
+@given(pmf=small_pmfs(max_depth=15), budget=st.integers(1, 3), grid=st.sampled_from([1, 2]))
+def test_positions_for_equals_solving_the_truncated_pmf(pmf, budget, grid):
+    placement = solve(pmf, budget, grid=grid)
+    for length in range(pmf.size + 2):
+        truncated = pmf[: length + 1]
+        if truncated.sum() == 0:
+            assert placement.expected_cost_for(length) == 0.0
+            continue
+        direct = solve(truncated, budget, grid=grid)
+        assert close(expected_cost(truncated, placement.positions_for(length)), direct.expected_cost)
+        assert close(placement.expected_cost_for(length), direct.expected_cost)
+        assert np.all(placement.positions_for(length) <= length)
+    assert np.array_equal(placement.positions_for(pmf.size - 1), placement.positions)
+
+
+def test_integer_weights_give_identical_tables_and_smaller_position_ties():
+    # Uniform counts over 0..12 with 3 checkpoints: (3, 6, 9) and (3, 6, 10) both cost 15/13;
+    # integer weights keep the DP exact, so every solver takes the smaller position.
+    pmf = np.ones(13)
+    jax_placement, numpy_placement = solve(pmf, 3), reference_solve(pmf, 3)
+    assert jax_placement.positions.tolist() == numpy_placement.positions.tolist() == [3, 6, 9]
+    coarse, final = (np.asarray(t) for t in jax_placement._tables)
+    assert np.array_equal(final[:13], numpy_placement._tables[1])
+    assert np.array_equal(coarse[:2, :12], numpy_placement._tables[0])
+
+
+@pytest.mark.parametrize("budget", [5, 7])  # one table height (8): one compilation
+def test_uniform_pmf_gets_even_spacing_and_saves_m_over_m_plus_one(budget):
+    n = 100  # depths 0..100 uniform: no checkpoint costs 50 tokens on average
+    placement = solve(np.ones(n + 1), budget, method=TILED)
+    gaps = np.diff(np.concatenate([[0], placement.positions, [n + 1]]))
+    assert gaps.max() - gaps.min() <= 1
+    saved = 1 - placement.expected_cost / 50.0
+    assert abs(saved - budget / (budget + 1)) < 0.02
+
+
+@pytest.mark.parametrize("grid, cost", [(1, "linear"), (3, "hybrid:0.5,0.01")])
+def test_tiled_search_matches_reference_on_random_pmfs(grid, cost):
+    rng = np.random.default_rng(grid)
+    n = 100
+    for trial in range(3):
+        pmf = rng.random(n + 1)
+        if trial == 1:
+            pmf *= rng.random(n + 1) < 0.1  # sparse: long zero runs
+            pmf[0] += 0.5
+        if trial == 2:
+            pmf = rng.integers(0, 4, n + 1).astype(float)  # integer counts: exact ties
+            pmf[0] += 1
+        ours, ref = solve(pmf, 7, cost=cost, grid=grid, method=TILED), reference_solve(pmf, 7, cost, grid)
+        assert close(ours.expected_cost, ref.expected_cost, 1e-12)
+        if trial != 1:  # the sparse trial may tie in float; the others have a unique or exact optimum
+            assert ours.positions.tolist() == ref.positions.tolist()
+        for length in (0, 1, 37, 64, 99):
+            if pmf[: length + 1].sum() > 0:
+                assert close(ours.expected_cost_for(length), ref.expected_cost_for(length), 1e-12)
+
+
+def test_solve_batch_equals_a_loop_of_solve():
+    rng = np.random.default_rng(0)
+    pmfs = rng.random((3, 14)) * (rng.random((3, 14)) < 0.7)
+    pmfs[:, 0] += 0.1
+    batch = solve_batch(pmfs, 3, cost="hybrid:1,0.25")
+    assert batch.positions.shape == (3, 3) and batch.positions.dtype == np.int64
+    for i, pmf in enumerate(pmfs):
+        single = solve(pmf, 3, cost="hybrid:1,0.25")
+        assert batch.counts[i] == single.positions.size
+        assert batch.positions[i, : batch.counts[i]].tolist() == single.positions.tolist()
+        assert np.all(batch.positions[i, batch.counts[i]:] == 0)
+        assert close(batch.expected_cost[i], single.expected_cost)
+        for length in (0, 5, 13):
+            assert batch.positions_for(i, length).tolist() == single.positions_for(length).tolist()
+        assert batch.row(i).positions.tolist() == single.positions.tolist()
+
+
+def test_idle_positions_are_dropped_and_budget_is_capped():
+    pmf = np.zeros(11)
+    pmf[5] = 1.0  # all requests overlap exactly 5 tokens
+    placement = solve(pmf, 3)
+    assert placement.positions.tolist() == [5] and placement.expected_cost == 0.0
+    assert solve(np.ones(4), 50).positions.tolist() == [1, 2, 3]  # budget > N is capped
+    assert solve([3.0], 2).positions.size == 0  # N = 0: nothing to place
+
+
+def test_budget_zero_costs_the_mean_of_g():
+    pmf = np.array([1.0, 0, 2, 1])
+    placement = solve(pmf, 0, cost=hybrid(1, 1))
+    assert placement.positions.size == 0
+    assert close(placement.expected_cost, (0 + 2 * 6 + 12) / 4)
+
+
+def test_grid_solution_is_optimal_among_grid_placements_not_a_rounded_token_answer():
+    pmf = np.zeros(13)
+    pmf[[5, 6]] = [1.0, 1.5]  # token optimum: 5 (saves 12.5 vs 9 at 6); rounded down to grid 3: 3
+    assert solve(pmf, 1).positions.tolist() == [5]
+    on_grid = solve(pmf, 1, grid=3)
+    assert on_grid.positions.tolist() == [6]  # saves 9 > 7.5 at 3: every token is costed
+    assert close(on_grid.expected_cost, (1 * 5 + 1.5 * 0) / 2.5)
+    assert close(on_grid.expected_cost, brute_force(pmf, 1, "linear", 3).expected_cost)
+
+
+def test_solver_leaves_the_global_x64_flag_alone():
+    solve(np.ones(5), 2)
+    assert not jax.config.jax_enable_x64
+    assert jnp.zeros(1).dtype == jnp.float32
+
+
+def test_one_compilation_serves_every_budget_and_size_in_a_bucket():
+    solve(np.ones(9), 1, method="dense")
+    before = dp.solve_one._cache_size()
+    for n, budget in [(9, 2), (12, 4), (16, 3), (10, 1)]:
+        solve(np.arange(n + 1.0), budget, cost="hybrid:2,0.5", method="dense")
+    assert dp.solve_one._cache_size() == before
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_row_argmin_returns_the_leftmost_minimum_of_monotone_lines(levels):
+    rng = np.random.default_rng(levels)
+    rows, columns = 22, 9  # padded to 24 rows inside
+    slope = np.cumsum(rng.integers(1, 3, columns)).astype(float)
+    intercept = rng.integers(-20, 20, columns).astype(float)
+    mass_before = rng.integers(0, 5, columns).astype(float)
+    row_mass = np.sort(rng.integers(0, 8, rows)).astype(float)
+    row_cost = rng.integers(0, 10, rows).astype(float)
+    limit = np.minimum(np.sort(rng.integers(-2, columns + 2, rows)), columns - 1).astype(np.int32)
+    values = intercept[None] + row_cost[:, None] - slope[None] * (row_mass[:, None] - mass_before[None])
+    values = np.where(np.arange(columns)[None] <= limit[:, None], values, np.inf)
+    expected = np.where(np.isfinite(values.min(axis=1)), values.argmin(axis=1), -1)
+    with jax.enable_x64(True):
+        found = jax.jit(row_argmin, static_argnums=4)(Lines(intercept, slope, mass_before), row_mass,
+                                                      row_cost, limit, levels)
+    assert np.asarray(found).tolist() == expected.tolist()
+
+
+def test_row_padding_and_radices_factor_exactly():
+    assert [padded_rows(n) for n in (1, 5, 17, 25, 4096, 4097)] == [1, 6, 24, 32, 4096, 6144]
+    for rows in (16, 24, 6144, 16384):
+        for levels in (1, 2, 3, 5):
+            factors = radices(rows, levels)
+            assert int(np.prod(factors)) == rows and len(factors) <= levels and min(factors) >= 2
