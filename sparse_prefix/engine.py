@@ -347,7 +347,25 @@ class Engine:
         return self.model.prefill(self.params, tokens, state, checkpoints, lengths)
 
     def _commit(self, plans: list[RequestPlan], final: State, emitted) -> list[tuple[int, int]]:
-        """Commit every row; returns per row (states stored, bytes taken). Holds the engine lock."""
+        """Commit every row, then write all new states and pages at once. Holds the engine lock.
+
+        Returns per row (states stored, bytes taken). If anything fails after the first commit, the
+        open plans are aborted and the whole cache is dropped: the index may list entries whose
+        states were never written, and serving one of them would be a wrong answer.
+        """
+        try:
+            return self._commit_rows(plans, final, emitted)
+        except BaseException:
+            for plan in plans:
+                try:
+                    self.index.abort(plan)
+                except ValueError:                         # already committed or aborted
+                    pass
+            self._reset_host()
+            self.store.reset()
+            raise
+
+    def _commit_rows(self, plans: list[RequestPlan], final: State, emitted) -> list[tuple[int, int]]:
         slot_writes: dict[int, tuple[int, int]] = {}     # slot -> (row, k); later commits win
         page_writes: dict[int, tuple[int, int]] = {}     # page -> (row, page index in the sequence)
         stored = []
@@ -375,19 +393,12 @@ class Engine:
             stored.append((len(result.slots), len(result.slots) * self.layout.slot_bytes
                            + len(fresh) * self.layout.page_bytes))
             self._counters["checkpoints_stored"] += len(result.slots)
-        try:
-            if slot_writes:
-                (rows, ks), slots = zip(*slot_writes.values()), list(slot_writes)
-                self.store.insert(emitted, rows, ks, slots)
-            if page_writes:
-                (rows, seq_pages), pages = zip(*page_writes.values()), list(page_writes)
-                self.store.write_pages(final.kv, rows, seq_pages, pages)
-        except BaseException:
-            # The index already lists these entries: rather than ever serve a state that was not
-            # written, drop the whole cache.
-            self._reset_host()
-            self.store.reset()
-            raise
+        if slot_writes:
+            (rows, ks), slots = zip(*slot_writes.values()), list(slot_writes)
+            self.store.insert(emitted, rows, ks, slots)
+        if page_writes:
+            (rows, seq_pages), pages = zip(*page_writes.values()), list(page_writes)
+            self.store.write_pages(final.kv, rows, seq_pages, pages)
         return stored
 
     def _count(self, plan: RequestPlan) -> None:

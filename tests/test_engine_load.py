@@ -155,3 +155,25 @@ def test_a_slow_background_resolve_never_stalls_requests(monkeypatch):
     release.set()
     engine.close()
     assert engine.planner.solves >= 1
+
+
+def test_a_failed_state_write_drops_the_cache_rather_than_serve_unwritten_states(monkeypatch):
+    engine = Engine(MODEL, PARAMS, policy="block:8", capacity_entries=4, background_resolve=False)
+    requests = workload(5, 6)
+    for tokens in requests[:3]:
+        engine.prefill(tokens)
+
+    def lost_device(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.store, "insert", lost_device)
+    fresh = np.arange(1, 30, dtype=np.int32)        # stores states at 8, 16, 24
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.prefill(fresh)
+    monkeypatch.undo()
+    assert engine.index.entries() == () and engine.store.pages_in_use == 0
+    assert engine.stats()["in_flight"] == 0
+    for tokens in [fresh] + requests[3:]:
+        np.testing.assert_array_equal(engine.prefill(tokens).last_logits,
+                                      uncached(MODEL, PARAMS, [tokens])[0])
+    check_invariants(engine)
