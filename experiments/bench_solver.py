@@ -4,8 +4,8 @@
 
 Times `solve` end to end (validation, prefix sums, the device call, fetching the positions, their
 expected cost): warm median of --repeats runs after one compiling call, whose time is reported
-apart. The reference runs --reference-repeats times (fewer: it is slow), and not at all above
---reference-max depths. The pmf is a fixed random mixture (seeded), the same for both solvers, and the
+apart. The reference is slow, so it runs fewer times: by default 5 times up to N = 256, 3 up to
+4096 and once above (--reference-repeats overrides), and not at all above --reference-max depths. The pmf is a fixed random mixture (seeded), the same for both solvers, and the
 two answers' expected costs are checked to agree.
 """
 
@@ -45,7 +45,14 @@ def timed(call: Callable[[], object], repeats: int) -> tuple[list[float], object
     return times, result
 
 
-def run(sizes: list[int], budgets: list[int], method: str, repeats: int, reference_repeats: int,
+def reference_runs(n: int, override: int | None) -> int:
+    """How many times the reference runs at depth n."""
+    if override is not None:
+        return override
+    return 5 if n <= 256 else 3 if n <= 4096 else 1
+
+
+def run(sizes: list[int], budgets: list[int], method: str, repeats: int, reference_repeats: int | None,
         reference_max: int) -> list[dict]:
     """One row per (N, M): JAX compile / warm median, reference median, speedup, agreement."""
     rows = []
@@ -60,9 +67,10 @@ def run(sizes: list[int], budgets: list[int], method: str, repeats: int, referen
                        levels=search_levels(method, bucket(n)), jax_first_s=compile_s,
                        jax_median_s=statistics.median(times), jax_min_s=min(times), jax_runs=repeats,
                        positions=int(ours.positions.size))
-            if n <= reference_max and reference_repeats > 0:
-                ref_times, ref = timed(lambda: reference_solve(pmf, budget), reference_repeats)
-                row.update(reference_median_s=statistics.median(ref_times), reference_runs=reference_repeats,
+            ref_runs = reference_runs(n, reference_repeats)
+            if n <= reference_max and ref_runs > 0:
+                ref_times, ref = timed(lambda: reference_solve(pmf, budget), ref_runs)
+                row.update(reference_median_s=statistics.median(ref_times), reference_runs=ref_runs,
                            speedup=statistics.median(ref_times) / row["jax_median_s"],
                            cost_rel_diff=abs(ours.expected_cost - ref.expected_cost) / ref.expected_cost)
             rows.append(row)
@@ -92,7 +100,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--budgets", default="1,8,32", help="comma-separated M")
     parser.add_argument("--method", default="auto", help="auto, dense or tiled:L")
     parser.add_argument("--repeats", type=int, default=20, help="warm JAX runs (median)")
-    parser.add_argument("--reference-repeats", type=int, default=3, help="reference runs (median)")
+    parser.add_argument("--reference-repeats", type=int, default=None,
+                        help="reference runs (median); default 5 / 3 / 1 for N <= 256 / 4096 / larger")
     parser.add_argument("--reference-max", type=int, default=16384, help="skip the reference above this N")
     parser.add_argument("--json", default=None, help="write the rows and the machine to this file")
     args = parser.parse_args(argv)
@@ -102,7 +111,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     budgets = [int(x) for x in args.budgets.split(",")]
     device = jax.devices(args.device)[0] if args.device else jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}); jax {jax.__version__}; "
-          f"{args.repeats} warm JAX runs, {args.reference_repeats} reference runs per cell")
+          f"JAX: median of {args.repeats} warm runs; reference: median of "
+          f"{args.reference_repeats if args.reference_repeats is not None else '5 / 3 / 1 (N <= 256 / 4096 / more)'} runs")
     print(HEADER)
     with jax.default_device(device):
         rows = run(sizes, budgets, args.method, args.repeats, args.reference_repeats, args.reference_max)

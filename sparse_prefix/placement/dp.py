@@ -29,10 +29,10 @@ from sparse_prefix.placement.search import Lines, row_argmin
 
 Array = jax.Array
 
-# "auto": dense up to DENSE_UP_TO rows, else one search pass per factor of about AUTO_RADIX rows.
-# CPU measured (BENCHMARKS.md); GPU: fewer, wider passes (kernel launches dominate), not yet tuned.
-AUTO_RADIX = {"cpu": 8, "gpu": 64}
-DENSE_UP_TO = 64
+# "auto" per platform: (dense up to this many rows, else one search pass per factor of ~radix rows).
+# CPU measured (BENCHMARKS.md). GPU, untuned: dense is one fused reduction and kernel launches
+# dominate, so dense much further and fewer, wider passes.
+AUTO = {"cpu": (64, 8), "gpu": (4096, 128)}
 
 
 def current_platform() -> str:
@@ -59,9 +59,9 @@ def search_levels(method: str, rows: int, platform: str | None = None) -> int:
         return int(method[6:])
     if method != "auto":
         raise ValueError(f"method must be 'auto', 'dense' or 'tiled:L' (L >= 1), got {method!r}")
-    if rows <= DENSE_UP_TO:
+    dense_up_to, radix = AUTO.get(platform or current_platform(), AUTO["gpu"])
+    if rows <= dense_up_to:
         return 1
-    radix = AUTO_RADIX.get(platform or current_platform(), AUTO_RADIX["gpu"])
     return max(1, int(np.ceil(np.log(rows) / np.log(radix) - 1e-9)))
 
 
@@ -82,14 +82,15 @@ def _layer(values: Array, lines_data: tuple[Array, Array, Array], row_mass: Arra
 
 
 def solve_tables(prefix_mass: Array, prefix_cost: Array, g: Array, layers: Array, row: Array, *,
-                 grid: int, height: int, method: str) -> tuple[Array, Array, Array, Array]:
+                 grid: int, height: int, levels: tuple[int, int]) -> tuple[Array, Array, Array, Array]:
     """All layers of one pmf and the backtrack from `row` (vmap or map it for a batch).
 
     Args:
       prefix_mass, prefix_cost, g: P, G, g float64 [R] (padded rows carry no mass).
       layers: int32 [], the budget M (capped at N // grid; <= height).
       row: int32 [], N, the row to backtrack from.
-      grid, height, method: static -- the grid, the coarse table height (>= M), the search method.
+      grid, height, levels: static -- the grid, the coarse table height (>= M), the search passes of
+        the coarse layers and of the final layer (`search_levels`).
 
     Returns:
       (coarse int32 [height, C], final int32 [R], positions int32 [height] -- descending, 0-padded,
@@ -103,7 +104,7 @@ def solve_tables(prefix_mass: Array, prefix_cost: Array, g: Array, layers: Array
     coarse = slice(grid - 1, grid * columns, grid)  # rows s - 1 for s = grid, 2 grid, ..., C grid
     lines_data = (prefix_cost[coarse], prefix_mass[coarse], g[grid: grid * columns + 1: grid])
     coarse_limit = jnp.arange(columns, dtype=jnp.int32) - 1
-    coarse_levels = search_levels(method, columns)
+    coarse_levels, final_levels = levels
 
     def coarse_layer(m, carry):
         values, tables = carry
@@ -116,7 +117,7 @@ def solve_tables(prefix_mass: Array, prefix_cost: Array, g: Array, layers: Array
     searched = slice(1, rows)  # row 0 never has a candidate
     limit = jnp.arange(1, rows, dtype=jnp.int32) // grid - 1
     best, final = _layer(values, lines_data, prefix_mass[searched], prefix_cost[searched], limit,
-                         prefix_cost[searched], grid, search_levels(method, rows - 1))
+                         prefix_cost[searched], grid, final_levels)
     final = jnp.where(layers > 0, jnp.concatenate([jnp.zeros((1,), jnp.int32), final]), 0)
     best = jnp.concatenate([prefix_cost[:1], best])
     optimum = jnp.where(layers > 0, best[row], prefix_cost[row])
@@ -132,22 +133,22 @@ def solve_tables(prefix_mass: Array, prefix_cost: Array, g: Array, layers: Array
     return tables, final, found, optimum
 
 
-@functools.partial(jax.jit, static_argnames=("grid", "height", "method"))
-def solve_one(prefix_mass, prefix_cost, g, layers, row, *, grid, height, method):
+@functools.partial(jax.jit, static_argnames=("grid", "height", "levels"))
+def solve_one(prefix_mass, prefix_cost, g, layers, row, *, grid, height, levels):
     """Jitted `solve_tables` for one pmf."""
     return solve_tables(prefix_mass, prefix_cost, g, layers, row, grid=grid, height=height,
-                        method=method)
+                        levels=levels)
 
 
-@functools.partial(jax.jit, static_argnames=("grid", "height", "method", "batching"))
-def solve_many(prefix_mass, prefix_cost, g, layers, row, *, grid, height, method, batching):
+@functools.partial(jax.jit, static_argnames=("grid", "height", "levels", "batching"))
+def solve_many(prefix_mass, prefix_cost, g, layers, row, *, grid, height, levels, batching):
     """Jitted `solve_tables` over a leading batch axis of P, G, g [B, R].
 
     `batching` "vmap" runs the rows in parallel (accelerators); "map" runs them one after the other
     with the unbatched kernels (faster on CPU, where batched scatters are slow).
     """
     one = functools.partial(solve_tables, layers=layers, row=row, grid=grid, height=height,
-                            method=method)
+                            levels=levels)
     if batching == "vmap":
         return jax.vmap(one)(prefix_mass, prefix_cost, g)
     return jax.lax.map(lambda args: one(*args), (prefix_mass, prefix_cost, g))

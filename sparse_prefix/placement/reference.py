@@ -19,7 +19,7 @@ from sparse_prefix.placement.costs import Cost, CostLike, check_count, check_pmf
 from sparse_prefix.placement.result import (Placement, backtrack, drop_idle, normalized,
                                              placement_cost)
 
-_BLOCK_ELEMENTS = 1 << 21  # rows x candidates evaluated at once (16 MiB of float64)
+_BLOCK_ELEMENTS = 1 << 18  # rows x candidates evaluated at once (2 MiB of float64)
 
 
 def prefix_sums(pmf: np.ndarray, cost: Cost) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -45,6 +45,7 @@ def reference_tables(pmf: np.ndarray, cost: Cost, layers: int, grid: int
     n = pmf.shape[0] - 1
     starts = np.arange(grid, n + 1, grid)
     before = starts - 1
+    slope, mass_before = g[starts], prefix_mass[before]
     block = max(1, _BLOCK_ELEMENTS // max(starts.size, 1))
     values = prefix_cost.copy()
     tables = np.zeros((layers, n + 1), np.int32)
@@ -53,9 +54,11 @@ def reference_tables(pmf: np.ndarray, cost: Cost, layers: int, grid: int
         new_values = values.copy()
         for first in range(grid, n + 1, block):
             rows = np.arange(first, min(first + block, n + 1))
-            segment = (intercept[None, :] + prefix_cost[rows, None]
-                       - g[starts][None, :] * (prefix_mass[rows, None] - prefix_mass[before][None, :]))
-            segment[starts[None, :] > rows[:, None]] = np.inf
+            width = rows[-1] // grid  # candidates s <= the block's last row
+            drop = slope[None, :width] * (prefix_mass[rows, None] - mass_before[None, :width])
+            segment = intercept[None, :width] + prefix_cost[rows, None]
+            segment -= drop
+            segment[starts[None, :width] > rows[:, None]] = np.inf
             best = np.argmin(segment, axis=1)
             tables[m, rows] = starts[best]
             new_values[rows] = segment[np.arange(rows.size), best]

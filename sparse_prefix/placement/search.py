@@ -127,9 +127,11 @@ def row_argmin(lines: Lines, row_mass: Array, row_cost: Array, limit: Array, lev
       lines: the C columns (C >= 1).
       row_mass, row_cost: float64 [R]; row_mass non-decreasing.
       limit: int32 [R], the last valid column of each row, non-decreasing (may be < 0).
-      levels: static, the number of passes (1 = dense).
+      levels: static, the number of passes (1 = dense: `dense_argmin`).
     """
     rows, columns = row_mass.shape[0], lines.intercept.shape[0]
+    if levels == 1:
+        return dense_argmin(lines, row_mass, row_cost, limit)
     size = padded_rows(rows)
     if size > rows:  # padding rows repeat the last row: same answer, monotonicity kept
         keep = jnp.minimum(jnp.arange(size), rows - 1)
@@ -147,6 +149,17 @@ def row_argmin(lines: Lines, row_mass: Array, row_cost: Array, limit: Array, lev
             arg = _search_pass(arg, lines, row_mass, row_cost, limit, solved, spacing * radix,
                                spacing, 1, radix - 1, width)
         solved *= radix
-    if not factors:  # a single row: solve it densely
-        arg = _search_pass(arg, lines, row_mass, row_cost, limit, 1, 1, 1, 0, 1, columns)
+    if not factors:  # a single row
+        return dense_argmin(lines, row_mass, row_cost, limit)
     return arg[:rows]
+
+
+def dense_argmin(lines: Lines, row_mass: Array, row_cost: Array, limit: Array) -> Array:
+    """`row_argmin` over all (row, column) pairs at once: values [R, C], two row reductions."""
+    columns = lines.intercept.shape[0]
+    col = jnp.arange(columns, dtype=jnp.int32)
+    values = lines.at(col[None, :], row_mass[:, None], row_cost[:, None])
+    values = jnp.where(col[None, :] <= limit[:, None], values, jnp.inf)
+    best = jnp.min(values, axis=1)
+    best_col = jnp.min(jnp.where(values == best[:, None], col[None, :], columns), axis=1)
+    return jnp.where(best < jnp.inf, best_col, -1).astype(jnp.int32)

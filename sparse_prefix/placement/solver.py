@@ -1,14 +1,14 @@
 """Public entry points: `solve` and `solve_batch` -- host glue around the jitted solver (dp.py).
 
 Host side: validate, normalise, prefix sums in float64 NumPy (the reference uses the same arrays),
-pad to a shape bucket, call the device, fetch only the backtracked positions and the optimum; the
-argmin tables stay on the device until a `positions_for` asks for them.
+pad to a shape bucket, call the device, fetch only the backtracked positions; the argmin tables stay
+on the device until a `positions_for` asks for them.
 
 Compile reuse: N is padded up to a bucket of {2^k, 3*2^(k-1)} (>= 16; the padded depths carry no
 mass and the backtrack starts at row N, so the answer is the unpadded one), the table height (the
 budget) up to a power of two (the layer loop runs exactly `budget` times), and a batch up to a power
 of two (padded with copies of row 0). Distinct compilations are keyed by (N bucket, height bucket,
-batch bucket, grid, method) only; the cost model and the budget are runtime values. A batch runs
+batch bucket, grid, search passes) only; the cost model and the budget are runtime values. A batch runs
 vmapped on accelerators and as a `lax.map` of the unbatched kernels on CPU (batched scatters are slow
 there); either way one jitted call.
 """
@@ -25,6 +25,7 @@ from sparse_prefix.placement.costs import Cost, CostLike, check_count, check_pmf
 from sparse_prefix.placement.reference import prefix_sums
 from sparse_prefix.placement.result import (BatchPlacement, Placement, drop_idle, normalized,
                                              placement_cost)
+
 
 def bucket(size: int, smallest: int = 16) -> int:
     """The smallest of {2^k, 3 * 2^(k-1)} (>= `smallest`, a power of two) that is >= `size`."""
@@ -58,7 +59,7 @@ def _solve_device(pmfs: np.ndarray, model: Cost, layers: int, grid: int, method:
     """
     n = pmfs.shape[1] - 1
     padded = bucket(n)
-    dp.search_levels(method, padded)  # validates `method` before any tracing
+    levels = (dp.search_levels(method, padded // grid), dp.search_levels(method, padded))
     height = power_of_two(max(layers, 4))
     rows = pmfs.shape[0]
     if batched:
@@ -69,11 +70,11 @@ def _solve_device(pmfs: np.ndarray, model: Cost, layers: int, grid: int, method:
         if batched:
             batching = "map" if dp.current_platform() == "cpu" else "vmap"
             coarse, final, found, _ = dp.solve_many(
-                prefix_mass, prefix_cost, g, *args, grid=grid, height=height, method=method,
+                prefix_mass, prefix_cost, g, *args, grid=grid, height=height, levels=levels,
                 batching=batching)
         else:
             coarse, final, found, _ = dp.solve_one(
-                prefix_mass[0], prefix_cost[0], g[0], *args, grid=grid, height=height, method=method)
+                prefix_mass[0], prefix_cost[0], g[0], *args, grid=grid, height=height, levels=levels)
         found = np.asarray(jax.device_get(found), np.int64).reshape(-1, height)
     return (coarse, final), found
 
