@@ -345,8 +345,20 @@ class HybridLM:
         return self._programs.decode(params, token_np, state)
 
     def restore(self, state: State, checkpoints: Checkpoints, k) -> State:
-        """`RecurrentLM.restore`: the recurrent part of slot k int32[B]; KV kept, length set."""
-        return restore_state(state, checkpoints, jnp.asarray(k, jnp.int32))
+        """`RecurrentLM.restore`: the recurrent part of slot k int32[B]; KV kept, length set.
+
+        The KV buffers of `state` must hold the prefix (e.g. the final state of the emitting call).
+        """
+        if not isinstance(checkpoints, Checkpoints):
+            raise TypeError(f"checkpoints must be Checkpoints, got {type(checkpoints).__name__}")
+        k_np = np.asarray(k)
+        batch, slots = np.shape(checkpoints.lengths)
+        if k_np.dtype.kind not in "iu" or k_np.shape != (batch,):
+            raise ValueError(f"k must be an integer array of shape [{batch}], got {k_np.dtype} {k_np.shape}")
+        if np.any((k_np < 0) | (k_np >= slots)):
+            raise ValueError(f"k must lie in 0..{slots - 1}, got {k_np.tolist()}")
+        check_state(state, self.abstract_state(batch))
+        return restore_state(state, checkpoints, jnp.asarray(k_np, jnp.int32))
 
     def forward(self, params: dict, tokens) -> Array:
         """Logits f32[B, T, V] at every position from a fresh state (training and references).

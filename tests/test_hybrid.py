@@ -198,6 +198,11 @@ def test_bad_calls_raise_named_errors(tiny):
         model.decode(params, np.full(2, -1, np.int32), state)
     with pytest.raises(ValueError, match="max_length"):
         model.forward(params, np.zeros((1, 129), np.int32))
+    _, final, emitted = model.prefill(params, np.zeros((2, WIDTH), np.int32), state, [8, 16])
+    with pytest.raises(ValueError, match="k must lie in 0..1"):
+        model.restore(final, emitted, np.array([0, 2]))
+    with pytest.raises(ValueError, match="shape"):
+        model.restore(final, emitted, np.array([0]))
     with pytest.raises(TypeError, match="HybridConfig"):
         HybridLM(object())
     with pytest.raises(ValueError, match="backend"):
