@@ -18,7 +18,9 @@ requests, tokens truncated at `max_tokens`. `split_warm` cuts the warm-up / meas
 
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +187,22 @@ def _parse_line(record: Any, tokenizer) -> Request:
     return Request(group=group, tokens=tokens, hints=tuple(hints), text=text, meta=meta)
 
 
+def _open_text(path: Path, mode: str):
+    """Open a trace for text I/O; `.xz` / `.gz` suffixes are (de)compressed on the fly.
+
+    `.xz` uses a 64 MiB dictionary, so a trace whose requests repeat long shared prefixes (a document
+    asked about many times) shrinks to about its unique tokens -- small enough to carry to a GPU machine.
+    """
+    if path.suffix == ".xz":
+        if "w" in mode:
+            filters = [{"id": lzma.FILTER_LZMA2, "preset": 6, "dict_size": 64 << 20}]
+            return lzma.open(path, "wt", encoding="utf-8", format=lzma.FORMAT_XZ, filters=filters)
+        return lzma.open(path, "rt", encoding="utf-8")
+    if path.suffix == ".gz":
+        return gzip.open(path, mode + "t", encoding="utf-8")
+    return path.open(mode, encoding="utf-8")
+
+
 def load_trace(
     path: str | os.PathLike,
     tokenizer: Any = None,
@@ -211,7 +229,7 @@ def load_trace(
     if not path.is_file():
         raise FileNotFoundError(f"trace file {path} does not exist")
     requests = []
-    with path.open(encoding="utf-8") as handle:
+    with _open_text(path, "r") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -245,7 +263,7 @@ def save_trace(path: str | os.PathLike, requests: Iterable[Request]) -> int:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
-    with path.open("w", encoding="utf-8") as handle:
+    with _open_text(path, "w") as handle:
         for request in requests:
             if not isinstance(request, Request):
                 raise TypeError(f"requests: expected Request items, got {type(request).__name__}")

@@ -84,6 +84,19 @@ def test_save_then_load_round_trips(tmp_path):
     assert load_trace(path) == requests
 
 
+@pytest.mark.parametrize("suffix", [".jsonl.xz", ".jsonl.gz"])
+def test_compressed_traces_round_trip_and_xz_shrinks_repeated_prefixes(tmp_path, suffix):
+    document = np.random.default_rng(0).integers(0, 150_000, size=20_000)
+    requests = [Request("doc", np.concatenate([document, [i, i + 1]])) for i in range(5)]
+    path = tmp_path / f"t{suffix}"
+    assert save_trace(path, requests) == 5
+    assert load_trace(path) == requests
+    if suffix == ".jsonl.xz":
+        plain = tmp_path / "t.jsonl"
+        save_trace(plain, requests)
+        assert path.stat().st_size < plain.stat().st_size / 3
+
+
 def test_load_skips_blank_lines(tmp_path):
     path = _write_lines(tmp_path, ['{"group": "a", "tokens": [1, 2]}', "", "  ", '{"group": "b", "tokens": [3]}'])
     assert [r.group for r in load_trace(path)] == ["a", "b"]
