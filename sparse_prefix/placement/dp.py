@@ -32,7 +32,7 @@ Array = jax.Array
 # "auto" per platform: (dense up to this many rows, else one search pass per factor of ~radix rows).
 # CPU measured (BENCHMARKS.md). GPU, untuned: dense is one fused reduction and kernel launches
 # dominate, so dense much further and fewer, wider passes.
-AUTO = {"cpu": (64, 8), "gpu": (4096, 128)}
+AUTO = {"cpu": (64, 32), "gpu": (4096, 128)}
 
 
 def current_platform() -> str:
