@@ -258,20 +258,76 @@ def simulator_mismatches(records: Mapping[str, np.ndarray], simulated: Mapping[s
 # ----------------------------------------------------------------------------- the run
 
 
-def timed_replay(requests: Sequence[Request], policies: Sequence[str], *, model: Any, params: Any,
-                 seed: int, capacity: int, eviction: str = "fifo", warm_fraction: float = 0.6,
-                 limit: int = 1000, max_tokens: int = 16384, budget_s: float | None = None,
-                 background_resolve: bool = False, check_accounting: bool = True,
-                 on_policy: Callable[[TimedReplay], None] | None = None) -> TimedReplay:
-    """Time the replay protocol through the real Engine for each policy (see the module docstring).
+@dataclasses.dataclass(frozen=True)
+class ReplayPlan:
+    """What a timed run will replay, decided before any device work.
+
+    Attributes:
+      policies: "none" first, then the others (duplicates dropped).
+      order: the protocol order (truncated to the model's max_length).  n_warm: its warm-only head.
+      simulated: per policy the simulator's one-pass records of every request (`simulate.RECORD_FIELDS`).
+      checkpoint_slots: padded checkpoint slots of every prefill (a power of two >= 8 covering the
+        most states any request of any policy stores): one compiled prefill for the whole run.
+      max_pages: the most KV pages one request writes.
+      capacity, eviction: the cache's entries and eviction policy.
+    """
+
+    policies: tuple[str, ...]
+    order: tuple[Request, ...]
+    n_warm: int
+    simulated: Mapping[str, Mapping[str, np.ndarray]]
+    checkpoint_slots: int
+    max_pages: int
+    capacity: int
+    eviction: str
+
+
+def plan_replay(requests: Sequence[Request], policies: Sequence[str], *, model: Any, seed: int, capacity: int,
+                eviction: str = "fifo", warm_fraction: float = 0.6, limit: int = 1000,
+                max_tokens: int = 16384) -> ReplayPlan:
+    """Order the trace, check it against the model and simulate every policy (host and solver only).
 
     Args:
       requests: the trace in file order (token ids inside the model's vocabulary).
       policies: Planner specs; "none" (no cache, the baseline) is run first, added if missing.
-      model, params: the `RecurrentLM` and its parameters.
+      model: the `RecurrentLM` (chunk_size, max_length, vocab_size are read).
       seed: the protocol order's seed.  capacity: cache entries (20 QuALITY, 50 System Prompts).
-      eviction: the index's eviction policy.  warm_fraction: the untimed leading share.
+      eviction: the index's eviction policy.  warm_fraction: the untimed leading share, in [0, 1).
       limit, max_tokens: the protocol's request cut and truncation (capped at model.max_length).
+
+    Returns:
+      A `ReplayPlan`.
+    """
+    from sparse_prefix.planner import parse_policy
+
+    policies = [str(p) for p in policies]
+    for policy in policies:
+        parse_policy(policy)
+    policies = ["none"] + [p for p in dict.fromkeys(policies) if p != "none"]
+    if isinstance(warm_fraction, bool) or not isinstance(warm_fraction, (int, float)) \
+            or not 0.0 <= warm_fraction < 1.0:
+        raise ValueError(f"warm_fraction must lie in [0, 1), got {warm_fraction!r}")
+    order = protocol_order(requests, seed=seed, limit=limit, max_tokens=min(max_tokens, int(model.max_length)))
+    check_vocab(order, int(model.vocab_size))
+    n_warm = warm_count(len(order), warm_fraction)
+    if n_warm >= len(order):
+        raise ValueError(f"warm_fraction={warm_fraction} leaves no measured request out of {len(order)}")
+    simulated = simulate_policies(order, policies, model=model, capacity=capacity, eviction=eviction)
+    most_states = max(int(r["new_checkpoints"].max()) for r in simulated.values())
+    return ReplayPlan(policies=tuple(policies), order=tuple(order), n_warm=n_warm, simulated=simulated,
+                      checkpoint_slots=pow2_at_least(most_states, MIN_CHECKPOINT_SLOTS),
+                      max_pages=max(r.length for r in order) // int(model.chunk_size),
+                      capacity=capacity, eviction=eviction)
+
+
+def run_replay(plan: ReplayPlan, *, model: Any, params: Any, budget_s: float | None = None,
+               background_resolve: bool = False, check_accounting: bool = True,
+               on_policy: Callable[[TimedReplay], None] | None = None) -> TimedReplay:
+    """Time `plan` through a fresh Engine per policy (see the module docstring).
+
+    Args:
+      plan: from `plan_replay` (for this model).
+      model, params: the `RecurrentLM` and its parameters.
       budget_s: wall seconds this call may take (None: unlimited).
       background_resolve: re-solve the DP on the engine's thread (serving mode; accounting may then
         differ from the simulator) instead of inline.
@@ -282,45 +338,34 @@ def timed_replay(requests: Sequence[Request], policies: Sequence[str], *, model:
       A `TimedReplay`.
     """
     from sparse_prefix.engine import Engine
-    from sparse_prefix.planner import parse_policy
 
+    if budget_s is not None and (isinstance(budget_s, bool) or not isinstance(budget_s, (int, float))
+                                 or not budget_s > 0):
+        raise ValueError(f"budget_s must be a number > 0 or None, got {budget_s!r}")
     started = time.perf_counter()
     deadline = None if budget_s is None else started + float(budget_s)
-    if budget_s is not None and (isinstance(budget_s, bool) or not budget_s > 0):
-        raise ValueError(f"budget_s must be a number > 0 or None, got {budget_s!r}")
-    policies = [str(p) for p in policies]
-    for policy in policies:
-        parse_policy(policy)
-    policies = ["none"] + [p for p in dict.fromkeys(policies) if p != "none"]
-    order = protocol_order(requests, seed=seed, limit=limit, max_tokens=min(max_tokens, int(model.max_length)))
-    check_vocab(order, int(model.vocab_size))
-    n_warm = warm_count(len(order), warm_fraction)
-    if not 0.0 <= warm_fraction < 1.0 or n_warm >= len(order):
-        raise ValueError(f"warm_fraction={warm_fraction} leaves no measured request out of {len(order)}")
-    simulated = simulate_policies(order, policies, model=model, capacity=capacity, eviction=eviction)
-    most_states = max(int(r["new_checkpoints"].max()) for r in simulated.values())
-    slots = pow2_at_least(most_states, MIN_CHECKPOINT_SLOTS)
-    max_pages = max(r.length for r in order) // int(model.chunk_size)
+    order, n_warm, slots = plan.order, plan.n_warm, plan.checkpoint_slots
+    mean_length = float(np.mean([r.length for r in order[n_warm:]]))
     timings: list[PolicyTiming] = []
     skipped: list[dict] = []
     last_duration = 0.0
 
     def snapshot() -> TimedReplay:
-        measured = [r.length for r in order[n_warm:]]
-        return TimedReplay(tuple(timings), tuple(skipped), len(order), n_warm, slots, float(np.mean(measured)))
+        return TimedReplay(tuple(timings), tuple(skipped), len(order), n_warm, slots, mean_length)
 
-    for policy in policies:
+    for policy in plan.policies:
         now = time.perf_counter()
         if deadline is not None and now + last_duration > deadline:
             skipped.append({"policy": policy, "reason": f"not started: {now - started:.0f} s used, the last "
                                                         f"policy took {last_duration:.0f} s, budget {budget_s} s"})
             continue
-        engine = Engine(model, params, policy=policy, eviction=eviction, capacity_entries=capacity,
+        simulated = plan.simulated[policy]
+        engine = Engine(model, params, policy=policy, eviction=plan.eviction, capacity_entries=plan.capacity,
                         background_resolve=background_resolve, min_checkpoint_slots=slots,
                         planner_options=planner_options_for(model))
         try:
-            prepare_engine(engine, checkpoint_slots=slots,
-                           max_states=int(simulated[policy]["new_checkpoints"].max()), max_pages=max_pages)
+            prepare_engine(engine, checkpoint_slots=slots, max_states=int(simulated["new_checkpoints"].max()),
+                           max_pages=plan.max_pages)
             setup_s = time.perf_counter() - now
             records, warm_s, compiles = replay_engine(engine, order, n_warm, deadline=deadline)
         except _OutOfBudget as stop:
@@ -330,12 +375,30 @@ def timed_replay(requests: Sequence[Request], policies: Sequence[str], *, model:
             engine.close()
             del engine
             gc.collect()
-        mismatches = simulator_mismatches(records, simulated[policy], n_warm) if check_accounting else None
+        mismatches = simulator_mismatches(records, simulated, n_warm) if check_accounting else None
         timings.append(PolicyTiming(policy, records, warm_s, setup_s, compiles, mismatches))
         last_duration = time.perf_counter() - now
         if on_policy is not None:
             on_policy(snapshot())
     return snapshot()
+
+
+def timed_replay(requests: Sequence[Request], policies: Sequence[str], *, model: Any, params: Any,
+                 seed: int, capacity: int, eviction: str = "fifo", warm_fraction: float = 0.6,
+                 limit: int = 1000, max_tokens: int = 16384, budget_s: float | None = None,
+                 background_resolve: bool = False, check_accounting: bool = True,
+                 on_policy: Callable[[TimedReplay], None] | None = None) -> TimedReplay:
+    """`plan_replay` then `run_replay` (the budget counts from here, planning included); see both."""
+    started = time.perf_counter()
+    if budget_s is not None and (isinstance(budget_s, bool) or not isinstance(budget_s, (int, float))
+                                 or not budget_s > 0):
+        raise ValueError(f"budget_s must be a number > 0 or None, got {budget_s!r}")
+    plan = plan_replay(requests, policies, model=model, seed=seed, capacity=capacity, eviction=eviction,
+                       warm_fraction=warm_fraction, limit=limit, max_tokens=max_tokens)
+    remaining = None if budget_s is None else max(budget_s - (time.perf_counter() - started), 1e-9)
+    return run_replay(plan, model=model, params=params, budget_s=remaining,
+                      background_resolve=background_resolve, check_accounting=check_accounting,
+                      on_policy=on_policy)
 
 
 # ----------------------------------------------------------------------------- summaries

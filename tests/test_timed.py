@@ -6,6 +6,7 @@ max_length and checkpoint lists to 8 slots, as test_engine's do, so the prefill 
 """
 
 import json
+import lzma
 import subprocess
 import sys
 import time
@@ -234,20 +235,26 @@ def test_resume_bench_resumes_at_the_snapped_overlap():
     assert set(row["engine_timings_s"]) == {"plan", "restore", "prefill", "commit", "total"}
 
 
-def test_cli_writes_the_table_and_json(tmp_path, capsys):
+def test_cli_writes_the_table_and_json_from_a_compressed_trace(tmp_path, capsys):
+    from sparse_prefix.cli import main
+
     trace = tmp_path / "trace.jsonl"
     save_trace(trace, tiny_trace())
+    packed = tmp_path / "trace.jsonl.xz"
+    packed.write_bytes(lzma.compress(trace.read_bytes()))
     out = tmp_path / "out"
-    code = cli_timed.main(["--dataset", "quality", "--trace", str(trace), "--preset", "mamba2-tiny",
-                           "--policies", "block:16", "--limit", "15", "--seed", "2", "--capacity", "4",
-                           "--calibrate-lengths", "16,32,64", "--calibrate-repeats", "1", "--out", str(out)])
+    code = main(["timed", "--dataset", "quality", "--trace", str(packed), "--preset", "mamba2-tiny",
+                 "--policies", "block:16", "--sample-groups", "2", "--seed", "2", "--capacity", "4",
+                 "--calibrate-lengths", "16,32,64", "--calibrate-repeats", "1", "--out", str(out)])
     assert code == 0
     payload = json.loads((out / "results.json").read_text())
     assert [p["policy"] for p in payload["policies"]] == ["none", "block:16"]
-    assert payload["n_requests"] == 15 and payload["n_warm"] == 9
+    assert payload["n_requests"] == 14 and payload["n_warm"] == 8        # 2 of 3 groups drawn
     assert len(payload["policies"][1]["records"]["time_s"]) == 6
     assert payload["calibration"]["lengths"] == [16, 32, 64]
     assert payload["policies"][1]["simulator_mismatches"] == 0
+    assert [p["compiles_during_measurement"] for p in payload["policies"]] == [0, 0]
+    assert payload["calibration"]["checkpoint_slots"] == payload["checkpoint_slots"]   # the engines' program
     assert "block:16" in (out / "table.md").read_text()
     assert "ideal speedup" in capsys.readouterr().out
 
