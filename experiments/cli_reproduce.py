@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     results = reproduce.run_reproduction(
         requests, runs, capacity=capacity, seeds=seeds, captures=captures, groups=args.sample_groups,
         limit=args.limit, max_tokens=args.max_tokens, workers=args.workers,
-        bytes_per_checkpoint=bytes_per_checkpoint, progress=not args.quiet)
+        bytes_per_checkpoint=bytes_per_checkpoint, progress=not args.quiet,
+        reduce_one_pass=args.policies is None and not args.quick)
     stats = reproduce.trace_stats(requests, seeds=seeds, groups=args.sample_groups, limit=args.limit,
                                   max_tokens=args.max_tokens)
     paper = paper_run(args.dataset)

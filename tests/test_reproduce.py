@@ -68,7 +68,25 @@ def test_hybrid_cost_is_attention_flops_over_twice_the_linear_flops():
     a, b = (float(v) for v in reproduce.hybrid_cost_spec().removeprefix("hybrid:").split(","))
     assert a == 1.0
     attention = 4 * 8 * 256                      # one attention layer: 8 heads x 256, QK and PV
-    assert 1e-5 < b < 1e-4 and math.isclose(attention / (2 * b), 169e6, rel_tol=0.1)
+    mlp = 4 * 3 * 1024 * 3584                    # four SwiGLU blocks
+    gdn = 3 * (1024 * 3 * 2048 + 1024 * 2048 + 2 * 1024 * 16 + 4 * 6144 + 2048 * 1024)  # qkv, z, a/b, conv, out
+    gated_attention = 1024 * 2 * 2048 + 2 * 1024 * 512 + 2048 * 1024                 # q + gate, k, v, out
+    linear = 2 * (mlp + gdn + gated_attention) + 3 * 4 * 16 * 128 * 128              # + GDN state update/read
+    assert math.isclose(b, attention / (2 * linear), rel_tol=0.01)
+
+
+def test_tasks_group_equal_settings_in_small_chunks_and_reduce_one_pass():
+    runs = reproduce.default_runs("hybrid:1,1e-05")
+    tasks = reproduce._tasks(runs, reproduce.CAPTURES, True, {"seeds": 2})
+    for capture, members, kwargs in tasks:
+        assert 1 <= len(members) <= reproduce.TASK_SIZE
+        assert len({run.settings for run in members}) == 1 and kwargs["capture"] == capture
+        assert kwargs["grid"] == members[0].grid and kwargs["eviction"] == members[0].eviction
+    separate = [run.label for c, members, _ in tasks if c == "separate" for run in members]
+    one_pass = [run.label for c, members, _ in tasks if c == "one-pass" for run in members]
+    assert sorted(separate) == sorted(run.label for run in runs)
+    assert sorted(one_pass) == sorted(run.label for run in reproduce.one_pass_runs(runs))
+    assert "balanced:1" not in one_pass and "dp:1" in one_pass and "Marconi" in one_pass
 
 
 # ------------------------------------------------------------------------------------ acceptance
