@@ -53,23 +53,23 @@ def reference_runs(n: int, override: int | None) -> int:
 
 
 def run(sizes: list[int], budgets: list[int], method: str, repeats: int, reference_repeats: int | None,
-        reference_max: int) -> list[dict]:
+        reference_max: int, grid: int = 1) -> list[dict]:
     """One row per (N, M): JAX compile / warm median, reference median, speedup, agreement."""
     rows = []
     for n in sizes:
         pmf = bench_pmf(n)
         for budget in budgets:
             start = time.perf_counter()
-            solve(pmf, budget, method=method)
+            solve(pmf, budget, method=method, grid=grid)
             compile_s = time.perf_counter() - start
-            times, ours = timed(lambda: solve(pmf, budget, method=method), repeats)
-            row = dict(n=n, budget=budget, method=method,
+            times, ours = timed(lambda: solve(pmf, budget, method=method, grid=grid), repeats)
+            row = dict(n=n, budget=budget, grid=grid, method=method,
                        levels=search_levels(method, bucket(n)), jax_first_s=compile_s,
                        jax_median_s=statistics.median(times), jax_min_s=min(times), jax_runs=repeats,
                        positions=int(ours.positions.size))
             ref_runs = reference_runs(n, reference_repeats)
             if n <= reference_max and ref_runs > 0:
-                ref_times, ref = timed(lambda: reference_solve(pmf, budget), ref_runs)
+                ref_times, ref = timed(lambda: reference_solve(pmf, budget, grid=grid), ref_runs)
                 row.update(reference_median_s=statistics.median(ref_times), reference_runs=ref_runs,
                            speedup=statistics.median(ref_times) / row["jax_median_s"],
                            cost_rel_diff=abs(ours.expected_cost - ref.expected_cost) / ref.expected_cost)
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--sizes", default="256,4096,16384", help="comma-separated N (max depth)")
     parser.add_argument("--budgets", default="1,8,32", help="comma-separated M")
     parser.add_argument("--method", default="auto", help="auto, dense or tiled:L")
+    parser.add_argument("--grid", type=int, default=1, help="positions on multiples of this")
     parser.add_argument("--repeats", type=int, default=20, help="warm JAX runs (median)")
     parser.add_argument("--reference-repeats", type=int, default=None,
                         help="reference runs (median); default 5 / 3 / 1 for N <= 256 / 4096 / larger")
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"{args.reference_repeats if args.reference_repeats is not None else '5 / 3 / 1 (N <= 256 / 4096 / more)'} runs")
     print(HEADER)
     with jax.default_device(device):
-        rows = run(sizes, budgets, args.method, args.repeats, args.reference_repeats, args.reference_max)
+        rows = run(sizes, budgets, args.method, args.repeats, args.reference_repeats, args.reference_max,
+                   args.grid)
     if args.json:
         meta = dict(device=device.device_kind, platform=device.platform, jax=jax.__version__,
                     machine=platform.machine(), python=platform.python_version(),

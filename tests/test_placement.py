@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from sparse_prefix.placement import (brute_force, expected_cost, hybrid, reference_solve, solve,
                                      solve_batch)
 from sparse_prefix.placement import dp
+from sparse_prefix.placement.result import drop_idle
 from sparse_prefix.placement.search import Lines, padded_rows, radices, row_argmin
 
 COSTS = ["linear", "hybrid:1,0.25"]
@@ -129,6 +130,22 @@ def test_solve_batch_equals_a_loop_of_solve():
         for length in (0, 5, 13):
             assert batch.positions_for(i, length).tolist() == single.positions_for(length).tolist()
         assert batch.row(i).positions.tolist() == single.positions.tolist()
+
+
+def test_vmapped_batch_path_matches_the_reference():
+    # CPU solves a batch with lax.map (tested above); accelerators vmap it, tiled passes included.
+    rng = np.random.default_rng(1)
+    pmfs = rng.integers(0, 5, (2, 17)).astype(float)  # integer counts: exact, so positions must match
+    pmfs[:, 0] += 1
+    prefix_mass, prefix_cost = np.cumsum(pmfs, axis=1), np.cumsum(pmfs * np.arange(17), axis=1)
+    g = np.broadcast_to(np.arange(17.0), pmfs.shape)
+    with jax.enable_x64(True):
+        _, _, found, _ = jax.device_get(dp.solve_many(prefix_mass, prefix_cost, g, np.int32(3),
+                                                      np.int32(16), grid=2, height=4, levels=(1, 2),
+                                                      batching="vmap"))
+    for pmf, row in zip(pmfs, found):
+        positions = drop_idle(np.sort(row[row > 0]).astype(np.int64), pmf, 16)
+        assert positions.tolist() == reference_solve(pmf, 3, "linear", 2).positions.tolist()
 
 
 def test_idle_positions_are_dropped_and_budget_is_capped():
