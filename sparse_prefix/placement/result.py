@@ -57,7 +57,13 @@ def backtrack(tables: tuple[Any, Any], layers: int, grid: int, row: int) -> np.n
     return np.array(found[::-1], dtype=np.int64)
 
 
-def drop_idle(positions: np.ndarray, pmf: np.ndarray, row: int) -> np.ndarray:
+def nonzero_prefix(pmf: np.ndarray) -> np.ndarray:
+    """int64 [N+2]: entry i counts the depths t < i with p(t) > 0 (exact, unlike a float prefix sum)."""
+    return np.concatenate([[0], np.cumsum(pmf > 0)])
+
+
+def drop_idle(positions: np.ndarray, pmf: np.ndarray, row: int, nonzero: np.ndarray | None = None
+              ) -> np.ndarray:
     """Drop positions that serve no mass: c_i with pmf == 0 on [c_i, c_{i+1}) (c_{K+1} = row + 1).
 
     Such a checkpoint changes no cost (only depths in [c_i, c_{i+1}) resume from it), so the optimum
@@ -67,13 +73,14 @@ def drop_idle(positions: np.ndarray, pmf: np.ndarray, row: int) -> np.ndarray:
       positions: int64 [K] sorted, in 1..row.
       pmf: float64 [>= row+1] non-negative.
       row: the largest depth served.
+      nonzero: `nonzero_prefix(pmf)` if already at hand.
 
     Returns:
       int64 [K'] the kept positions, sorted.
     """
     if positions.size == 0:
         return positions
-    nonzero = np.concatenate([[0], np.cumsum(pmf[: row + 1] > 0)])  # nonzero[i] = #{t < i: p(t) > 0}
+    nonzero = nonzero_prefix(pmf[: row + 1]) if nonzero is None else nonzero
     ends = np.append(positions[1:], row + 1)
     return positions[nonzero[ends] - nonzero[positions] > 0]
 
@@ -151,6 +158,10 @@ class Placement:
     def _host_tables(self) -> tuple[np.ndarray, np.ndarray] | None:
         return None if self._tables is None else tuple(np.asarray(t) for t in self._tables)
 
+    @functools.cached_property
+    def _nonzero(self) -> np.ndarray:
+        return nonzero_prefix(self._pmf)
+
     def positions_for(self, length: Any) -> np.ndarray:
         """Optimal positions for the pmf truncated to depths 0..L (mass at depths > L dropped).
 
@@ -167,7 +178,7 @@ class Placement:
         if self._tables is None:
             return brute_force(self._pmf[: row + 1], self.budget, self.cost, self.grid).positions
         found = backtrack(self._host_tables, self._layers, self.grid, row)
-        return drop_idle(found, self._pmf, row)
+        return drop_idle(found, self._pmf, row, self._nonzero)
 
     def expected_cost_for(self, length: Any) -> float:
         """Expected cost of `positions_for(L)` under the pmf truncated to 0..L (0.0 if it has no mass)."""
