@@ -8,7 +8,7 @@ model's chunk size, capture one-pass: what the engine does) serves every request
     the whole run: every engine pads checkpoint lists to the same `checkpoint_slots`, the power of two
     that covers the most states any request of any policy stores, found by a simulator replay), the
     store's gather, and its insert / page-write scatters at every row bucket up to what a request can
-    move; then the cache is emptied;
+    move (writing zeros into a zeroed store: the cache stays empty);
   * the first `warm_fraction` of the requests run untimed (they fill the cache and the histograms);
     the device is synchronised after them;
   * each measured request is timed with `perf_counter` around `engine.prefill`, which returns once
@@ -166,16 +166,24 @@ def move_buckets(rows: int, capacity: int) -> list[int]:
 
 
 def prepare_engine(engine: Any, *, checkpoint_slots: int, max_states: int, max_pages: int) -> None:
-    """Compile everything a replay will run on `engine`, then empty its cache.
+    """Compile everything a replay will run on a fresh `engine`, leaving its cache as it was (empty).
+
+    `Engine.warmup` compiles the prefill and the smallest store buckets; the larger insert / page
+    buckets are compiled here by writing ZERO states and pages into the first slots and pages: the
+    store starts zeroed, so its content is unchanged, and the index never saw them. (No
+    `Engine.clear`: it would allocate a second set of slabs while the first is alive.)
 
     Args:
-      engine: a fresh Engine built with ``min_checkpoint_slots=checkpoint_slots``.
+      engine: a fresh Engine built with ``min_checkpoint_slots=checkpoint_slots`` (no requests yet).
       checkpoint_slots: its padded checkpoint slots (K of the emitted leaves).
       max_states: the most states one request stores (insert rows per call).
       max_pages: the most KV pages one request writes.
     """
     import jax
+    import jax.numpy as jnp
 
+    if engine.stats()["requests"]:
+        raise ValueError("prepare_engine needs a fresh engine (it has served requests)")
     engine.warmup([1])
     model, store = engine.model, engine.store
     width, chunk = int(model.max_length), int(model.chunk_size)
@@ -184,12 +192,12 @@ def prepare_engine(engine: Any, *, checkpoint_slots: int, max_states: int, max_p
     _, final, emitted = model.prefill(engine.params, np.zeros((1, width), np.int32),
                                       store.restore([-1], [0]), checkpoints,
                                       np.asarray([min(chunk, width)], np.int32))
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, (emitted, final.kv))
     for rows in move_buckets(max_states, store.num_slots):
-        store.insert(emitted, np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.arange(rows))
+        store.insert(zeros[0], np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.arange(rows))
     if store.has_kv:
         for rows in move_buckets(max_pages, store.num_pages):
-            store.write_pages(final.kv, np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.arange(rows))
-    engine.clear()
+            store.write_pages(zeros[1], np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.arange(rows))
     jax.block_until_ready(store.restore([-1], [0]))
 
 

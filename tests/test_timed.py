@@ -107,6 +107,23 @@ def test_table_metrics_follow_from_the_records(timed_run):
     assert all(len(c) == len(timed.TABLE_HEADER) for c in cells)
 
 
+def test_preparing_an_engine_compiles_every_bucket_and_leaves_the_cache_empty():
+    from sparse_prefix.engine import Engine
+
+    model, params = tiny("hybrid-tiny")
+    engine = Engine(model, params, policy="block:8", capacity_entries=2, background_resolve=False)
+    try:
+        timed.prepare_engine(engine, checkpoint_slots=8, max_states=16, max_pages=16)
+        arrays, refcount = engine.store.export()
+        assert all(not np.any(a) for a in arrays.values()) and not refcount.any()
+        assert engine.stats()["entries"] == 0 and engine.stats()["requests"] == 0
+        with pytest.raises(ValueError, match="fresh engine"):
+            engine.prefill(np.arange(20, dtype=np.int32))
+            timed.prepare_engine(engine, checkpoint_slots=8, max_states=16, max_pages=16)
+    finally:
+        engine.close()
+
+
 def test_a_spent_budget_skips_policies_and_says_why():
     model, params = tiny("mamba2-tiny")
     result = timed.timed_replay(tiny_trace(), ["block:16"], model=model, params=params, seed=0,
