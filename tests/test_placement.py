@@ -121,6 +121,7 @@ def test_solve_batch_equals_a_loop_of_solve():
     pmfs[:, 0] += 0.1
     batch = solve_batch(pmfs, 3, cost="hybrid:1,0.25")
     assert batch.positions.shape == (3, 3) and batch.positions.dtype == np.int64
+    assert solve_batch(pmfs[:, :4] + 1, 10**12).positions.shape == (3, 3)  # width: the capped budget
     for i, pmf in enumerate(pmfs):
         single = solve(pmf, 3, cost="hybrid:1,0.25")
         assert batch.counts[i] == single.positions.size

@@ -194,7 +194,7 @@ class BatchPlacement:
     """Optimal placements for B pmfs solved together.
 
     Attributes:
-      positions: int64 [B, budget], each row sorted ascending, padded with 0 at the end.
+      positions: int64 [B, min(budget, N // grid)], each row sorted ascending, padded with 0 at the end.
       counts: int64 [B], the real positions per row.
       expected_cost: float64 [B].
       budget, cost, grid: as in `Placement`.

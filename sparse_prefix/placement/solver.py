@@ -128,8 +128,9 @@ def solve_batch(pmfs: Any, budget: Any, *, cost: CostLike = "linear", grid: Any 
       budget, cost, grid, method: as in `solve`.
 
     Returns:
-      A `BatchPlacement`: positions int64 [B, budget] (sorted, 0-padded at the end), counts [B],
-      expected_cost [B]; `.row(i)` / `.positions_for(i, L)` from the same solve.
+      A `BatchPlacement`: positions int64 [B, min(budget, N // grid)] (sorted, 0-padded at the end;
+      the width is the capped budget, so a huge budget costs nothing), counts [B], expected_cost [B];
+      `.row(i)` / `.positions_for(i, L)` from the same solve.
     """
     pmfs = normalized(check_pmf(pmfs, "pmfs", ndim=2))
     budget = check_count(budget, "budget", 0)
@@ -138,7 +139,7 @@ def solve_batch(pmfs: Any, budget: Any, *, cost: CostLike = "linear", grid: Any 
     rows, n = pmfs.shape[0], pmfs.shape[1] - 1
     layers = min(budget, n // grid)
     tables, found = _solve_device(pmfs, model, layers, grid, method, batched=True)
-    positions = np.zeros((rows, budget), np.int64)
+    positions = np.zeros((rows, layers), np.int64)
     counts = np.zeros(rows, np.int64)
     for i in range(rows):
         kept = _positions(found[i], pmfs[i])
