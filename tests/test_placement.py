@@ -141,12 +141,14 @@ def test_vmapped_batch_path_matches_the_reference():
     prefix_mass, prefix_cost = np.cumsum(pmfs, axis=1), np.cumsum(pmfs * np.arange(17), axis=1)
     g = np.broadcast_to(np.arange(17.0), pmfs.shape)
     with jax.enable_x64(True):
-        _, _, found, _ = jax.device_get(dp.solve_many(prefix_mass, prefix_cost, g, np.int32(3),
+        _, _, found, optima = jax.device_get(dp.solve_many(prefix_mass, prefix_cost, g, np.int32(3),
                                                       np.int32(16), grid=2, height=4, levels=(1, 2),
                                                       batching="vmap"))
-    for pmf, row in zip(pmfs, found):
+    for pmf, row, optimum in zip(pmfs, found, optima):
         positions = drop_idle(np.sort(row[row > 0]).astype(np.int64), pmf, 16)
-        assert positions.tolist() == reference_solve(pmf, 3, "linear", 2).positions.tolist()
+        reference = reference_solve(pmf, 3, "linear", 2)
+        assert positions.tolist() == reference.positions.tolist()
+        assert close(optimum / pmf.sum(), reference.expected_cost)  # the DP's own F_M(N)
 
 
 def test_idle_positions_are_dropped_and_budget_is_capped():
