@@ -6,6 +6,7 @@ Writes to ``--out`` (default ``results/reproduce-<dataset>``): ``table.md`` (one
 mode, the acceptance targets, the paper comparison), ``pareto.png`` (paper protocol, with the paper's
 published points), ``pareto-one-pass.png`` (the engine's capture) and ``results.json`` (everything).
 ``--export FILE`` instead writes the pre-tokenised trace as JSONL (for machines without ../shared).
+``--timed`` instead times the replay through the real Engine and a model preset (`cli_timed.py`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def register(subparsers) -> None:
                         help="only write the pre-tokenised trace as JSONL to FILE (e.g. traces/quality.jsonl)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="processes (default: up to 2)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    from sparse_prefix.experiments.cli_timed import add_arguments as add_timed_arguments
+
+    add_timed_arguments(parser, standalone=False)   # --timed and its options (experiments/cli_timed.py)
     parser.set_defaults(func=run)
 
 
@@ -63,6 +67,10 @@ def _check_positive(name: str, value: int | None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the reproduction and write the results folder."""
+    if args.timed:                                  # the replay timed through the Engine (cli_timed.py)
+        from sparse_prefix.experiments.cli_timed import run as run_timed
+
+        return run_timed(args)
     from sparse_prefix.experiments import reproduce, reproduce_report as report
     from sparse_prefix.experiments.paper import paper_run
     from sparse_prefix.experiments.requests import export_trace, load_requests

@@ -1,6 +1,6 @@
-"""``sparse-prefix timed`` (also ``python -m sparse_prefix.experiments.timed``): timed replays.
+"""``sparse-prefix reproduce --timed`` (or ``python -m sparse_prefix.experiments.timed``): timed replays.
 
-    sparse-prefix timed --dataset system-prompts --trace traces/system-prompts.jsonl.xz \
+    sparse-prefix reproduce --timed --dataset system-prompts --trace traces/system-prompts.jsonl.xz \
         --sample-groups 34 --preset qwen3.5-0.8b-group [--policies none dp:12 ...] [--seed 0] \
         [--limit N] [--budget-s 480] [--out DIR]
 
@@ -12,8 +12,8 @@ speedup, ideal speedup, % of ideal, ...) and writes ``table.md`` and ``results.j
 leaves its results. Reads only the pre-tokenised ``--trace`` (from ``sparse-prefix reproduce --export``,
 optionally compressed: ``xz -k traces/*.jsonl`` shrinks both data sets from 126 MB to 2.5 MB, since
 requests of a group repeat its document) when given, so it runs without ../shared; needs only jax,
-numpy, flax and rich. `add_arguments(parser, standalone=False)` and `run` also serve a ``--timed``
-flag of ``sparse-prefix reproduce``.
+numpy, flax and rich. `add_arguments(parser, standalone=False)` and `run` serve the ``--timed`` flag
+of ``sparse-prefix reproduce`` (which already has --dataset, --policies, --limit, --out, ...).
 """
 
 from __future__ import annotations
@@ -110,7 +110,9 @@ def load_trace_requests(args: argparse.Namespace) -> list:
     else:
         from sparse_prefix.experiments.requests import load_requests
 
-        requests = load_requests(args.dataset, data_dir=args.data_dir, tokenizer=args.tokenizer)
+        requests = load_requests(args.dataset, data_dir=args.data_dir, tokenizer=args.tokenizer,
+                                 hub=getattr(args, "hub", False), cache=not getattr(args, "no_cache", False),
+                                 groups=getattr(args, "file_groups", None))
     if args.sample_groups is not None:
         from sparse_prefix.experiments.reproduce import subset_groups
 
@@ -212,17 +214,6 @@ def write_results(out: Path, config: dict, result: Any, calibration: Any, *, qui
     (out / "results.json").write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
     if not quiet:
         print(f"wrote {out / 'table.md'} and {out / 'results.json'}")
-
-
-def register(subparsers) -> None:
-    """Add the ``timed`` sub-command of ``sparse-prefix``."""
-    parser = subparsers.add_parser(
-        "timed", help="time the paper's replay protocol through the real Engine and model",
-        description="Replay QuALITY / System Prompts through the Engine on a model preset, one policy at a "
-                    "time, timing the measured 40% of requests; print speedups over no cache beside the "
-                    "cost-model ideal and write table.md + results.json.")
-    add_arguments(parser, standalone=True)
-    parser.set_defaults(func=run)
 
 
 def main(argv=None) -> int:

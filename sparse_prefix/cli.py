@@ -22,7 +22,6 @@ _COMMAND_MODULES = (
     "sparse_prefix.cli_simulate",
     "sparse_prefix.cli_place",
     "sparse_prefix.experiments.cli_reproduce",
-    "sparse_prefix.experiments.cli_timed",
     "sparse_prefix.cli_generate",
 )
 

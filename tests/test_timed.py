@@ -260,7 +260,7 @@ def test_cli_writes_the_table_and_json_from_a_compressed_trace(tmp_path, capsys)
     packed = tmp_path / "trace.jsonl.xz"
     packed.write_bytes(lzma.compress(trace.read_bytes()))
     out = tmp_path / "out"
-    code = main(["timed", "--dataset", "quality", "--trace", str(packed), "--preset", "mamba2-tiny",
+    code = main(["reproduce", "--timed", "--dataset", "quality", "--trace", str(packed), "--preset", "mamba2-tiny",
                  "--policies", "block:16", "--sample-groups", "2", "--seed", "2", "--capacity", "4",
                  "--calibrate-lengths", "16,32,64", "--calibrate-repeats", "1", "--out", str(out)])
     assert code == 0
