@@ -37,7 +37,7 @@ AUTO = {"cpu": (64, 32), "gpu": (4096, 128)}
 
 def current_platform() -> str:
     """The platform ("cpu", "gpu", "tpu") that jitted calls run on now (honours jax.default_device)."""
-    device = jax.config.jax_default_device
+    device = getattr(jax.config, "jax_default_device", None)
     if device is None:
         return jax.default_backend()
     return device if isinstance(device, str) else device.platform
