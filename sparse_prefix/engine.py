@@ -36,8 +36,7 @@ import numpy as np
 from sparse_prefix.index import PrefixIndex, RequestPlan
 from sparse_prefix.planner import Planner
 from sparse_prefix.protocol import State
-from sparse_prefix.store import (CacheLayout, PoolExhausted, StateStore, abstract_state_of,
-                                 default_bin_size, plan_layout)
+from sparse_prefix.store import CacheLayout, PoolExhausted, StateStore, abstract_state_of, plan_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,9 +155,7 @@ class Engine:
         self._k_bucket = _pow2(min_checkpoint_slots)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sparse-prefix-dp") \
             if background_resolve else None      # starts no thread before the first re-solve
-        self._planner_options = {"max_length": int(model.max_length),
-                                 "bin_size": default_bin_size(int(model.max_length), self.chunk_size),
-                                 **dict(planner_options or {})}
+        self._planner_options = {"max_length": int(model.max_length), **dict(planner_options or {})}
         self._index_options = {"capacity_entries": capacity_entries, "eviction": eviction,
                                **dict(index_options or {})}
         self._lock = threading.RLock()

@@ -17,6 +17,11 @@ so far. These histograms hold that distribution:
 Decay is applied lazily (a running scale factor, renormalised before it underflows), so an observation
 costs O(1) rather than O(bins).
 
+Both export their state (public, versioned): `state_dict()` -> ``{"type", "version", the configuration,
+"count", "scale", "raw"}`` with ``raw`` the float64 counts before the lazy scale (so a loaded histogram
+continues bitwise like the original); `load_state_dict(state)` validates it against the object's own
+configuration (ValueError naming the field) and `from_state_dict(state)` builds a new one.
+
 Shape legend: N = max_depth (tokens), nb = number of bins = N // bin_size + 1, nk = length buckets.
 """
 
@@ -26,6 +31,10 @@ import math
 import numbers
 
 import numpy as np
+
+from sparse_prefix.state_dicts import StateReader, header
+
+STATE_VERSION = 1
 
 # Renormalise the lazy scale before 1/scale can overflow float64 (decay**k reaches this after
 # k ~ 1e4 observations at decay 0.99; the renormalisation is one O(bins) pass).
@@ -84,6 +93,23 @@ class _DecayedCounts:
     def mass(self) -> np.ndarray:
         return self._raw * self._scale
 
+    def state(self) -> dict:
+        """count, scale and a copy of the raw counts (mass = raw * scale)."""
+        return {"count": self.count, "scale": self._scale, "raw": self._raw.copy()}
+
+    def load(self, reader: StateReader) -> None:
+        """Replace the counts by the validated fields ``count``, ``scale``, ``raw`` of `reader`."""
+        count = reader.int("count", minimum=0)
+        scale = reader.float("scale")
+        if not 0.0 < scale <= 1.0:
+            raise reader.error("scale", f"must lie in (0, 1], got {scale}")
+        raw = reader.array("raw", "f", self._raw.ndim, self._raw.shape).astype(np.float64)
+        if np.any(raw < 0):
+            raise reader.error("raw", "holds negative counts")
+        if count == 0 and np.any(raw):
+            raise reader.error("raw", "holds mass but count is 0")
+        self._raw, self._scale, self.count = raw, scale, count
+
 
 class OverlapHistogram:
     """A decayed histogram of overlap depths 0..max_depth.
@@ -136,6 +162,39 @@ class OverlapHistogram:
         `count` first).
         """
         return binned_to_token_pmf(self.binned(), self.bin_size, self.max_depth)
+
+    def state_dict(self) -> dict:
+        """The histogram as plain data: type, version, max_depth, bin_size, decay, count, scale, raw
+        float64[nb] (see the module docstring)."""
+        return {**header(type(self).__name__, STATE_VERSION), "max_depth": self.max_depth,
+                "bin_size": self.bin_size, "decay": self.decay, **self._counts.state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace the counts by `state` (from `state_dict` of a histogram configured like this one).
+
+        Raises:
+          ValueError: a missing or malformed field, or a configuration that differs (naming the field).
+        """
+        reader = _config_reader(state, self, ("max_depth", "bin_size", "decay"))
+        self._counts.load(reader)
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "OverlapHistogram":
+        """A new histogram configured and filled from `state`."""
+        reader = StateReader(state, cls.__name__)
+        reader.check_header(cls.__name__, STATE_VERSION)
+        hist = cls(reader.int("max_depth"), bin_size=reader.int("bin_size"), decay=reader.float("decay"))
+        hist.load_state_dict(state)
+        return hist
+
+
+def _config_reader(state: dict, hist, fields: tuple[str, ...]) -> StateReader:
+    """A reader of `state` whose header and configuration `fields` match histogram `hist`."""
+    reader = StateReader(state, type(hist).__name__)
+    reader.check_header(type(hist).__name__, STATE_VERSION)
+    for field in fields:
+        reader.same(field, getattr(hist, field))
+    return reader
 
 
 def binned_to_token_pmf(binned: np.ndarray, bin_size: int, max_depth: int) -> np.ndarray:
@@ -228,6 +287,32 @@ class LengthBucketedHistogram:
     def pmfs(self) -> np.ndarray:
         """float64[nk, N + 1]: token-level weights per bucket (bin mass at lower edges)."""
         return binned_to_token_pmf(self.binned(), self.bin_size, self.max_depth)
+
+    def state_dict(self) -> dict:
+        """The histograms as plain data: type, version, max_depth, bin_size, decay, min_length, count,
+        scale, raw float64[nk, nb] (see the module docstring)."""
+        return {**header(type(self).__name__, STATE_VERSION), "max_depth": self.max_depth,
+                "bin_size": self.bin_size, "decay": self.decay, "min_length": self.min_length,
+                **self._counts.state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace the counts by `state` (from `state_dict` of histograms configured like these).
+
+        Raises:
+          ValueError: a missing or malformed field, or a configuration that differs (naming the field).
+        """
+        reader = _config_reader(state, self, ("max_depth", "bin_size", "decay", "min_length"))
+        self._counts.load(reader)
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "LengthBucketedHistogram":
+        """New histograms configured and filled from `state`."""
+        reader = StateReader(state, cls.__name__)
+        reader.check_header(cls.__name__, STATE_VERSION)
+        hist = cls(reader.int("max_depth"), bin_size=reader.int("bin_size"), decay=reader.float("decay"),
+                   min_length=reader.int("min_length"))
+        hist.load_state_dict(state)
+        return hist
 
 
 def half_octave(length: int) -> int:

@@ -25,6 +25,12 @@ policy order (``fifo``, ``lru``, ``utility``) until the new entry fits. If it ca
 evicting every unpinned entry, the new entry is DROPPED: nothing is evicted, no slot is allocated, and
 `CommitResult.entry_id` is None (the engine then simply does not store the request). If a plan's resume
 entry was evicted before its commit (it was not pinned), its inherited states are not attached.
+
+State export (public, versioned; layout in `sparse_prefix.index_state`): `state_dict()` returns the
+configuration, every entry (tokens, group, checkpoints, payload, recency) in eviction order and the
+counters; `load_state_dict(state)` validates all of it and replaces the index's contents at once, so a
+loaded index answers every later plan / commit exactly like the saved one (same entry ids, slot
+allocation order and tie-breaking).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from typing import Any, Callable, Hashable, Iterable, NamedTuple
 import numpy as np
 
 from sparse_prefix.histogram import check_int
+from sparse_prefix.index_state import SavedIndex, export_index, parse_index_state
 from sparse_prefix.planner import snap_positions
 from sparse_prefix.prefix_trie import PrefixTrie
 
@@ -182,13 +189,14 @@ class PrefixIndex:
         self.utility_alpha = float(utility_alpha)
         self._utility_fn = utility_fn
         self._lock = threading.RLock()
+        self._trie_hash = hash_fn
         self._trie = PrefixTrie(self.block_size, hash_fn)
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # fifo: creation order; lru: use order
         self._refcount: dict[int, int] = {}
         self._free_slots: list[int] = list(range(self.capacity_slots or 0))  # a heap
         self._next_slot = self.capacity_slots or 0
-        self._next_entry = itertools.count()
-        self._clock = itertools.count(1)
+        self._next_entry = 0     # the next entry id
+        self._clock = 1          # the next recency stamp (creation and use)
         self._serial = itertools.count()
         self._index_id = next(_INDEX_IDS)
         self._open_plans: dict[int, int | None] = {}  # plan serial -> pinned entry id
@@ -360,8 +368,12 @@ class PrefixIndex:
         efficiency = efficiency / top if top > 0 else efficiency
         return self.utility_alpha * efficiency + (1.0 - self.utility_alpha) * recency
 
+    def _tick(self) -> int:
+        now, self._clock = self._clock, self._clock + 1
+        return now
+
     def _touch(self, entry: _Entry) -> None:
-        entry.last_used = next(self._clock)
+        entry.last_used = self._tick()
         if self.eviction == "lru":
             self._entries.move_to_end(entry.entry_id)
 
@@ -374,9 +386,9 @@ class PrefixIndex:
         return slot
 
     def _insert(self, tokens, group, checkpoints, payload) -> int:
-        entry_id = next(self._next_entry)
+        entry_id, self._next_entry = self._next_entry, self._next_entry + 1
         self._trie.insert(entry_id, group, tokens, checkpoints)
-        now = next(self._clock)
+        now = self._tick()
         self._entries[entry_id] = _Entry(entry_id, group, tokens, checkpoints, payload,
                                          created=now, last_used=now)
         return entry_id
@@ -421,3 +433,65 @@ class PrefixIndex:
         with self._lock:
             return dict(entries=len(self._entries), resident_states=len(self._refcount),
                         open_plans=len(self._open_plans), **self._stats)
+
+    # ------------------------------------------------------------------------------ state export
+    def _config(self) -> dict[str, Any]:
+        return {"capacity_entries": self.capacity_entries, "capacity_slots": self.capacity_slots,
+                "eviction": self.eviction, "grid": self.grid, "capture": self.capture,
+                "block_size": self.block_size, "utility_alpha": self.utility_alpha}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The index as plain data (public, versioned; layout in `sparse_prefix.index_state`).
+
+        Pins and open plans are not included (they belong to requests in flight).
+
+        Raises:
+          TypeError: an entry's group is not None / str / int, or its payload not None / ints.
+        """
+        with self._lock:
+            return export_index(self._config(), list(self._entries.values()),
+                                {"next_entry": self._next_entry, "next_slot": self._next_slot,
+                                 "clock": self._clock, "stats": dict(self._stats)})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace every entry, slot refcount and counter by `state` (from `state_dict` of an index
+        configured like this one), all or nothing. ``hash_fn`` and ``utility_fn`` stay this index's.
+
+        Raises:
+          ValueError: a missing, malformed or inconsistent field, or a differing configuration (named).
+          RuntimeError: plans are open (they refer to the entries being replaced).
+        """
+        saved = parse_index_state(state, self._config())
+        trie = PrefixTrie(self.block_size, self._trie_hash)
+        for entry in sorted(saved.entries, key=lambda e: e.entry_id):
+            trie.insert(entry.entry_id, entry.group, entry.tokens, entry.checkpoints)
+        with self._lock:
+            if self._open_plans:
+                raise RuntimeError(f"cannot load state while {len(self._open_plans)} plans are open")
+            self._install(saved, trie)
+
+    def _install(self, saved: SavedIndex, trie: PrefixTrie) -> None:
+        self._trie = trie
+        self._entries = OrderedDict(
+            (e.entry_id, _Entry(e.entry_id, e.group, e.tokens, e.checkpoints, e.payload, e.created,
+                                e.last_used)) for e in saved.entries)
+        self._refcount = {}
+        for entry in saved.entries:
+            for _, slot in entry.checkpoints:
+                self._refcount[slot] = self._refcount.get(slot, 0) + 1
+        self._free_slots = [s for s in range(saved.next_slot) if s not in self._refcount]
+        heapq.heapify(self._free_slots)
+        self._next_slot, self._next_entry, self._clock = saved.next_slot, saved.next_entry, saved.clock
+        self._stats = dict(saved.stats)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], *, hash_fn: Callable[[np.ndarray], Hashable] | None = None,
+                        utility_fn: Callable[[EntryInfo], float] | None = None) -> "PrefixIndex":
+        """A new index configured and filled from `state` (see `load_state_dict`)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"PrefixIndex state must be a dict, got {type(state).__name__}")
+        config = {key: state.get(key) for key in ("capacity_entries", "capacity_slots", "eviction", "grid",
+                                                   "capture", "block_size", "utility_alpha")}
+        index = cls(**config, hash_fn=hash_fn, utility_fn=utility_fn)
+        index.load_state_dict(state)
+        return index

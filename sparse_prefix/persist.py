@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-FORMAT = 1
+FORMAT = 2
 LATEST = "LATEST"
 
 
@@ -200,99 +200,57 @@ def load_snapshot(root: str | os.PathLike, fingerprint: dict[str, Any]
 
 # ----------------------------------------------------------------------------- engine snapshots
 #
-# `PrefixIndex` and `Planner` have no public state export yet; the two adapters below read and
-# rebuild their state (entries, slot refcounts, histogram counts) and are the only code here that
-# touches their internals. They validate everything they rebuild against the store's layout.
+# The index and the planner export their state through their public, versioned `state_dict()`; the
+# snapshot stores its arrays with orbax and the rest as JSON (`split_arrays` / `join_arrays`). What only
+# the engine knows -- an entry's payload is its list of KV pages -- is cross-checked here.
 
 
-def _index_state(index: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """JSON metadata and arrays of a PrefixIndex's retained entries, in eviction order."""
-    with index._lock:
-        entries = list(index._entries.values())
-        meta = {"entries": [{"group": e.group, "checkpoints": [list(map(int, c)) for c in e.checkpoints],
-                             "payload": [int(p) for p in (e.payload or ())], "created": e.created,
-                             "last_used": e.last_used, "length": int(e.tokens.size)} for e in entries],
-                "stats": dict(index._stats)}
-        tokens = np.concatenate([e.tokens for e in entries]) if entries else np.zeros(0, np.int32)
-    for entry in meta["entries"]:
-        if entry["group"] is not None and not isinstance(entry["group"], str):
-            raise TypeError(f"only string namespaces can be saved, got {entry['group']!r}")
-    return meta, {"index_tokens": tokens.astype(np.int32)}
+def split_arrays(tree: Any, prefix: str) -> tuple[Any, dict[str, np.ndarray]]:
+    """Move the NumPy arrays out of a state dict: each becomes ``{"__array__": name}`` (name = `prefix`
+    and its path, joined by ``__``). Returns (the JSON-able tree, name -> array)."""
+    arrays: dict[str, np.ndarray] = {}
+
+    def walk(node: Any, name: str) -> Any:
+        if isinstance(node, np.ndarray):
+            arrays[name] = node
+            return {"__array__": name}
+        if isinstance(node, dict):
+            return {key: walk(value, f"{name}__{key}") for key, value in node.items()}
+        if isinstance(node, (list, tuple)):
+            return [walk(value, f"{name}__{i}") for i, value in enumerate(node)]
+        return node
+
+    return walk(tree, prefix), arrays
 
 
-def _load_index_state(index: Any, meta: dict[str, Any], tokens: np.ndarray, *, num_slots: int,
-                      num_pages: int, chunk_size: int, page_refcount: np.ndarray) -> None:
-    """Rebuild `index` (fresh, empty) from `_index_state`; raises SnapshotError on any inconsistency."""
-    import heapq
-    import itertools
-
-    entries = meta["entries"]
-    lengths = [int(e["length"]) for e in entries]
-    if sum(lengths) != tokens.size or any(n < 1 for n in lengths):
-        raise SnapshotError("snapshot index tokens do not match its entries")
-    if len(entries) > index.capacity_entries:
-        raise SnapshotError(f"snapshot holds {len(entries)} entries, capacity is {index.capacity_entries}")
-    slot_refs: dict[int, int] = {}
-    page_refs = np.zeros((num_pages,), np.int64)
-    offsets = np.cumsum([0] + lengths)
-    with index._lock:
-        for entry, start in zip(entries, offsets):
-            checkpoints = tuple((int(p), int(s)) for p, s in entry["checkpoints"])
-            payload = tuple(int(p) for p in entry["payload"])
-            length = int(entry["length"])
-            deepest = max((p for p, _ in checkpoints), default=0)
-            if any(not 0 < p <= length or p % chunk_size or not 0 <= s < num_slots for p, s in checkpoints):
-                raise SnapshotError("snapshot entry has a checkpoint off the grid or a slot out of range")
-            if any(not 0 <= p < num_pages for p in payload) or \
-                    (num_pages and len(payload) < deepest // chunk_size):
-                raise SnapshotError("snapshot entry's KV pages are out of range or too few")
-            for _, slot in checkpoints:
-                slot_refs[slot] = slot_refs.get(slot, 0) + 1
-            np.add.at(page_refs, np.asarray(payload, np.int64), 1)
-            row = tokens[start:start + length].astype(np.int32)
-            row.flags.writeable = False
-            entry_id = index._insert(row, entry["group"], checkpoints, payload)
-            index._entries[entry_id].created = int(entry["created"])
-            index._entries[entry_id].last_used = int(entry["last_used"])
-        if len(slot_refs) > num_slots or not np.array_equal(page_refs, np.asarray(page_refcount)):
-            raise SnapshotError("snapshot slot or page references are inconsistent with its entries")
-        index._refcount = slot_refs
-        index._free_slots = [s for s in range(num_slots) if s not in slot_refs]
-        heapq.heapify(index._free_slots)
-        index._next_slot = num_slots
-        clock = max([0] + [max(int(e["created"]), int(e["last_used"])) for e in entries])
-        index._clock = itertools.count(clock + 1)
-        index._stats.update({k: int(v) for k, v in meta["stats"].items() if k in index._stats})
+def join_arrays(tree: Any, arrays: dict[str, np.ndarray]) -> Any:
+    """Inverse of `split_arrays`: put the arrays back (ValueError naming a missing one)."""
+    if isinstance(tree, dict):
+        if set(tree) == {"__array__"}:
+            if tree["__array__"] not in arrays:
+                raise ValueError(f"the snapshot lacks array {tree['__array__']!r}")
+            return arrays[tree["__array__"]]
+        return {key: join_arrays(value, arrays) for key, value in tree.items()}
+    if isinstance(tree, list):
+        return [join_arrays(value, arrays) for value in tree]
+    return tree
 
 
-def _planner_state(planner: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """JSON metadata and arrays of a Planner's histogram (empty for policies without one)."""
-    with planner._lock:
-        meta = {"observations": planner._observations, "snapshot_at": planner._snapshot_at,
-                "has_histogram": planner._hist is not None}
-        if planner._hist is None:
-            return meta, {}
-        counts = planner._hist._counts
-        meta.update(scale=counts._scale, count=counts.count)
-        return meta, {"planner_counts": counts._raw.copy()}
-
-
-def _load_planner_state(planner: Any, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    """Install histogram counts into a fresh Planner and re-solve once (synchronously)."""
-    if bool(meta["has_histogram"]) != (planner._hist is not None):
-        raise SnapshotError("snapshot planner state does not match the policy")
-    with planner._lock:
-        planner._observations = int(meta["observations"])
-        planner._snapshot_at = int(meta["snapshot_at"])
-        if planner._hist is not None:
-            counts = planner._hist._counts
-            raw = np.asarray(arrays["planner_counts"], np.float64)
-            if raw.shape != counts._raw.shape or not np.all(np.isfinite(raw)) or np.any(raw < 0):
-                raise SnapshotError(f"snapshot histogram has shape {raw.shape}, the planner needs "
-                                    f"{counts._raw.shape}")
-            counts._raw, counts._scale, counts.count = raw.copy(), float(meta["scale"]), int(meta["count"])
-    if planner._hist is not None and planner._observations:
-        planner.resolve()
+def _check_pages(index_state: dict[str, Any], *, has_kv: bool, num_pages: int, chunk_size: int,
+                 page_refcount: np.ndarray) -> None:
+    """Each entry's payload lists its KV pages (in range, one per chunk up to its deepest checkpoint)
+    and the pages' refcounts count exactly those references; raises SnapshotError otherwise."""
+    references = np.zeros((num_pages,), np.int64)
+    for entry in index_state["entries"]:
+        payload = entry["payload"]
+        deepest = max((position for position, _ in entry["checkpoints"]), default=0)
+        if payload is None or any(not 0 <= page < num_pages for page in payload) or \
+                (has_kv and len(payload) != deepest // chunk_size):
+            raise SnapshotError(f"snapshot entry {entry['entry_id']}'s KV pages are out of range or "
+                                f"do not cover its checkpoints")
+        np.add.at(references, np.asarray(payload, np.int64), 1)
+    if not np.array_equal(references, np.asarray(page_refcount)):
+        raise SnapshotError("snapshot page refcounts are inconsistent with its entries")
 
 
 def engine_fingerprint(engine: Any) -> dict[str, Any]:
@@ -304,16 +262,16 @@ def engine_fingerprint(engine: Any) -> dict[str, Any]:
 
 
 def save_engine(engine: Any, root: str | os.PathLike) -> Path:
-    """Snapshot an engine's whole cache (slabs, KV pages, index, histograms, counters) under `root`."""
+    """Snapshot an engine's whole cache (slabs, KV pages, index, planner, counters) under `root`."""
     print_ = engine_fingerprint(engine)
     with engine._lock:
         store_arrays, page_refcount = engine.store.export()
-        index_meta, index_arrays = _index_state(engine.index)
-        planner_meta, planner_arrays = _planner_state(engine.planner)
+        index_state, index_arrays = split_arrays(engine.index.state_dict(), "index")
+        planner_state, planner_arrays = split_arrays(engine.planner.state_dict(), "planner")
         counters = dict(engine._counters)
     arrays = {**{f"store_{name}": a for name, a in store_arrays.items()},
               "page_refcount": page_refcount, **index_arrays, **planner_arrays}
-    metadata = {"index": index_meta, "planner": planner_meta, "counters": counters}
+    metadata = {"index": index_state, "planner": planner_state, "counters": counters}
     return save_snapshot(root, arrays, metadata, print_)
 
 
@@ -330,11 +288,11 @@ def load_engine(engine: Any, root: str | os.PathLike) -> None:
         try:
             arrays, meta = load_snapshot(root, engine_fingerprint(engine))
             engine._reset_host()
-            layout = engine.layout
-            _load_index_state(engine.index, meta["index"], arrays["index_tokens"],
-                              num_slots=layout.num_slots, num_pages=layout.num_pages,
-                              chunk_size=engine.chunk_size, page_refcount=arrays["page_refcount"])
-            _load_planner_state(engine.planner, meta["planner"], arrays)
+            index_state = join_arrays(meta["index"], arrays)
+            engine.index.load_state_dict(index_state)
+            _check_pages(index_state, has_kv=engine.store.has_kv, num_pages=engine.layout.num_pages,
+                         chunk_size=engine.chunk_size, page_refcount=arrays["page_refcount"])
+            engine.planner.load_state_dict(join_arrays(meta["planner"], arrays))
             store_arrays = {name[len("store_"):]: a for name, a in arrays.items() if name.startswith("store_")}
             engine.store.load(store_arrays, arrays["page_refcount"])
             engine._counters.update({k: int(v) for k, v in meta["counters"].items() if k in engine._counters})

@@ -31,110 +31,38 @@ Re-solving is pluggable: by default a due re-solve runs synchronously inside `ob
 (deterministic). With ``executor=`` it is submitted there instead (at most one in flight; positions
 use the latest installed solution meanwhile); with ``auto_resolve=False`` the caller polls
 `needs_resolve()` and calls `resolve()` itself, e.g. off the request path.
+
+State export (public, versioned): `state_dict()` gives the configuration, the counters, the histograms'
+state and the latest solution as the histogram snapshot it was solved from (float64[nk, nb]) plus its
+positions; `load_state_dict` re-solves that snapshot (the solvers are deterministic) and refuses the state
+unless the positions come out equal, so a loaded planner places exactly what the saved one placed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import numbers
-import re
 import threading
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, wait
 from typing import Any, Iterable
 
 import numpy as np
 
-from sparse_prefix.histogram import LengthBucketedHistogram, check_decay, check_int, check_depth
+from sparse_prefix.histogram import (LengthBucketedHistogram, binned_to_token_pmf, check_decay, check_depth,
+                                     check_int)
+from sparse_prefix.policy import MODIFIERS as _MODIFIERS
+from sparse_prefix.policy import PolicySpec, parse_policy, snap_positions  # noqa: F401 (re-exported)
+from sparse_prefix.state_dicts import StateReader, header
 
-_BUDGETED = ("block", "balanced", "dp", "ldp")
-_PLAIN = ("none", "log", "sqrt", "end")
-_MODIFIERS = ("fork", "hints", "end")
-_NUMBER = r"(?:0|[1-9][0-9]*)"
-_SPEC_RE = re.compile(
-    rf"(?P<kind>{'|'.join(_BUDGETED + _PLAIN)})(?::(?P<param>{_NUMBER}))?(?P<mods>(?:\+[a-z]+)*)")
-
-
-@dataclasses.dataclass(frozen=True)
-class PolicySpec:
-    """A parsed policy spec.
-
-    Attributes:
-      kind: one of none, block, balanced, log, sqrt, end, dp, ldp.
-      param: B for block (>= 1), k / M for balanced, dp, ldp (>= 0); None for the others.
-      fork, hints, end: the modifiers.
-    """
-
-    kind: str
-    param: int | None = None
-    fork: bool = False
-    hints: bool = False
-    end: bool = False
-
-    def __str__(self) -> str:
-        base = self.kind if self.param is None else f"{self.kind}:{self.param}"
-        return base + "".join(f"+{m}" for m in _MODIFIERS if getattr(self, m))
-
-    @property
-    def family(self) -> str:
-        """The spec without its number (one line per family in a Pareto plot), e.g. ``dp+fork``."""
-        return self.kind + "".join(f"+{m}" for m in _MODIFIERS if getattr(self, m))
-
-    @property
-    def uses_histogram(self) -> bool:
-        return self.kind in ("dp", "ldp")
-
-    @property
-    def budget(self) -> int | None:
-        """Positions the base policy places when fixed (none 0, end 1, balanced/dp/ldp their count);
-        None when it depends on the length (block, log, sqrt). Modifiers add on top."""
-        if self.kind in ("balanced", "dp", "ldp"):
-            return self.param
-        return {"none": 0, "end": 1}.get(self.kind)
+STATE_VERSION = 1
 
 
-def parse_policy(spec: str) -> PolicySpec:
-    """Parses a policy spec string strictly (lower case, no spaces, no leading zeros, no repeats).
-
-    Args:
-      spec: e.g. ``"dp:8"``, ``"block:1024+fork"``, ``"ldp:4+hints+end"``.
-
-    Returns:
-      The `PolicySpec`.
-
-    Raises:
-      TypeError: ``spec`` is not a string.
-      ValueError: the spec is malformed; the message names it and says why.
-    """
-    if not isinstance(spec, str):
-        raise TypeError(f"policy spec must be a string, got {spec!r} ({type(spec).__name__})")
-    match = _SPEC_RE.fullmatch(spec)
-    if match is None:
-        raise ValueError(
-            f"malformed policy spec {spec!r}: expected one of none, block:B, balanced:k, log, sqrt, "
-            "end, dp:M, ldp:M, optionally followed by +fork, +hints, +end")
-    kind, param = match["kind"], match["param"]
-    if kind in _BUDGETED and param is None:
-        raise ValueError(f"malformed policy spec {spec!r}: {kind} needs a number, e.g. {kind}:8")
-    if kind in _PLAIN and param is not None:
-        raise ValueError(f"malformed policy spec {spec!r}: {kind} takes no number")
-    value = None if param is None else int(param)
-    if kind == "block" and value == 0:
-        raise ValueError(f"malformed policy spec {spec!r}: the block size must be >= 1")
-    mods = match["mods"].split("+")[1:]
-    for mod in mods:
-        if mod not in _MODIFIERS:
-            raise ValueError(f"malformed policy spec {spec!r}: unknown modifier +{mod} "
-                             f"(known: {', '.join('+' + m for m in _MODIFIERS)})")
-    if len(set(mods)) != len(mods):
-        raise ValueError(f"malformed policy spec {spec!r}: a modifier is repeated")
-    return PolicySpec(kind, value, *(m in mods for m in _MODIFIERS))
-
-
-def snap_positions(positions: Iterable[int] | np.ndarray, grid: int) -> np.ndarray:
-    """int64[k]: positions snapped down to multiples of ``grid``, zeros dropped, sorted, unique."""
-    array = np.asarray(positions, dtype=np.int64).reshape(-1)
-    snapped = np.unique((array // grid) * grid)
-    return snapped[snapped > 0]
+def default_bin_size(max_length: int, grid: int = 1) -> int:
+    """The histogram bin width a Planner uses unless told: 64 tokens (the paper) from 1024 tokens of
+    max_length up; about 16 bins (a multiple of `grid`, at least one grid step) for shorter models;
+    never more than max_length, so a tiny model needs no setting."""
+    max_length, grid = check_int("max_length", max_length, minimum=1), check_int("grid", grid, minimum=1)
+    return max(1, min(64, max(grid, (max_length // 16) // grid * grid), max_length))
 
 
 def _check_hints(hints: Iterable[int], length: int) -> np.ndarray:
@@ -156,6 +84,16 @@ class _Solution:
     generation: int
     placement: Any          # Placement (dp) or BatchPlacement (ldp)
     rows: np.ndarray | None  # ldp: int[nk], the batch row each length bucket reads (pooled on fallback)
+    binned: np.ndarray      # float64[nk, nb]: the histogram snapshot it was solved from
+
+    def checked_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions int64[R, budget] zero-padded, counts int64[R]): the full optimum of every row."""
+        if self.rows is not None:
+            return np.asarray(self.placement.positions, np.int64), np.asarray(self.placement.counts, np.int64)
+        found = np.asarray(self.placement.positions, np.int64)
+        padded = np.zeros((1, max(self.placement.budget, found.size)), np.int64)
+        padded[0, :found.size] = found
+        return padded, np.asarray([found.size], np.int64)
 
 
 class Planner:
@@ -164,7 +102,8 @@ class Planner:
     Args:
       policy: a spec string (see the module docstring) or a `PolicySpec`.
       grid: every position is snapped down to a multiple of this (>= 1).
-      bin_size: histogram bin width in tokens (dp / ldp).
+      bin_size: histogram bin width in tokens (dp / ldp), 1..max_length; None for
+        `default_bin_size(max_length, grid)` (64, or about 16 bins for models shorter than 1024).
       decay: histogram decay gamma in (0, 1] per observation.
       resolve_every: re-solve after this many observations (>= 1).
       cost: the placement cost model, passed to `sparse_prefix.placement.solve`.
@@ -174,14 +113,15 @@ class Planner:
       executor: with auto_resolve, submit due re-solves to this executor instead of running them inline.
     """
 
-    def __init__(self, policy: str | PolicySpec, *, grid: int = 1, bin_size: int = 64,
+    def __init__(self, policy: str | PolicySpec, *, grid: int = 1, bin_size: int | None = None,
                  decay: float = 0.99, resolve_every: int = 10, cost: Any = "linear",
                  max_length: int = 16384, min_bucket_mass: float = 1.0, auto_resolve: bool = True,
                  executor: Executor | None = None):
         self.spec = parse_policy(str(policy) if isinstance(policy, PolicySpec) else policy)
         self.grid = check_int("grid", grid, minimum=1)
         self.max_length = check_int("max_length", max_length, minimum=1)
-        self.bin_size = check_int("bin_size", bin_size, minimum=1)
+        self.bin_size = (default_bin_size(self.max_length, self.grid) if bin_size is None
+                         else check_int("bin_size", bin_size, minimum=1))
         if self.bin_size > self.max_length:
             raise ValueError(f"bin_size ({bin_size}) must be <= max_length ({max_length})")
         self.decay = check_decay(decay)
@@ -204,14 +144,17 @@ class Planner:
         self._solve_cost = (placement.Cost(self.cost.a, self.cost.b * self.bin_size)
                             if self.solve_binned else self.cost)
         self._lock = threading.RLock()  # re-entrant: a done-callback may run inline
-        self._hist = (LengthBucketedHistogram(self.max_length, bin_size=self.bin_size,
-                                              decay=self.decay, min_length=min(64, self.max_length))
-                      if self.spec.uses_histogram else None)
+        self._hist = self._new_histogram() if self.spec.uses_histogram else None
         self._observations = 0
         self._snapshot_at = 0          # observation count at the last snapshot taken for a solve
         self._solution: _Solution | None = None
         self._solves = 0
         self._pending: Future | None = None
+        self._epoch = 0                # bumped by load_state_dict: solves begun before it are dropped
+
+    def _new_histogram(self) -> LengthBucketedHistogram:
+        return LengthBucketedHistogram(self.max_length, bin_size=self.bin_size, decay=self.decay,
+                                       min_length=min(64, self.max_length))
 
     @property
     def budget(self) -> int | None:
@@ -303,32 +246,35 @@ class Planner:
         with self._lock:
             if self._hist is None or self._observations == 0:
                 return False
-            generation = self._observations
+            generation, epoch = self._observations, self._epoch
             self._snapshot_at = generation
-            pmfs = self._hist.binned() if self.solve_binned else self._hist.pmfs()
-            masses = self._hist.masses()
-        solution = self._solve(generation, pmfs, masses)
+            binned = self._hist.binned()
+        solution = self._solve(generation, binned)
         with self._lock:
-            if self._solution is None or solution.generation > self._solution.generation:
+            if epoch == self._epoch and (self._solution is None
+                                         or solution.generation > self._solution.generation):
                 self._solution = solution
                 self._solves += 1
         return True
 
-    def _solve(self, generation: int, pmfs: np.ndarray, masses: np.ndarray) -> _Solution:
-        """Solves pmfs [nk, D] (D = nb binned, N + 1 token-level) for dp (pooled) or ldp (batched)."""
+    def _solve(self, generation: int, binned: np.ndarray) -> _Solution:
+        """Solves a histogram snapshot binned float64[nk, nb] (on the bins, or at token level when the
+        grid does not divide them) for dp (pooled) or ldp (batched). Deterministic."""
         from sparse_prefix import placement  # lazy: keeps `import sparse_prefix` free of jax
 
+        masses = binned.sum(axis=1)
+        pmfs = binned if self.solve_binned else binned_to_token_pmf(binned, self.bin_size, self.max_length)
         pooled = pmfs.sum(axis=0)
         budget, cost = self.spec.param, self._solve_cost
         grid = 1 if self.solve_binned else self.grid
         if self.spec.kind == "dp":
-            return _Solution(generation, placement.solve(pooled, budget, cost=cost, grid=grid), None)
+            return _Solution(generation, placement.solve(pooled, budget, cost=cost, grid=grid), None, binned)
         fallback = masses < self.min_bucket_mass
         batch = np.where(fallback[:, None], pooled[None, :], pmfs)
         batch = np.concatenate([batch, pooled[None, :]], axis=0)
         rows = np.where(fallback, batch.shape[0] - 1, np.arange(pmfs.shape[0]))
         solved = placement.solve_batch(batch, budget, cost=cost, grid=grid)
-        return _Solution(generation, solved, rows)
+        return _Solution(generation, solved, rows, binned)
 
     def positions(self, length: int, overlap: int | None = None,
                   hints: Iterable[int] = ()) -> np.ndarray:
@@ -381,3 +327,116 @@ class Planner:
             return scale * np.asarray(solution.placement.positions_for(depth), dtype=np.int64)
         row = int(solution.rows[self._hist.bucket_of(length)])
         return scale * np.asarray(solution.placement.positions_for(row, depth), dtype=np.int64)
+
+    # ------------------------------------------------------------------ state export
+
+    def _config(self) -> dict[str, Any]:
+        return {"policy": str(self.spec), "grid": self.grid, "bin_size": self.bin_size,
+                "decay": self.decay, "resolve_every": self.resolve_every,
+                "cost": [self.cost.a, self.cost.b], "max_length": self.max_length,
+                "min_bucket_mass": self.min_bucket_mass}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The planner's state as plain data (public, versioned; see the module docstring).
+
+        A background re-solve in flight is waited for first, so the export holds the latest solution.
+        The executor and auto_resolve are not state (they are the loading process's choice).
+
+        Returns:
+          ``{"type": "Planner", "version", "policy", "grid", "bin_size", "decay", "resolve_every",
+          "cost": [a, b], "max_length", "min_bucket_mass", "observations", "snapshot_at", "solves",
+          "histogram": LengthBucketedHistogram.state_dict() or None, "solution": None or
+          {"generation", "binned": float64[nk, nb], "positions": int64[R, budget], "counts": int64[R]}}``.
+        """
+        pending = self._pending
+        if pending is not None:
+            wait([pending])
+        with self._lock:
+            solution, snapshot_at = self._solution, self._snapshot_at
+            if self._pending is not None:   # begun since, or failed: not part of the state
+                snapshot_at = 0 if solution is None else solution.generation
+            state = {**header("Planner", STATE_VERSION), **self._config(),
+                     "observations": self._observations, "snapshot_at": snapshot_at,
+                     "solves": self._solves, "solution": None,
+                     "histogram": None if self._hist is None else self._hist.state_dict()}
+        if solution is not None:
+            positions, counts = solution.checked_positions()
+            state["solution"] = {"generation": solution.generation, "binned": solution.binned.copy(),
+                                 "positions": positions, "counts": counts}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace the counters, histograms and solution by `state` (from `state_dict` of a planner
+        configured like this one), all or nothing. The saved solution is re-solved from its histogram
+        snapshot and must come out with the saved positions; a re-solve in flight is discarded.
+
+        Raises:
+          ValueError: a missing or malformed field, a configuration that differs from this planner's,
+            inconsistent counters, or a solution that re-solves to other positions (naming the field).
+        """
+        reader = StateReader(state, "Planner")
+        reader.check_header("Planner", STATE_VERSION)
+        for key, value in self._config().items():
+            reader.same(key, value)
+        observations = reader.int("observations", minimum=0)
+        snapshot_at = reader.int("snapshot_at", 0, observations)
+        solves = reader.int("solves", minimum=0)
+        hist, solution = None, None
+        if self._hist is None:
+            for key in ("histogram", "solution"):
+                if reader.raw(key) is not None:
+                    raise reader.error(key, f"must be None: policy {self.spec} keeps no histogram")
+            if snapshot_at:
+                raise reader.error("snapshot_at", f"must be 0: policy {self.spec} never solves")
+        else:
+            hist = self._new_histogram()
+            try:
+                hist.load_state_dict(reader.raw("histogram"))
+            except (TypeError, ValueError) as error:
+                raise reader.error("histogram", f"is invalid: {error}") from error
+            if hist.count != observations:
+                raise reader.error("histogram", f"holds {hist.count} observations, the planner {observations}")
+            if reader.raw("solution") is not None:
+                solution = self._load_solution(reader.child("solution"), hist, snapshot_at)
+                if solves < 1:
+                    raise reader.error("solves", "must be >= 1 with a solution")
+        with self._lock:
+            self._epoch += 1
+            self._observations, self._snapshot_at, self._solves = observations, snapshot_at, solves
+            self._hist, self._solution = hist, solution
+
+    def _load_solution(self, reader: StateReader, hist: LengthBucketedHistogram,
+                       snapshot_at: int) -> _Solution:
+        """Re-solve a saved solution's snapshot; its positions must equal the saved ones."""
+        generation = reader.int("generation", 1, snapshot_at)
+        binned = reader.array("binned", "f", 2, (hist.num_buckets, hist.num_bins))
+        if np.any(binned < 0) or not binned.sum() > 0:
+            raise reader.error("binned", "must be non-negative with a positive total")
+        positions = reader.array("positions", "iu", 2)
+        counts = reader.array("counts", "iu", 1)
+        solution = self._solve(generation, binned.astype(np.float64))
+        got_positions, got_counts = solution.checked_positions()
+        if not (np.array_equal(got_positions, positions) and np.array_equal(got_counts, counts)):
+            raise reader.error("positions", "does not match a re-solve of its histogram snapshot "
+                                            "(saved by another platform or library version?)")
+        return solution
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], *, auto_resolve: bool = True,
+                        executor: Executor | None = None) -> "Planner":
+        """A new planner configured and filled from `state` (see `load_state_dict`)."""
+        from sparse_prefix import placement  # lazy: keeps `import sparse_prefix` light
+
+        reader = StateReader(state, "Planner")
+        reader.check_header("Planner", STATE_VERSION)
+        cost = reader.list("cost")
+        try:
+            cost = placement.Cost(*cost)
+        except (TypeError, ValueError) as error:
+            raise reader.error("cost", f"is invalid: {error}") from error
+        planner = cls(reader.str("policy"), grid=reader.int("grid"), bin_size=reader.int("bin_size"),
+                      decay=reader.float("decay"), resolve_every=reader.int("resolve_every"), cost=cost,
+                      max_length=reader.int("max_length"), min_bucket_mass=reader.float("min_bucket_mass"),
+                      auto_resolve=auto_resolve, executor=executor)
+        planner.load_state_dict(state)
+        return planner

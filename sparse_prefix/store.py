@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_prefix.planner import Planner, parse_policy
+from sparse_prefix.planner import Planner, default_bin_size, parse_policy  # noqa: F401 (re-exported)
 from sparse_prefix.protocol import Checkpoints, State
 
 Array = jax.Array
@@ -107,19 +107,13 @@ def state_bytes(model: Any) -> tuple[int, int]:
     return int(slot), int(per_token) * int(model.chunk_size)
 
 
-def default_bin_size(max_length: int, grid: int) -> int:
-    """Histogram bin width for a model: 64 tokens (the paper), narrower for models shorter than 1024
-    tokens (about 16 bins, a multiple of the grid), never below the grid."""
-    return min(64, max(grid, (max_length // 16) // grid * grid))
-
-
 def slots_per_entry(policy: str, max_length: int, grid: int, max_hints: int) -> int:
     """The most states one request of up to `max_length` tokens stores under `policy`."""
     spec = parse_policy(policy)
     if spec.budget is not None:
         base = spec.budget
     else:
-        planner = Planner(spec, grid=grid, max_length=max_length, bin_size=default_bin_size(max_length, grid))
+        planner = Planner(spec, grid=grid, max_length=max_length)
         base = len(planner.positions(max_length))
     return max(1, base + spec.fork + spec.end + (max_hints if spec.hints else 0) + 1)
 
