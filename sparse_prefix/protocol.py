@@ -27,6 +27,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 PyTree = Any
@@ -137,7 +138,8 @@ class RecurrentLM(Protocol):
         """The state at checkpoint slot k (int32[B]) of each row.
 
         The recurrent part comes from `checkpoints`; the KV buffers come from `state` (which must hold
-        at least that prefix), truncated by setting `length` to the checkpoint's length.
+        at least that prefix), truncated by setting `length` to the checkpoint's length. k must select
+        a real checkpoint (0 <= k < K, length > 0); a concrete k that does not raises ValueError.
         """
         ...
 
@@ -150,7 +152,47 @@ def take_checkpoint(checkpoints: Checkpoints, k: Array) -> tuple[tuple, Array]:
     return recurrent, checkpoints.lengths[rows, k]
 
 
+def _concrete(value: Any) -> np.ndarray | None:
+    """`value` as a host array, or None while it is traced (inside jit / vmap)."""
+    try:
+        return np.asarray(value)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def check_restore_slot(checkpoints: Checkpoints, k: Any) -> None:
+    """Validate the slot index of `restore` when it is concrete; nothing is checked while traced.
+
+    Args:
+      checkpoints: emitted `Checkpoints` (lengths int32[B, K]).
+      k: the slot per row, int[B] with 0 <= k < K, selecting a real checkpoint (its length > 0: a
+        padding slot is not a checkpoint). The length check needs concrete lengths too.
+
+    Raises:
+      ValueError: naming the problem (shape, dtype, range, or the rows that select a padding slot).
+    """
+    k_np = _concrete(k)
+    if k_np is None:
+        return
+    batch, slots = np.shape(checkpoints.lengths)
+    if k_np.dtype.kind not in "iu" or k_np.shape != (batch,):
+        raise ValueError(f"k must be an integer array of shape [{batch}] (one slot per row), got dtype "
+                         f"{k_np.dtype} and shape {k_np.shape}")
+    if np.any((k_np < 0) | (k_np >= slots)):
+        raise ValueError(f"k must lie in 0..{slots - 1} (the emitted slots), got {k_np.tolist()}")
+    lengths = _concrete(checkpoints.lengths)
+    if lengths is not None:
+        padding = lengths[np.arange(batch), k_np] <= 0
+        if np.any(padding):
+            raise ValueError(f"k selects a padding slot (length 0) in rows {np.flatnonzero(padding).tolist()}: "
+                             f"a padding slot is not a checkpoint")
+
+
 def restore_state(state: State, checkpoints: Checkpoints, k: Array) -> State:
-    """Generic `RecurrentLM.restore` for models that use this module's state layout."""
+    """Generic `RecurrentLM.restore` for models that use this module's state layout.
+
+    A concrete `k` is validated on the host (`check_restore_slot`); a traced one (inside jit) is not,
+    and an out-of-range traced index is clamped by the gather like any JAX index."""
+    check_restore_slot(checkpoints, k)
     recurrent, lengths = take_checkpoint(checkpoints, k)
     return State(recurrent=recurrent, kv=state.kv, length=lengths.astype(jnp.int32))
