@@ -365,7 +365,7 @@ def run_replay(plan: ReplayPlan, *, model: Any, params: Any, budget_s: float | N
         now = time.perf_counter()
         if deadline is not None and now + last_duration > deadline:
             skipped.append({"policy": policy, "reason": f"not started: {now - started:.0f} s used, the last "
-                                                        f"policy took {last_duration:.0f} s, budget {budget_s} s"})
+                                                        f"policy took {last_duration:.0f} s, budget {budget_s:.0f} s"})
             continue
         simulated = plan.simulated[policy]
         engine = Engine(model, params, policy=policy, eviction=plan.eviction, capacity_entries=plan.capacity,
