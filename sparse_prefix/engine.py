@@ -20,6 +20,18 @@ lock (short host work and asynchronous device dispatch); step 3 runs outside it,
 callers overlap on the device. The Planner's DP re-solve runs on a background thread.
 
 Namespaces isolate tenants: an entry is only ever matched by requests of its own namespace.
+
+What the fixed shapes cost. Every prefill call pads each row's suffix to ``max_length`` tokens and its
+checkpoint list to ``min_checkpoint_slots`` (one program per batch size then serves every request;
+see `__init__`). The padding costs bytes, not compute: a call sends B x max_length int32 tokens from
+host to device (64 KiB per row at max_length 16384) plus (K + 1) int32 per row, and the chunk loop
+stops at the longest real row, so no chunk of padding runs. Nothing else the engine does per request
+is O(max_length) on the device: the restore writes only the resume entry's KV pages into dense KV
+buffers recycled from an earlier request of the same batch size (`StateStore.recycle`: no allocation,
+zero-fill or copy of max_length positions), page writes copy only the new pages, slots move whole
+states. Two limits outside the engine: XLA on CPU widens any write into a bf16 buffer to f32 over the
+whole buffer (float32 models are O(pages) there, every dtype on GPU), and a model's own prefill may
+be O(max_length) (e.g. attention that reads its whole KV buffer densely).
 """
 
 from __future__ import annotations
@@ -36,6 +48,8 @@ import numpy as np
 from sparse_prefix.index import PrefixIndex, RequestPlan
 from sparse_prefix.planner import Planner
 from sparse_prefix.protocol import State
+from sparse_prefix.request_checks import split_requests
+from sparse_prefix.sampling import Sampling, sample
 from sparse_prefix.store import CacheLayout, PoolExhausted, StateStore, abstract_state_of, plan_layout
 
 
@@ -65,23 +79,6 @@ class PrefillResult(NamedTuple):
 
     last_logits: jax.Array
     stats: RequestStats | tuple[RequestStats, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """Decoding choice: temperature 0 is greedy; top_k keeps the k most likely tokens; seed for the RNG;
-    banned token ids are never produced (e.g. an "unknown" id)."""
-
-    temperature: float = 0.0
-    top_k: int | None = None
-    seed: int = 0
-    banned: tuple[int, ...] = ()
-
-    def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise ValueError(f"sampling temperature must be a number >= 0, got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"sampling top_k must be None or an int >= 1, got {self.top_k!r}")
 
 
 class GenerateResult(NamedTuple):
@@ -149,9 +146,9 @@ class Engine:
         self.chunk_size = int(model.chunk_size)
         self.layout = self.abstract(model, policy=policy, capacity_entries=capacity_entries,
                                     capacity_bytes=capacity_bytes, max_hints=max_hints)
-        # Calls pad tokens to max_length (the chunk loop stops at the longest real row, so padding
-        # costs no compute) and checkpoint lists to a power of two >= min_checkpoint_slots: one
-        # compilation per batch size serves almost every request.
+        # Calls pad tokens to max_length (bytes, not compute: see the module docstring) and
+        # checkpoint lists to a power of two >= min_checkpoint_slots: one compilation per batch
+        # size serves almost every request.
         self._k_bucket = _pow2(min_checkpoint_slots)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sparse-prefix-dp") \
             if background_resolve else None      # starts no thread before the first re-solve
@@ -210,51 +207,9 @@ class Engine:
 
     # ------------------------------------------------------------------ input checks
 
-    def _check_row(self, tokens: Any, name: str) -> np.ndarray:
-        array = np.asarray(tokens)
-        if array.dtype.kind not in "iu":
-            raise TypeError(f"{name} must hold integer token ids, got dtype {array.dtype}")
-        if array.ndim != 1:
-            raise ValueError(f"{name} must be a 1-D sequence of token ids, got shape {array.shape}")
-        if array.size == 0:
-            raise ValueError(f"{name} is empty: a request needs at least one token")
-        if array.size > self.model.max_length:
-            raise ValueError(f"{name} has {array.size} tokens, more than max_length {self.model.max_length}")
-        if array.min() < 0 or array.max() >= self.model.vocab_size:
-            bad = array[(array < 0) | (array >= self.model.vocab_size)]
-            raise ValueError(f"{name} has ids outside 0..{self.model.vocab_size - 1}: {bad[:5].tolist()}")
-        return array.astype(np.int32)
-
-    def _check_hints(self, hints: Any, length: int, name: str) -> tuple[int, ...]:
-        values = np.asarray(hints if not isinstance(hints, np.ndarray) else hints.reshape(-1))
-        if values.size and values.dtype.kind not in "iu":
-            raise TypeError(f"{name} must be integer token positions, got {hints!r}")
-        if values.ndim > 1:
-            raise ValueError(f"{name} must be a flat sequence of positions, got shape {values.shape}")
-        if values.size and (values.min() < 1 or values.max() > length):
-            raise ValueError(f"{name} must lie in 1..{length} (the request length), got {values.tolist()}")
-        return tuple(int(v) for v in values.reshape(-1))
-
     def _requests(self, tokens: Any, hints: Any) -> tuple[list[np.ndarray], list[tuple[int, ...]], bool]:
-        """Validated rows, per-row hints, and whether the input was a batch."""
-        if isinstance(tokens, (list, tuple)) and len(tokens) == 0:
-            raise ValueError("tokens is empty: a request needs at least one token")
-        batch = isinstance(tokens, (list, tuple)) and len(tokens) > 0 and not np.isscalar(tokens[0])
-        if not batch and np.ndim(tokens) == 2:
-            tokens, batch = list(np.asarray(tokens)), True
-        if not batch:
-            row = self._check_row(tokens, "tokens")
-            return [row], [self._check_hints(hints, row.size, "hints")], False
-        rows = [self._check_row(row, f"tokens[{b}]") for b, row in enumerate(tokens)]
-        if hints is None or (not isinstance(hints, np.ndarray) and len(hints) == 0):
-            per_row = [()] * len(rows)
-        elif isinstance(hints, (list, tuple)) and len(hints) == len(rows) \
-                and all(not np.isscalar(h) for h in hints):
-            per_row = [self._check_hints(h, row.size, f"hints[{b}]")
-                       for b, (h, row) in enumerate(zip(hints, rows))]
-        else:
-            raise ValueError(f"hints for a batch of {len(rows)} must be () or one sequence per row")
-        return rows, per_row, True
+        return split_requests(tokens, hints, vocab_size=self.model.vocab_size,
+                              max_length=self.model.max_length)
 
     # ------------------------------------------------------------------ the request path
 
@@ -280,8 +235,11 @@ class Engine:
         return self.namespace if namespace is None else namespace
 
     def _run(self, rows: list[np.ndarray], hints: list[tuple[int, ...]], group: str | None,
-             planner: Any) -> tuple[jax.Array, State, list[RequestStats]]:
-        """Plan, restore, prefill and commit a validated batch; returns (logits [B, V], final, stats)."""
+             planner: Any, keep_final: bool = False) -> tuple[jax.Array, State | None, list[RequestStats]]:
+        """Plan, restore, prefill and commit a validated batch; returns (logits [B, V], final, stats).
+
+        Unless `keep_final`, the final state's KV goes back to the store as scratch for the next
+        restore (and None is returned in its place)."""
         start = time.perf_counter()
         plans: list[RequestPlan] = []
         with self._lock:
@@ -307,6 +265,9 @@ class Engine:
         computed = time.perf_counter()
         with self._lock:
             stored = self._commit(plans, final, emitted)
+        if not keep_final:
+            self.store.recycle(final.kv)
+            final = None
         done = time.perf_counter()
         timings = {"plan": planned - start, "restore": restored - planned, "prefill": computed - restored,
                    "commit": done - computed, "total": done - start}
@@ -469,12 +430,13 @@ class Engine:
             raise ValueError(f"sampling.banned ids must lie in 0..{self.model.vocab_size - 1}, "
                              f"got {list(sampling.banned)}")
         group = self._namespace(namespace)
-        logits, state, prompt_stats = self._run(rows, per_row_hints, group, _EndPlanner(self.planner, True))
+        logits, state, prompt_stats = self._run(rows, per_row_hints, group, _EndPlanner(self.planner, True),
+                                                keep_final=True)
         rng = np.random.default_rng(sampling.seed)
         stops = {int(t) for t in stop_tokens}
         generated: list[int] = []
         for step in range(max_new_tokens):
-            token = _sample(np.asarray(logits[0], np.float64), sampling, rng)
+            token = sample(np.asarray(logits[0], np.float64), sampling, rng)
             generated.append(token)
             if token in stops or step + 1 == max_new_tokens:
                 break
@@ -497,6 +459,7 @@ class Engine:
         for batch in batch_sizes:
             if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
                 raise ValueError(f"batch_sizes must be ints >= 1, got {batch!r}")
+            self.store.compile_restore(int(batch))
             state = self.store.restore([-1] * batch, [0] * batch)
             tokens = np.zeros((batch, self.model.max_length), np.int32)
             checkpoints = np.zeros((batch, self._k_bucket), np.int32)
@@ -504,6 +467,7 @@ class Engine:
             lengths = np.full((batch,), min(self.chunk_size, self.model.max_length), np.int32)
             _, final, emitted = self.model.prefill(self.params, tokens, state, checkpoints, lengths)
             self.store.compile_for(emitted, final.kv)
+            self.store.recycle(final.kv)
         return len(batch_sizes)
 
     def stats(self) -> dict[str, float]:
@@ -525,18 +489,3 @@ class Engine:
 def _check_namespace(namespace: Any) -> None:
     if namespace is not None and not isinstance(namespace, str):
         raise TypeError(f"namespace must be a string or None, got {type(namespace).__name__}")
-
-
-def _sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
-    """One token id from f64[V] logits: argmax at temperature 0, else softmax sampling (top-k)."""
-    if sampling.banned:
-        logits = logits.copy()
-        logits[list(sampling.banned)] = -np.inf
-    if sampling.temperature == 0:
-        return int(np.argmax(logits))
-    scaled = logits / sampling.temperature
-    if sampling.top_k is not None and sampling.top_k < scaled.size:
-        cutoff = np.partition(scaled, -sampling.top_k)[-sampling.top_k]
-        scaled = np.where(scaled >= cutoff, scaled, -np.inf)
-    probs = np.exp(scaled - scaled.max())
-    return int(rng.choice(scaled.size, p=probs / probs.sum()))

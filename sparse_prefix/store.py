@@ -12,9 +12,13 @@ Hybrid models also cache attention KV. Keeping a ``max_length`` buffer per entry
 short entries, so KV lives in a pool of *pages* of ``page_size`` (= the model's chunk size) tokens per
 attention layer: ``k, v: [num_pages, page_size, Hkv, D]``. An entry owns the pages covering its tokens up
 to its deepest checkpoint; an entry that resumed from another shares the pages of the common prefix by
-reference (host-side refcounts). `restore` gathers a page table ``[B, P]`` into the dense
-``[B, S, Hkv, D]`` buffers the model reads (attention reads positions < length only, so unused
-positions may hold any finite value).
+reference (host-side refcounts). `restore` writes the pages of a page table ``[B, P]`` into dense
+``[B, S, Hkv, D]`` buffers the model reads. Those are *scratch* buffers the store keeps per batch size
+and gets back through `recycle` (the engine hands back each prefill's final KV once its pages are
+stored), so a restore moves only the listed pages: no O(S) allocation, fill or copy per request.
+Positions no page covers hold stale finite values, which is fine: attention reads positions < length
+only. The scratch (at most `MAX_SCRATCH` sets of B x S KV per batch size in use) is working memory
+outside `allocated_bytes`, like the buffers a model call needs anyway.
 
 Every device function is jitted once per shape; the number of rows moved per call is padded to a power
 of two (padding rows target index ``num_slots`` / ``num_pages``, which the scatter drops), so the
@@ -27,7 +31,6 @@ ceil(S / page_size) pages per sequence, n rows moved in one call.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import threading
@@ -37,11 +40,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_prefix.planner import Planner, default_bin_size, parse_policy  # noqa: F401 (re-exported)
+from sparse_prefix.layout import (CacheLayout, abstract_state_of, plan_layout,  # noqa: F401 (re-exported)
+                                  slots_per_entry, state_bytes)
+from sparse_prefix.planner import default_bin_size  # noqa: F401 (re-exported)
 from sparse_prefix.protocol import Checkpoints, State
 
 Array = jax.Array
 MIN_BUCKET = 8
+MAX_SCRATCH = 2      # dense KV scratch sets kept per batch size (see `StateStore.recycle`)
 
 
 class PoolExhausted(RuntimeError):
@@ -53,106 +59,9 @@ def move_bucket(count: int) -> int:
     return max(MIN_BUCKET, 1 << max(0, int(count) - 1).bit_length())
 
 
-def abstract_state_of(model: Any) -> State:
-    """The model's one-row abstract `State` (ShapeDtypeStructs): `model.abstract_state(1)` if offered."""
-    if hasattr(model, "abstract_state"):
-        return model.abstract_state(1)
-    return jax.eval_shape(lambda: model.init_state(1))
-
-
 def _leaf_bytes(leaf: Any) -> int:
     """Bytes of one batch row of an abstract leaf [1, ...]."""
     return math.prod(leaf.shape[1:]) * jnp.dtype(leaf.dtype).itemsize
-
-
-# ----------------------------------------------------------------------------- sizing
-
-
-@dataclasses.dataclass(frozen=True)
-class CacheLayout:
-    """What the cache will allocate, computed before anything is (see `Engine.abstract`).
-
-    Attributes:
-      num_slots: recurrent-state slots.  num_pages: KV pages per attention layer (0 for a pure SSM).
-      slot_bytes: one checkpoint's recurrent state.  page_bytes: one page of KV (all attention layers).
-      slots_per_entry: the most states one request stores under the policy (budget + fork/end/hints).
-      pages_per_sequence: pages a max_length sequence needs.
-    """
-
-    num_slots: int
-    num_pages: int
-    slot_bytes: int
-    page_bytes: int
-    slots_per_entry: int
-    pages_per_sequence: int
-
-    @property
-    def allocated_bytes(self) -> int:
-        """Device bytes of the slabs and page pools."""
-        return self.num_slots * self.slot_bytes + self.num_pages * self.page_bytes
-
-
-
-
-def state_bytes(model: Any) -> tuple[int, int]:
-    """(bytes of one checkpoint's recurrent state, bytes of one KV page of chunk_size tokens)."""
-    if hasattr(model, "memory_profile"):
-        profile = model.memory_profile()
-        return int(profile.checkpoint_bytes), int(profile.kv_bytes_per_token) * int(model.chunk_size)
-    abstract = abstract_state_of(model)
-    slot = sum(math.prod(leaf.shape[1:]) * leaf.dtype.itemsize
-               for leaf in jax.tree_util.tree_leaves(abstract.recurrent))
-    per_token = sum(math.prod(leaf.shape[2:]) * leaf.dtype.itemsize
-                    for leaf in jax.tree_util.tree_leaves(abstract.kv or ()))
-    return int(slot), int(per_token) * int(model.chunk_size)
-
-
-def slots_per_entry(policy: str, max_length: int, grid: int, max_hints: int) -> int:
-    """The most states one request of up to `max_length` tokens stores under `policy`."""
-    spec = parse_policy(policy)
-    if spec.budget is not None:
-        base = spec.budget
-    else:
-        planner = Planner(spec, grid=grid, max_length=max_length)
-        base = len(planner.positions(max_length))
-    return max(1, base + spec.fork + spec.end + (max_hints if spec.hints else 0) + 1)
-
-
-def plan_layout(model: Any, *, policy: str = "ldp:8+fork", capacity_entries: int = 64,
-                capacity_bytes: int | None = None, max_hints: int = 4) -> CacheLayout:
-    """Size the slabs and page pool of a cache for `model` (nothing is allocated).
-
-    Without `capacity_bytes`, `capacity_entries` entries of max_length always fit (slots for the
-    policy's most states per entry, pages for a full sequence each). With it, slots take at most
-    half of the budget for hybrids (all of it for pure SSMs) and pages the rest; running short of
-    either makes the index evict.
-
-    Raises:
-      ValueError: a bad capacity, or a budget that holds no checkpoint (or no KV page).
-    """
-    if isinstance(capacity_entries, bool) or not isinstance(capacity_entries, int) or capacity_entries < 1:
-        raise ValueError(f"capacity_entries must be an int >= 1, got {capacity_entries!r}")
-    if capacity_bytes is not None and (isinstance(capacity_bytes, bool)
-                                       or not isinstance(capacity_bytes, int) or capacity_bytes < 1):
-        raise ValueError(f"capacity_bytes must be None or an int >= 1, got {capacity_bytes!r}")
-    if isinstance(max_hints, bool) or not isinstance(max_hints, int) or max_hints < 0:
-        raise ValueError(f"max_hints must be an int >= 0, got {max_hints!r}")
-    chunk, max_length = int(model.chunk_size), int(model.max_length)
-    slot_bytes, page_bytes = state_bytes(model)
-    has_kv = page_bytes > 0
-    per_entry = slots_per_entry(policy, max_length, chunk, max_hints)
-    pages_per_sequence = -(-max_length // chunk) if has_kv else 0
-    slots = capacity_entries * per_entry
-    pages = capacity_entries * pages_per_sequence
-    if capacity_bytes is not None:
-        slots = min(slots, (capacity_bytes // 2 if has_kv else capacity_bytes) // slot_bytes)
-        pages = (capacity_bytes - slots * slot_bytes) // page_bytes if has_kv else 0
-        if slots < 1 or (has_kv and pages < 1):
-            raise ValueError(f"capacity_bytes={capacity_bytes} holds no checkpoint ({slot_bytes} B)"
-                             + (f" and KV page ({page_bytes} B)" if has_kv else ""))
-    return CacheLayout(num_slots=int(slots), num_pages=int(pages), slot_bytes=int(slot_bytes),
-                       page_bytes=int(page_bytes), slots_per_entry=per_entry,
-                       pages_per_sequence=pages_per_sequence)
 
 
 # ----------------------------------------------------------------------------- device functions
@@ -167,49 +76,50 @@ def _insert_rows(slabs: tuple, recurrent: tuple, rows: Array, ks: Array, slots: 
     return jax.tree_util.tree_map(put, slabs, recurrent)
 
 
-def _as_pages(buffer: Array, page_size: int) -> Array:
-    """[B, S, ...] -> [B, P, page_size, ...], zero-padding S up to a multiple of page_size."""
-    batch, length = buffer.shape[:2]
-    pages = -(-length // page_size)
-    pad = pages * page_size - length
-    if pad:
-        buffer = jnp.pad(buffer, [(0, 0), (0, pad)] + [(0, 0)] * (buffer.ndim - 2))
-    return buffer.reshape((batch, pages, page_size) + buffer.shape[2:])
+def _page_positions(seq_pages: Array, page_size: int) -> Array:
+    """int32[n, C]: the token positions of page seq_pages[i] of a sequence."""
+    return seq_pages[:, None] * page_size + jnp.arange(page_size, dtype=seq_pages.dtype)[None, :]
 
 
 @functools.partial(jax.jit, donate_argnums=0)
 def _write_pages(pools: tuple, kv: tuple, rows: Array, seq_pages: Array, pages: Array) -> tuple:
-    """pools[pages[i]] = page seq_pages[i] of kv row rows[i] (pools [M, C, ...], kv [B, S, ...])."""
+    """pools[pages[i]] = page seq_pages[i] of kv row rows[i] (pools [M, C, ...], kv [B, S, ...]).
+
+    Reads only the n moved pages (positions past S, in a partial last page, repeat position S - 1:
+    nobody reads them back). Pages >= M are dropped (padding)."""
     def put(pool, buffer):
-        blocks = _as_pages(buffer, pool.shape[1])
-        return pool.at[pages].set(blocks[rows, seq_pages].astype(pool.dtype), mode="drop")
+        positions = jnp.minimum(_page_positions(seq_pages, pool.shape[1]), buffer.shape[1] - 1)
+        return pool.at[pages].set(buffer[rows[:, None], positions].astype(pool.dtype), mode="drop")
 
     return jax.tree_util.tree_map(put, pools, kv)
 
 
-@functools.partial(jax.jit, static_argnames=("kv_length",))
-def _gather_state(slabs: tuple, pools: tuple | None, slots: Array, page_table: Array | None,
-                  lengths: Array, *, kv_length: int) -> State:
-    """The batch State of `slots` int32[B] (-1: the empty state) with KV pages `page_table` [B, P]."""
+@functools.partial(jax.jit, donate_argnums=2)
+def _gather_state(slabs: tuple, pools: tuple | None, scratch: tuple | None, slots: Array, lengths: Array,
+                  rows: Array, seq_pages: Array, pages: Array) -> State:
+    """The batch State of `slots` int32[B] (-1: the empty state) whose KV is `scratch` with the listed
+    pages written in: scratch[rows[i], page seq_pages[i]] = pools[pages[i]] (rows >= B: padding).
+
+    Work: O(B * slot state + n * page); the scratch buffers [B, S, ...] are donated and updated in place,
+    so nothing is O(S) per call. Positions the pages do not cover keep whatever the scratch held.
+    (XLA on CPU widens any write into a 16-bit float buffer to f32 over the whole buffer, so there a
+    bf16 KV restore is O(S) after all; f32 on CPU and every dtype on GPU update in place.)"""
     present = slots >= 0
     index = jnp.maximum(slots, 0)
 
     def take(slab):
-        rows = slab[index]
-        mask = present.reshape((-1,) + (1,) * (rows.ndim - 1))
-        return jnp.where(mask, rows, jnp.zeros_like(rows))
+        rows_ = slab[index]
+        mask = present.reshape((-1,) + (1,) * (rows_.ndim - 1))
+        return jnp.where(mask, rows_, jnp.zeros_like(rows_))
 
     recurrent = jax.tree_util.tree_map(take, slabs)
     kv = None
     if pools is not None:
-        table = jnp.maximum(page_table, 0)
+        def put(buffer, pool):
+            positions = _page_positions(seq_pages, pool.shape[1])
+            return buffer.at[rows[:, None], positions].set(pool[pages].astype(buffer.dtype), mode="drop")
 
-        def dense(pool):
-            blocks = pool[table]                       # [B, P, C, ...]
-            flat = blocks.reshape((blocks.shape[0], -1) + blocks.shape[3:])
-            return flat[:, :kv_length]
-
-        kv = jax.tree_util.tree_map(dense, pools)
+        kv = jax.tree_util.tree_map(put, scratch, pools)
     return State(recurrent=recurrent, kv=kv, length=lengths.astype(jnp.int32))
 
 
@@ -305,6 +215,7 @@ class StateStore:
         self._lock = threading.RLock()
         self._refs = PageRefs(self.num_pages)
         self._buffers = self._allocate()
+        self._scratch: dict[int, list[tuple]] = {}     # batch size -> free dense KV sets
 
     @classmethod
     def for_model(cls, model: Any, *, num_slots: int, num_pages: int = 0) -> "StateStore":
@@ -380,11 +291,14 @@ class StateStore:
         Args:
           slots: int[B]; -1 restores the empty (zero) state of a miss.
           lengths: int[B], the tokens each restored state has consumed (0 for a miss).
-          page_table: int[B, P] page ids covering positions [0, lengths) in order (-1: none); hybrids
-            only (None: no pages, e.g. all misses).
+          page_table: int[B, <= P] page ids covering positions [0, lengths) in order (-1: none);
+            hybrids only (None: no pages, e.g. all misses).
 
         Returns:
-          State with recurrent leaves [B, ...], KV [B, S, Hkv, D] (or None), length int32[B].
+          State with recurrent leaves [B, ...], KV [B, S, Hkv, D] (or None), length int32[B]. The KV
+          buffers are scratch the store reuses (`recycle`): the listed pages are written in, other
+          positions hold stale finite values (attention reads positions < length only). The device
+          work is O(B * slot state + pages listed), never O(S).
         """
         slots = np.asarray(slots, np.int32).reshape(-1)
         lengths = np.asarray(lengths, np.int32).reshape(-1)
@@ -392,18 +306,74 @@ class StateStore:
             raise ValueError(f"slots and lengths must have equal lengths, got {slots.size}, {lengths.size}")
         if np.any(slots >= self.num_slots):
             raise ValueError(f"slots must be < {self.num_slots}, got {slots.tolist()}")
-        table = None
-        if self.has_kv:
-            table = np.full((slots.size, self.pages_per_sequence), -1, np.int32)
-            if page_table is not None:
-                given = np.asarray(page_table, np.int32)
-                if given.ndim != 2 or given.shape[0] != slots.size or given.shape[1] > table.shape[1]:
-                    raise ValueError(f"page_table must have shape [{slots.size}, <= "
-                                     f"{self.pages_per_sequence}], got {given.shape}")
-                table[:, :given.shape[1]] = given
+        rows, seq_pages, pages = self._page_moves(slots.size, page_table)
         with self._lock:
-            return _gather_state(self._buffers.slabs, self._buffers.pools, slots, table, lengths,
-                                 kv_length=self.kv_length)
+            return self._gather(slots, lengths, rows, seq_pages, pages)
+
+    def _page_moves(self, batch: int, page_table: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, seq_pages, pages) int32[n'] of the table's pages, padded to a bucket (rows = B: dropped)."""
+        rows = seq_pages = pages = np.zeros((0,), np.int32)
+        if self.has_kv and page_table is not None:
+            table = np.asarray(page_table)
+            if table.ndim != 2 or table.shape[0] != batch or table.shape[1] > self.pages_per_sequence \
+                    or (table.size and table.dtype.kind not in "iu"):
+                raise ValueError(f"page_table must be an integer array of shape [{batch}, <= "
+                                 f"{self.pages_per_sequence}], got {table.dtype} {table.shape}")
+            if np.any((table < -1) | (table >= self.num_pages)):
+                raise ValueError(f"page_table entries must lie in -1..{self.num_pages - 1}")
+            rows, seq_pages = (a.astype(np.int32) for a in np.nonzero(table >= 0))
+            pages = table[rows, seq_pages].astype(np.int32)
+        pad = move_bucket(rows.size) - rows.size
+        return (np.concatenate([rows, np.full(pad, batch, np.int32)]),
+                np.concatenate([seq_pages, np.zeros(pad, np.int32)]),
+                np.concatenate([pages, np.zeros(pad, np.int32)]))
+
+    def _gather(self, slots, lengths, rows, seq_pages, pages) -> State:
+        """Run `_gather_state` on a scratch KV of this batch size. Holds the lock."""
+        scratch = None
+        if self.has_kv:
+            free = self._scratch.get(slots.size)
+            scratch = free.pop() if free else _committed(jax.tree_util.tree_map(
+                lambda leaf: jnp.zeros((slots.size,) + tuple(leaf.shape[1:]), leaf.dtype),
+                tuple(self.abstract.kv)))
+        return _gather_state(self._buffers.slabs, self._buffers.pools, scratch, slots, lengths, rows,
+                             seq_pages, pages)
+
+    def recycle(self, kv: tuple | None) -> None:
+        """Hand dense KV buffers (`State.kv`, leaves [B, S, Hkv, D]) back for a later `restore` of B rows.
+
+        The engine recycles a prefill's final KV once its pages are written, so a request costs no
+        O(S) allocation or fill. The caller must not use `kv` afterwards (a restore donates it). At
+        most `MAX_SCRATCH` sets are kept per batch size; extra ones are dropped.
+
+        Raises:
+          ValueError: `kv` does not have this store's KV structure, shapes and dtypes.
+        """
+        if not self.has_kv or kv is None:
+            return
+        kv = tuple(kv)
+        batch = jax.tree_util.tree_leaves(kv)[0].shape[0]
+        want = jax.tree_util.tree_map(lambda leaf: ((batch,) + tuple(leaf.shape[1:]), jnp.dtype(leaf.dtype)),
+                                      tuple(self.abstract.kv))
+        got = jax.tree_util.tree_map(lambda leaf: (tuple(leaf.shape), jnp.dtype(leaf.dtype)), kv)
+        if got != want:
+            raise ValueError(f"recycled KV has shapes {got}, this store's are {want}")
+        with self._lock:
+            free = self._scratch.setdefault(batch, [])
+            if len(free) < MAX_SCRATCH:
+                free.append(kv)
+
+    def compile_restore(self, batch: int) -> None:
+        """Compile `restore` for every page bucket a batch of `batch` rows can use (ahead of traffic)."""
+        top = move_bucket(batch * self.pages_per_sequence)
+        slots, zeros = np.full(batch, -1, np.int32), np.zeros(batch, np.int32)
+        size = MIN_BUCKET
+        while size <= top:
+            pad = np.zeros(size, np.int32)
+            with self._lock:
+                state = self._gather(slots, zeros, np.full(size, batch, np.int32), pad, pad)
+            self.recycle(state.kv)
+            size *= 2
 
     # ------------------------------------------------------------------ KV pages
 
@@ -462,6 +432,11 @@ class StateStore:
                 self._buffers = self._buffers._replace(pools=pools)
 
     # ------------------------------------------------------------------ whole-store operations
+
+    def synchronize(self) -> None:
+        """Block until every dispatched insert and page write has landed (e.g. before timing)."""
+        with self._lock:
+            jax.block_until_ready(self._buffers)
 
     def reset(self) -> None:
         """Forget every page reference and zero the buffers (slots are the index's to forget)."""

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sparse_prefix.protocol import Checkpoints, KVCache, RecurrentState, State
-from sparse_prefix.store import PageRefs, PoolExhausted, StateStore, _insert_rows, move_bucket
+from sparse_prefix.store import PageRefs, PoolExhausted, StateStore, _gather_state, _insert_rows, move_bucket
 
 PAGE = 4
 KV_LEN = 18            # not a multiple of PAGE on purpose: the last page is partial
@@ -170,3 +170,40 @@ def test_export_then_load_restores_buffers_and_refcounts_and_rejects_other_shape
     with pytest.raises(ValueError, match="snapshot buffer"):
         smaller.load(arrays, refcount)
     assert smaller.pages_in_use == 0
+
+
+def test_restore_writes_only_the_listed_pages_into_recycled_scratch(hybrid_store):
+    kv = random_kv(8, batch=1)
+    pages = hybrid_store.allocate_pages(2)
+    hybrid_store.write_pages(kv, rows=[0, 0], seq_pages=[0, 1], pages=pages)
+    stale = tuple(KVCache(k=jnp.full((1, KV_LEN, 2, 3), 7, jnp.bfloat16),
+                          v=jnp.full((1, KV_LEN, 2, 3), 7, jnp.bfloat16)) for _ in kv)
+    hybrid_store.recycle(stale)                       # e.g. a prefill's final KV, its pages stored
+    state = hybrid_store.restore(slots=[-1], lengths=[2 * PAGE], page_table=[pages])
+    np.testing.assert_array_equal(state.kv[0].k[0, :2 * PAGE], kv[0].k[0, :2 * PAGE])
+    np.testing.assert_array_equal(state.kv[0].v[0, :2 * PAGE], kv[0].v[0, :2 * PAGE])
+    np.testing.assert_array_equal(state.kv[0].k[0, 2 * PAGE:], 7)    # untouched: reused, not refilled
+    hybrid_store.release_pages(pages)
+    with pytest.raises(ValueError, match="recycled KV"):
+        hybrid_store.recycle(random_kv(9, batch=1)[0])
+    with pytest.raises(ValueError, match="page_table entries"):
+        hybrid_store.restore(slots=[-1], lengths=[4], page_table=[[24]])
+    with pytest.raises(ValueError, match="page_table must be"):
+        hybrid_store.restore(slots=[-1], lengths=[4], page_table=[[0] * 6])
+
+
+def test_the_restore_program_moves_pages_in_place_and_builds_nothing_of_max_length():
+    """Only the donated scratch and in-place scatters into it have the [B, S, ...] shape: no fill,
+    gather or copy of S positions per request (S = 4096 here, 3 pages restored). float32 KV: XLA on
+    CPU widens writes into 16-bit float buffers to f32 over the whole buffer (see `_gather_state`)."""
+    abstract = toy_abstract(kv=True)
+    long_kv = tuple(KVCache(*(jax.ShapeDtypeStruct((1, 4096, 2, 3), jnp.float32),) * 2) for _ in abstract.kv)
+    store = StateStore(abstract._replace(kv=long_kv), num_slots=4, page_size=PAGE, num_pages=8)
+    rows, seq_pages, pages = store._page_moves(1, [[5, 6, 7]])
+    scratch = jax.tree_util.tree_map(lambda leaf: leaf, long_kv)
+    hlo = _gather_state.lower(store._buffers.slabs, store._buffers.pools, scratch, np.zeros(1, np.int32),
+                              np.full(1, 3 * PAGE, np.int32), rows, seq_pages, pages).compile().as_text()
+    assert "input_output_alias" in hlo
+    producers = [line.split("=", 1)[1].split("(", 1)[0].split()[-1] + " " + line.split("=", 1)[0].strip()
+                 for line in hlo.splitlines() if "= f32[1,4096," in line]
+    assert producers and all(p.split()[0] == "parameter" or "scatter" in p for p in producers), producers
