@@ -8,6 +8,14 @@ pytree that the store slices, gathers and donates. Params are NamedTuples with a
 a frozen, hashable dataclass, so every model object of one config shares one set of compiled
 programs. The per-layer mixer lives in `mamba2_mixer` (re-exported here) for hybrid stacks.
 
+Prefill runs G = `chunks_per_step` chunks of C tokens per loop step (`mamba2_group_step`): every
+layer on all G chunks at once -- [B G C, d] projections, per-chunk conv windows and SSD batched over
+the chunks, the state passed chunk to chunk in order -- so a chunk's numbers do not depend on its
+place in the group and resuming at any multiple of C stays bitwise. Inside prefill the state is
+carried layer-stacked (one `RecurrentState` with leaves [B, n_layer, ...]): the layer scan reads
+and writes it without restacking per step; the protocol's per-layer tuple is restored once at the
+end of the call.
+
 Numerics follow state-spaces/mamba and HF `Mamba2ForCausalLM`: weights and activations in the compute
 dtype (bf16 by default); the residual stream (residual_in_fp32), norms, SSD and the recurrent state in
 float32. A padded slot (dt = 0, no conv shift) leaves the state exactly unchanged.
@@ -28,20 +36,21 @@ import numpy as np
 
 from sparse_prefix.chunking import (bucket_length, check_decode_args, check_prefill_args, check_state,
                                     checkpoint_bucket, run_chunks, scan_chunks)
-from sparse_prefix.protocol import Checkpoints, MemoryProfile, State, restore_state
+from sparse_prefix.protocol import Checkpoints, MemoryProfile, RecurrentState, State, restore_state
 
 from .checkpoint_io import register_family
 from .layers import rms_norm
 from .mamba2_mixer import (BACKENDS, Mamba2MixerConfig, MixerParams, full_precision, gated_rms_norm,
                            init_mamba2_mixer, mamba2_mixer_chunk, mamba2_mixer_decode,
-                           mamba2_mixer_state)
+                           mamba2_mixer_group, mamba2_mixer_state)
 from .registry import register
 
 Array = jax.Array
 __all__ = ["BACKENDS", "LayerParams", "Mamba2Config", "Mamba2LM", "Mamba2MixerConfig", "Mamba2Params",
            "MixerParams", "gated_rms_norm", "init_mamba2_mixer", "init_mamba2_params",
-           "init_mamba2_state", "mamba2_chunk_step", "mamba2_logits", "mamba2_mixer_chunk",
-           "mamba2_mixer_decode", "mamba2_mixer_state"]
+           "init_mamba2_state", "mamba2_chunk_step", "mamba2_group_step", "mamba2_logits",
+           "mamba2_mixer_chunk", "mamba2_mixer_decode", "mamba2_mixer_group", "mamba2_mixer_state",
+           "stack_layers", "unstack_layers"]
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -53,8 +62,10 @@ class Mamba2Config:
 
     Attributes:
       mixer: the per-layer mixer. n_layer: layers. vocab_size: V (embedding rows, padded).
-      chunk_size: C, the prefill chunk and exactness grid. max_length: the longest sequence (a pure
-      SSM keeps no KV: it only bounds positions). tie_embeddings: head = embedding^T.
+      chunk_size: C, the prefill chunk and exactness grid. chunks_per_step: G, chunks per prefill
+      loop step (bigger matmuls; a call's last step is padded to G chunks, so short calls pay up to
+      G - 1 chunks of idle compute). max_length: the longest sequence (a pure SSM keeps no KV: it
+      only bounds positions). tie_embeddings: head = embedding^T.
       norm_eps: epsilon of the block and final RMSNorms. dtype: compute / weight dtype name.
     """
 
@@ -62,6 +73,7 @@ class Mamba2Config:
     n_layer: int
     vocab_size: int
     chunk_size: int = 256
+    chunks_per_step: int = 1
     max_length: int = 16384
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
@@ -70,9 +82,10 @@ class Mamba2Config:
     def __post_init__(self):
         if not isinstance(self.mixer, Mamba2MixerConfig):
             raise TypeError(f"mixer must be a Mamba2MixerConfig, got {type(self.mixer).__name__}")
-        for field in ("n_layer", "vocab_size", "chunk_size", "max_length"):
-            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
-                raise ValueError(f"{field} must be a positive int, got {getattr(self, field)!r}")
+        for field in ("n_layer", "vocab_size", "chunk_size", "chunks_per_step", "max_length"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field} must be a positive int, got {value!r}")
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
 
     @property
@@ -157,6 +170,17 @@ def _unstack(stacked: Any, count: int) -> tuple:
     return tuple(jax.tree_util.tree_map(lambda leaf: leaf[i], stacked) for i in range(count))
 
 
+def stack_layers(recurrent: tuple) -> RecurrentState:
+    """Per-layer states (leaves [B, ...]) -> one `RecurrentState` with leaves [B, n_layer, ...]."""
+    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves, axis=1), *recurrent)
+
+
+def unstack_layers(stacked: RecurrentState, count: int, axis: int = 1) -> tuple:
+    """Inverse of `stack_layers`: split the layer axis `axis` into a per-layer tuple."""
+    return tuple(jax.tree_util.tree_map(
+        lambda leaf: jax.lax.index_in_dim(leaf, i, axis, keepdims=False), stacked) for i in range(count))
+
+
 def _layers(params: Mamba2Params, cfg: Mamba2Config, hidden: Array, recurrent: tuple, mixer_fn
             ) -> tuple[Array, tuple]:
     """Run every block (scan over the stacked layers): hidden float32 residual [B, ..., d]."""
@@ -171,17 +195,61 @@ def _layers(params: Mamba2Params, cfg: Mamba2Config, hidden: Array, recurrent: t
     return rms_norm(hidden, params.norm_f, cfg.norm_eps), _unstack(stacked, cfg.n_layer)
 
 
+def mamba2_group_step(params: Mamba2Params, cfg: Mamba2Config, state: State, tokens: Array,
+                      positions: Array, valid: Array, want_boundaries: bool
+                      ) -> tuple[State, Array, tuple | None]:
+    """The group step of `sparse_prefix.chunking` on a layer-stacked state: all layers on G chunks.
+
+    Args:
+      params, cfg: the model. state: a `State` whose recurrent part is ONE `RecurrentState` with
+        leaves [B, n_layer, ...] (`stack_layers`). tokens: int32[B, G, C]. positions: unused
+        (Mamba2 has no positional encoding). valid: bool[B, G, C], a prefix of each chunk.
+      want_boundaries: also return the state after each chunk (static).
+
+    Returns:
+      (state, final-normed hidden float32[B, G, C, d], boundaries: a 1-tuple holding a
+      `RecurrentState` with leaves [B, G, n_layer, ...] when `want_boundaries`, else None).
+    """
+    del positions
+    (stacked,) = state.recurrent
+    group = tokens.shape[1]
+    hidden = jnp.take(params.embedding, tokens, axis=0).astype(jnp.float32)
+    layer_major = jax.tree_util.tree_map(lambda leaf: jnp.swapaxes(leaf, 0, 1), stacked)
+    bounds = jax.tree_util.tree_map(
+        lambda leaf: jnp.zeros(leaf.shape[:1] + (group,) + leaf.shape[1:], leaf.dtype),
+        stacked) if want_boundaries else None
+
+    def block(carry, inputs):
+        residual, bounds = carry
+        layer, layer_state, index = inputs
+        x = rms_norm(residual, layer.norm, cfg.norm_eps).astype(cfg.compute_dtype)
+        y, layer_state, layer_bounds = mamba2_mixer_group(layer.mixer, cfg.mixer, x, layer_state,
+                                                          valid, want_boundaries)
+        if want_boundaries:  # written in place at this layer's index: [B, G, n_layer, ...]
+            bounds = jax.tree_util.tree_map(
+                lambda buffer, new: jax.lax.dynamic_update_index_in_dim(buffer, new, index, 2),
+                bounds, layer_bounds)
+        return (residual + y.astype(jnp.float32), bounds), layer_state
+
+    (hidden, bounds), layer_major = jax.lax.scan(
+        block, (hidden, bounds), (params.layers, layer_major, jnp.arange(cfg.n_layer)))
+    stacked = jax.tree_util.tree_map(lambda leaf: jnp.swapaxes(leaf, 0, 1), layer_major)
+    hidden = rms_norm(hidden, params.norm_f, cfg.norm_eps)
+    return state._replace(recurrent=(stacked,)), hidden, (bounds,) if want_boundaries else None
+
+
 def mamba2_chunk_step(params: Mamba2Params, cfg: Mamba2Config, state: State, tokens: Array,
                       positions: Array, valid: Array) -> tuple[State, Array]:
-    """The chunk step of `sparse_prefix.chunking`: tokens int32[B, C] -> (state, hidden f32[B, C, d]).
+    """The one-chunk step of `sparse_prefix.chunking` on the protocol's per-layer state:
+    tokens int32[B, C] -> (state, hidden f32[B, C, d]) (`mamba2_group_step` with G = 1).
 
     `positions` is unused: Mamba2 has no positional encoding.
     """
-    del positions
-    hidden = jnp.take(params.embedding, tokens, axis=0).astype(jnp.float32)
-    hidden, recurrent = _layers(params, cfg, hidden, state.recurrent,
-                                lambda p, x, s: mamba2_mixer_chunk(p, cfg.mixer, x, s, valid))
-    return state._replace(recurrent=recurrent), hidden
+    stacked = state._replace(recurrent=(stack_layers(state.recurrent),))
+    stacked, hidden, _ = mamba2_group_step(params, cfg, stacked, tokens[:, None], positions[:, None],
+                                           valid[:, None], False)
+    recurrent = unstack_layers(stacked.recurrent[0], cfg.n_layer)
+    return state._replace(recurrent=recurrent), hidden[:, 0]
 
 
 def mamba2_logits(params: Mamba2Params, cfg: Mamba2Config, hidden: Array) -> Array:
@@ -196,20 +264,34 @@ def mamba2_logits(params: Mamba2Params, cfg: Mamba2Config, hidden: Array) -> Arr
 
 
 class _Programs:
-    """The jitted prefill / decode / forward of one config, shared by every model object with it."""
+    """The jitted prefill / decode / forward of one config, shared by every model object with it.
 
-    def __init__(self, cfg: Mamba2Config, donate: bool):
+    Decode does not depend on `chunks_per_step`: configs that differ only there share the decode
+    program of the G = 1 config (`decoder`), and count its traces.
+    """
+
+    def __init__(self, cfg: Mamba2Config, donate: bool, decoder: "_Programs | None" = None):
         self.traces = 0
         donate_state = (1,) if donate else ()
         self.prefill = jax.jit(functools.partial(self._prefill, cfg), donate_argnums=donate_state)
-        self.decode = jax.jit(functools.partial(self._decode, cfg), donate_argnums=donate_state)
+        self.decoder = decoder or self
+        self.decode = decoder.decode if decoder else jax.jit(functools.partial(self._decode, cfg),
+                                                             donate_argnums=donate_state)
         self.forward = jax.jit(functools.partial(self._forward, cfg))
+
+    @property
+    def compile_count(self) -> int:
+        return self.traces + (self.decoder.traces if self.decoder is not self else 0)
 
     def _prefill(self, cfg, params, state, tokens, lengths, checkpoints):
         self.traces += 1
-        step = functools.partial(mamba2_chunk_step, params, cfg)
-        hidden, final, emitted = run_chunks(step, state, tokens, lengths, checkpoints,
-                                            chunk_size=cfg.chunk_size, hidden_size=cfg.d_model)
+        step = functools.partial(mamba2_group_step, params, cfg)
+        stacked = state._replace(recurrent=(stack_layers(state.recurrent),))
+        hidden, final, emitted = run_chunks(step, stacked, tokens, lengths, checkpoints,
+                                            chunk_size=cfg.chunk_size, hidden_size=cfg.d_model,
+                                            chunks_per_step=cfg.chunks_per_step)
+        final = final._replace(recurrent=unstack_layers(final.recurrent[0], cfg.n_layer))
+        emitted = emitted._replace(recurrent=unstack_layers(emitted.recurrent[0], cfg.n_layer, axis=2))
         return mamba2_logits(params, cfg, hidden), final, emitted
 
     def _decode(self, cfg, params, state, token):
@@ -222,14 +304,18 @@ class _Programs:
 
     def _forward(self, cfg, params, tokens):
         state = init_mamba2_state(cfg, tokens.shape[0])
-        step = functools.partial(mamba2_chunk_step, params, cfg)
-        hidden, _ = scan_chunks(step, state, tokens, chunk_size=cfg.chunk_size)
+        state = state._replace(recurrent=(stack_layers(state.recurrent),))
+        step = functools.partial(mamba2_group_step, params, cfg)
+        hidden, _ = scan_chunks(step, state, tokens, chunk_size=cfg.chunk_size,
+                                chunks_per_step=cfg.chunks_per_step)
         return mamba2_logits(params, cfg, hidden)
 
 
 @functools.lru_cache(maxsize=None)
 def _programs(cfg: Mamba2Config, donate: bool) -> _Programs:
-    return _Programs(cfg, donate)
+    if cfg.chunks_per_step == 1:
+        return _Programs(cfg, donate)
+    return _Programs(cfg, donate, decoder=_programs(cfg.replace(chunks_per_step=1), donate))
 
 
 class Mamba2LM:
@@ -239,8 +325,9 @@ class Mamba2LM:
     result); keep a copy if you need it again, or build the model with `donate_state=False`.
 
     Args:
-      config: the model. min_checkpoint_slots: checkpoint lists are padded to a power of two at
-        least this large, so calls with 0..min_checkpoint_slots checkpoints share one compilation.
+      config: the model. min_checkpoint_slots: non-empty checkpoint lists are padded to a power of
+        two at least this large, so calls with 1..min_checkpoint_slots checkpoint slots share one
+        compilation; a call without checkpoint slots (K = 0) is its own bucket, with no emission.
       donate_state: donate the state buffers to prefill / decode.
     """
 
@@ -254,18 +341,31 @@ class Mamba2LM:
             raise ValueError(f"min_checkpoint_slots must be a positive int, got {min_checkpoint_slots!r}")
         self.config = config
         self.min_checkpoint_slots = min_checkpoint_slots
-        self._programs = _programs(config, bool(donate_state))
+        self.donate_state = bool(donate_state)
+        self._programs = _programs(config, self.donate_state)
         self._abstract: dict[int, State] = {}
 
     chunk_size = property(lambda self: self.config.chunk_size)
+    chunks_per_step = property(lambda self: self.config.chunks_per_step)
     vocab_size = property(lambda self: self.config.vocab_size)
     max_length = property(lambda self: self.config.max_length)
     dtype = property(lambda self: self.config.compute_dtype)
 
     @property
     def compile_count(self) -> int:
-        """Traces of the jitted prefill and decode so far (shared by models of an equal config)."""
-        return self._programs.traces
+        """Traces of the jitted prefill and decode so far (shared by models of an equal config;
+        decode also by models that differ only in `chunks_per_step`)."""
+        return self._programs.compile_count
+
+    def with_chunking(self, chunk_size: int | None = None, chunks_per_step: int | None = None
+                      ) -> "Mamba2LM":
+        """The same model (same params, slots and donation) with another chunk size C and/or chunks
+        per step G. States are exchangeable only between models of one C and one G."""
+        changes = {name: value for name, value in (("chunk_size", chunk_size),
+                                                    ("chunks_per_step", chunks_per_step))
+                   if value is not None}
+        return Mamba2LM(self.config.replace(**changes), min_checkpoint_slots=self.min_checkpoint_slots,
+                        donate_state=self.donate_state)
 
     def init_params(self, key: Array) -> Mamba2Params:
         return init_mamba2_params(key, self.config)
@@ -281,7 +381,8 @@ class Mamba2LM:
 
     def prefill(self, params: Mamba2Params, tokens, state: State, checkpoints,
                 lengths=None) -> tuple[Array, State, Checkpoints]:
-        """See `RecurrentLM.prefill`. T is padded to C * 2^i and K to a power of two (no recompiles)."""
+        """See `RecurrentLM.prefill`. T is padded to C * 2^i and K > 0 to a power of two (no
+        recompiles); K = 0 compiles a program without emission."""
         batch = np.shape(tokens)[0] if np.ndim(tokens) == 2 else None
         if batch is not None:
             check_state(state, self.abstract_state(batch))
@@ -291,7 +392,8 @@ class Mamba2LM:
         total, slots = tokens_np.shape[1], ckpt_np.shape[1]
         padded_tokens = np.zeros((batch, bucket_length(total, self.chunk_size)), np.int32)
         padded_tokens[:, :total] = tokens_np
-        padded_ckpts = np.zeros((batch, checkpoint_bucket(slots, self.min_checkpoint_slots)), np.int32)
+        width = checkpoint_bucket(slots, self.min_checkpoint_slots) if slots else 0
+        padded_ckpts = np.zeros((batch, width), np.int32)
         padded_ckpts[:, :slots] = ckpt_np
         logits, final, emitted = self._programs.prefill(params, state, padded_tokens, lengths_np,
                                                         padded_ckpts)
@@ -338,10 +440,19 @@ register_family(Mamba2LM.family, lambda config: Mamba2LM(Mamba2Config.from_dict(
 # ----------------------------------------------------------------------------- presets
 
 
+# Prefill chunking of the real presets: C = 256 (the exactness grid the engine snaps to, and the
+# SSD quadratic block), G = 8 chunks per step = 2048 tokens: [2048, d] projections keep the tensor
+# cores busy and 48 layers x ~25 kernels per step run a few times per 8k request instead of 32
+# times; a call's idle tail is at most 7 chunks (a one-chunk call costs one 2048-token step, about
+# what one 256-token step costs when launch-bound). Override with `with_chunking(C, G)`.
+PRESET_CHUNK_SIZE, PRESET_CHUNKS_PER_STEP = 256, 8
+
+
 def _state_spaces(d_model: int, n_layer: int) -> Mamba2Config:
     """A state-spaces/mamba2-* shape: vocab 50277 padded to a multiple of 16, tied embeddings."""
     return Mamba2Config(mixer=Mamba2MixerConfig(d_model=d_model), n_layer=n_layer, vocab_size=50288,
-                        chunk_size=256, max_length=1 << 17)
+                        chunk_size=PRESET_CHUNK_SIZE, chunks_per_step=PRESET_CHUNKS_PER_STEP,
+                        max_length=1 << 17)
 
 
 _PRESET_SHAPES = {"mamba2-130m": (768, 24), "mamba2-370m": (1024, 48), "mamba2-780m": (1536, 48),

@@ -1,12 +1,19 @@
 """The Mamba2 mixer as pure functions: config, weights, one chunk (prefill) and one token (decode).
 
 This is the reusable unit: `sparse_prefix.models.mamba2` stacks it into a language model, and hybrid
-stacks (Mamba2 + attention) call the same four functions per Mamba2 layer:
+stacks (Mamba2 + attention) call the same functions per Mamba2 layer:
 
     params = init_mamba2_mixer(key, cfg, dtype)                  # MixerParams
     state = mamba2_mixer_state(cfg, batch, dtype)                # RecurrentState(ssm f32, conv)
-    y, state = mamba2_mixer_chunk(params, cfg, x[B, C, d], state, valid[B, C])
+    y, state, bounds = mamba2_mixer_group(params, cfg, x[B, Q, C, d], state, valid[B, Q, C],
+                                          want_boundaries)       # Q chunks at once
+    y, state = mamba2_mixer_chunk(params, cfg, x[B, C, d], state, valid[B, C])   # Q = 1
     y, state = mamba2_mixer_decode(params, cfg, x[B, d], state)
+
+The group form runs Q consecutive chunks of a prefill layout together (the chunks per step G of
+`sparse_prefix.chunking`; Q here because G is the mixer's ngroups): projections as one matmul over
+all B Q C rows, each chunk's conv from its own window, SSD batched over the chunks with the state
+passed chunk to chunk in order -- every chunk's numbers are the same wherever it sits in the group.
 
 Numerics follow state-spaces/mamba and HF `Mamba2ForCausalLM`: matmuls in the compute dtype of `x`
 with float32 accumulation; conv, SSD, gated norm and the recurrent state in float32; the gated
@@ -28,8 +35,9 @@ import numpy as np
 
 from sparse_prefix.protocol import RecurrentState
 
-from .layers import causal_conv_chunk, causal_conv_step
-from .ssd import full_precision, ssd_chunk, ssd_scan, ssd_step
+from .group_conv import causal_conv_group
+from .layers import causal_conv_step
+from .ssd import full_precision, ssd_chunks, ssd_scan_chunks, ssd_step
 
 Array = jax.Array
 BACKENDS = ("chunked", "sequential")
@@ -216,9 +224,43 @@ def _mixer_output(params: MixerParams, cfg: Mamba2MixerConfig, y: Array, x: Arra
     return _linear(normed.astype(dtype), params.out_proj, params.out_proj_bias)
 
 
+def mamba2_mixer_group(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, state: RecurrentState,
+                       valid: Array, want_boundaries: bool = False
+                       ) -> tuple[Array, RecurrentState, RecurrentState | None]:
+    """Q consecutive chunks through one mixer (the prefill path).
+
+    Args:
+      params: one layer's `MixerParams`. cfg: the mixer config.
+      x: [B, Q, C, d] normalised block input in the compute dtype, chunk after chunk.
+      state: this layer's `RecurrentState` before the first chunk (ssm float32[B, H, P, N],
+        conv [B, W-1, Dc]).
+      valid: bool[B, Q, C]; each chunk's valid slots are a prefix of it (a chunk may be all
+        padding); padded slots leave the state exactly unchanged.
+      want_boundaries: also return the state after each chunk (a static Python bool).
+
+    Returns:
+      (y [B, Q, C, d] in x.dtype -- garbage on padded slots --, the state after the last chunk,
+      boundaries: a `RecurrentState` with leaves [B, Q, ...] (the state after each chunk) when
+      `want_boundaries`, else None).
+    """
+    z, xbc, dt_raw = _split_projection(cfg, _linear(x, params.in_proj, params.in_proj_bias))
+    n_valid = jnp.sum(valid, axis=2, dtype=jnp.int32)                                 # [B, Q]
+    conv, windows = causal_conv_group(xbc, state.conv, params.conv_weight, params.conv_bias, n_valid)
+    xs, b, c = _split_conv(cfg, jax.nn.silu(conv))
+    dt = jnp.where(valid[..., None], _time_step(params, cfg, dt_raw), 0.0)
+    a = -jnp.exp(params.A_log.astype(jnp.float32))
+    if cfg.backend == "chunked":
+        y, exits = ssd_chunks(xs, dt, a, b, c, state.ssm, matmul_dtype=x.dtype)
+    else:
+        y, exits = ssd_scan_chunks(xs, dt, a, b, c, state.ssm)
+    final = RecurrentState(ssm=exits[:, -1], conv=windows[:, -1])
+    boundaries = RecurrentState(ssm=exits, conv=windows) if want_boundaries else None
+    return _mixer_output(params, cfg, y, xs, z, x.dtype), final, boundaries
+
+
 def mamba2_mixer_chunk(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, state: RecurrentState,
                        valid: Array) -> tuple[Array, RecurrentState]:
-    """One chunk through one mixer (the prefill path).
+    """One chunk through one mixer: `mamba2_mixer_group` with Q = 1.
 
     Args:
       params: one layer's `MixerParams`. cfg: the mixer config.
@@ -229,17 +271,8 @@ def mamba2_mixer_chunk(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, st
     Returns:
       (y [B, C, d] in x.dtype -- garbage on padded slots --, the state after the chunk's real tokens).
     """
-    z, xbc, dt_raw = _split_projection(cfg, _linear(x, params.in_proj, params.in_proj_bias))
-    n_valid = jnp.sum(valid, axis=1, dtype=jnp.int32)
-    conv, window = causal_conv_chunk(xbc, state.conv, params.conv_weight, params.conv_bias, n_valid)
-    xs, b, c = _split_conv(cfg, jax.nn.silu(conv))
-    dt = jnp.where(valid[..., None], _time_step(params, cfg, dt_raw), 0.0)
-    a = -jnp.exp(params.A_log.astype(jnp.float32))
-    if cfg.backend == "chunked":
-        y, ssm = ssd_chunk(xs, dt, a, b, c, state.ssm, matmul_dtype=x.dtype)
-    else:
-        y, ssm = ssd_scan(xs, dt, a, b, c, state.ssm)
-    return _mixer_output(params, cfg, y, xs, z, x.dtype), RecurrentState(ssm=ssm, conv=window)
+    y, state, _ = mamba2_mixer_group(params, cfg, x[:, None], state, valid[:, None])
+    return y[:, 0], state
 
 
 def mamba2_mixer_decode(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, state: RecurrentState

@@ -1,4 +1,4 @@
-"""SSD, the state-space recurrence of Mamba2: one chunk in quadratic form, one token, a token scan.
+"""SSD, the state-space recurrence of Mamba2: chunks in quadratic form, one token, a token scan.
 
 Per head h the recurrence is, for every token t (dt_t > 0 its step, A_h < 0 the decay rate):
 
@@ -6,14 +6,18 @@ Per head h the recurrence is, for every token t (dt_t > 0 its step, A_h < 0 the 
     y_t = S_t C_t                                       (the D skip is added by the caller)
 
 Shape legend: B batch rows, L tokens of the chunk, H heads, P head dim, G groups (H % G == 0, heads
-h in [g H/G, (g+1) H/G) read group g's B and C), N state size. Inputs, outputs, decays and the state
-are float32; `ssd_chunk` may run its matmuls on bf16 operands (float32 accumulation) for a bf16 model.
+h in [g H/G, (g+1) H/G) read group g's B and C), N state size, Q consecutive chunks run together
+(the chunks per step of `sparse_prefix.chunking`, called G there). Inputs, outputs, decays and the
+state are float32; `ssd_chunks` may run its matmuls on bf16 operands (float32 accumulation) for a
+bf16 model.
 
 Backends (selected by `Mamba2MixerConfig.backend`):
-  * `ssd_chunk` -- the chunked (dual, quadratic) form of one chunk from an incoming state: the
-    intra-chunk part is a masked, decayed C B^T "attention", the inter-chunk part reads the incoming
-    state; every contraction is a batched matmul (the GPU path).
-  * `ssd_scan` -- the sequential reference: `ssd_step` under `lax.scan`, token by token.
+  * `ssd_chunks` -- the chunked (dual, quadratic) form of Q chunks from an incoming state: each
+    chunk's intra-chunk part is a masked, decayed C B^T "attention" and its inter-chunk part reads
+    the state entering it; every contraction is a matmul batched over the chunks (the GPU path),
+    and the state passes from chunk to chunk in order by elementwise updates. `ssd_chunk` is Q = 1.
+  * `ssd_scan` -- the sequential reference: `ssd_step` under `lax.scan`, token by token
+    (`ssd_scan_chunks` over Q chunks).
 A padded slot carries dt = 0: exp(0) = 1 and dt x = 0, so the state passes through it unchanged in
 both backends (exactly, not approximately).
 """
@@ -40,49 +44,98 @@ def _matmul(spec: str, left: Array, right: Array, dtype) -> Array:
                       preferred_element_type=jnp.float32)
 
 
-def ssd_chunk(x: Array, dt: Array, a: Array, b: Array, c: Array, state: Array, *,
-              matmul_dtype=jnp.float32) -> tuple[Array, Array]:
-    """One chunk of SSD in quadratic form, starting from `state`.
-
-    The decays, the state and every accumulation are float32; only the operands of the four
-    matmuls are cast to `matmul_dtype` (bf16 for a bf16 model, as the state-spaces kernels do).
+def _chunk_terms(x: Array, dt: Array, a: Array, b: Array, c: Array, mm) -> tuple:
+    """The parts of SSD that each chunk computes alone, batched over every leading axis.
 
     Args:
-      x: float32[B, L, H, P] inputs (after the conv and SiLU).
-      dt: float32[B, L, H] step sizes after softplus; 0 on padded slots.
+      x: float32[..., L, H, P]. dt: float32[..., L, H]. a: float32[H]. b, c: float32[..., L, G, N].
+      mm: the matmul (operand dtype, float32 accumulation).
+
+    Returns:
+      (y_diag float32[..., L, G, J, P] the intra-chunk output, contrib float32[..., G, J, P, N] the
+      chunk's state contribution from a zero state, log_decay float32[..., L, G, J] the within-chunk
+      cumulative log decay; J = H / G heads per group).
+    """
+    lead, (length, heads, head_dim) = x.shape[:-3], x.shape[-3:]
+    groups = b.shape[-2]
+    per_group = heads // groups
+    log_decay = jnp.cumsum(dt * a, axis=-2).reshape(lead + (length, groups, per_group))
+    x_dt = (x * dt[..., None]).reshape(lead + (length, groups, per_group, head_dim))
+
+    # Intra-chunk: y_l += sum_{s<=l} (C_l . B_s) exp(cum_l - cum_s) dt_s x_s.
+    cum = jnp.moveaxis(log_decay, -3, -1)                                          # [...,G,J,L]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    decay = jnp.exp(jnp.where(causal, cum[..., :, None] - cum[..., None, :], -jnp.inf))
+    scores = mm("...lgn,...sgn->...gls", c, b)                                     # [...,G,L,S]
+    y_diag = mm("...gjls,...sgjp->...lgjp", scores[..., :, None, :, :] * decay, x_dt)
+
+    # The chunk's own contribution: sum_s exp(cum_last - cum_s) dt_s x_s B_s^T.
+    to_end = jnp.exp(log_decay[..., -1:, :, :] - log_decay)                        # [...,L,G,J]
+    contrib = mm("...sgn,...sgjp->...gjpn", b, x_dt * to_end[..., None])
+    return y_diag, contrib, log_decay
+
+
+def ssd_chunks(x: Array, dt: Array, a: Array, b: Array, c: Array, state: Array, *,
+               matmul_dtype=jnp.float32) -> tuple[Array, Array]:
+    """Q consecutive chunks of SSD in quadratic form, starting from `state`.
+
+    Each chunk's intra-chunk output, state contribution and total decay are batched over the Q
+    chunks; the state then passes from chunk to chunk IN ORDER, s_{g+1} = exp(last_g) s_g +
+    contrib_g, by Q elementwise updates (never a matmul over the chunk axis), and each chunk reads
+    its entering state in one batched matmul. So a chunk's numbers do not depend on where it sits
+    in the group: a resume at any chunk boundary is bitwise. The decays, the state and every
+    accumulation are float32; only matmul operands are cast to `matmul_dtype` (bf16 for a bf16
+    model, as the state-spaces kernels do).
+
+    Args:
+      x: float32[B, Q, L, H, P] inputs (after the conv and SiLU).
+      dt: float32[B, Q, L, H] step sizes after softplus; 0 on padded slots (an all-padding chunk
+        passes the state through exactly).
       a: float32[H] the (negative) decay rates A = -exp(A_log).
-      b, c: float32[B, L, G, N] input and output projections of the state.
-      state: float32[B, H, P, N] the state before the chunk.
+      b, c: float32[B, Q, L, G, N] input and output projections of the state.
+      state: float32[B, H, P, N] the state before the first chunk.
       matmul_dtype: the operand dtype of the matmuls.
+
+    Returns:
+      (y float32[B, Q, L, H, P] without the D skip, exits float32[B, Q, H, P, N]: the state after
+      each chunk; exits[:, -1] is the final state).
+    """
+    mm = functools.partial(_matmul, dtype=jnp.dtype(matmul_dtype))
+    batch, chunks, length, heads, head_dim = x.shape
+    groups, size = b.shape[-2], b.shape[-1]
+    per_group = heads // groups
+    y_diag, contrib, log_decay = _chunk_terms(x, dt, a, b, c, mm)
+    chunk_decay = jnp.exp(log_decay[:, :, -1])[..., None, None]                     # [B,Q,G,J,1,1]
+
+    # Inter-chunk: the state entering each chunk, passed in order by elementwise updates only.
+    current = state.reshape(batch, groups, per_group, head_dim, size)
+    entering, exits = [], []
+    for q in range(chunks):
+        entering.append(current)
+        current = chunk_decay[:, q] * current + contrib[:, q]
+        exits.append(current)
+    entering = jnp.stack(entering, axis=1)                                          # [B,Q,G,J,P,N]
+
+    # Off-diagonal: y_l += exp(cum_l) C_l . entering state, batched over the chunks.
+    y_off = mm("bclgn,bcgjpn->bclgjp", c, entering) * jnp.exp(log_decay)[..., None]
+    y = (y_diag + y_off).reshape(batch, chunks, length, heads, head_dim)
+    return y, jnp.stack(exits, axis=1).reshape(batch, chunks, heads, head_dim, size)
+
+
+def ssd_chunk(x: Array, dt: Array, a: Array, b: Array, c: Array, state: Array, *,
+              matmul_dtype=jnp.float32) -> tuple[Array, Array]:
+    """One chunk of SSD in quadratic form (`ssd_chunks` with Q = 1).
+
+    Args:
+      x: float32[B, L, H, P]. dt: float32[B, L, H] (0 on padded slots). a: float32[H].
+      b, c: float32[B, L, G, N]. state: float32[B, H, P, N]. matmul_dtype: matmul operand dtype.
 
     Returns:
       (y float32[B, L, H, P] without the D skip, state float32[B, H, P, N] after the chunk).
     """
-    mm = functools.partial(_matmul, dtype=jnp.dtype(matmul_dtype))
-    batch, length, heads, head_dim = x.shape
-    groups, size = b.shape[2], b.shape[3]
-    per_group = heads // groups
-    log_decay = jnp.cumsum(dt * a, axis=1).reshape(batch, length, groups, per_group)  # [B,L,G,J]
-    x_dt = (x * dt[..., None]).reshape(batch, length, groups, per_group, head_dim)   # [B,L,G,J,P]
-    state_g = state.reshape(batch, groups, per_group, head_dim, size)               # [B,G,J,P,N]
-
-    # Intra-chunk: y_l += sum_{s<=l} (C_l . B_s) exp(cum_l - cum_s) dt_s x_s.
-    cum = jnp.moveaxis(log_decay, 1, -1)                                            # [B,G,J,L]
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    decay = jnp.exp(jnp.where(causal, cum[..., :, None] - cum[..., None, :], -jnp.inf))
-    scores = mm("blgn,bsgn->bgls", c, b)                                            # [B,G,L,S]
-    y_diag = mm("bgjls,bsgjp->blgjp", scores[:, :, None] * decay, x_dt)
-
-    # Inter-chunk: y_l += exp(cum_l) C_l . state.
-    y_off = mm("blgn,bgjpn->blgjp", c, state_g) * jnp.exp(log_decay)[..., None]
-
-    # State update: state' = exp(cum_last) state + sum_s exp(cum_last - cum_s) dt_s x_s B_s^T.
-    last = log_decay[:, -1]                                                          # [B,G,J]
-    to_end = jnp.exp(last[:, None] - log_decay)                                      # [B,L,G,J]
-    new_state = (jnp.exp(last)[..., None, None] * state_g
-                 + mm("bsgn,bsgjp->bgjpn", b, x_dt * to_end[..., None]))
-    y = (y_diag + y_off).reshape(batch, length, heads, head_dim)
-    return y, new_state.reshape(batch, heads, head_dim, size)
+    y, exits = ssd_chunks(x[:, None], dt[:, None], a, b[:, None], c[:, None], state,
+                          matmul_dtype=matmul_dtype)
+    return y[:, 0], exits[:, 0]
 
 
 def _per_head(groups_array: Array, heads: int) -> Array:
@@ -120,3 +173,18 @@ def ssd_scan(x: Array, dt: Array, a: Array, b: Array, c: Array, state: Array) ->
     inputs = tuple(jnp.moveaxis(t, 1, 0) for t in (x, dt, b, c))
     final, ys = jax.lax.scan(step, state, inputs)
     return jnp.moveaxis(ys, 0, 1), final
+
+
+def ssd_scan_chunks(x: Array, dt: Array, a: Array, b: Array, c: Array, state: Array
+                    ) -> tuple[Array, Array]:
+    """The sequential reference over Q chunks: `ssd_scan` chunk after chunk. Same contract as
+    `ssd_chunks` (x [B, Q, L, H, P] ... -> y [B, Q, L, H, P], exits [B, Q, H, P, N])."""
+
+    def chunk(current, inputs):
+        x_g, dt_g, b_g, c_g = inputs
+        y_g, current = ssd_scan(x_g, dt_g, a, b_g, c_g, current)
+        return current, (y_g, current)
+
+    inputs = tuple(jnp.moveaxis(t, 1, 0) for t in (x, dt, b, c))
+    _, (ys, exits) = jax.lax.scan(chunk, state, inputs)
+    return jnp.moveaxis(ys, 0, 1), jnp.moveaxis(exits, 0, 1)

@@ -81,8 +81,9 @@ def test_a_replay_of_50_random_lengths_compiles_once_per_length_bucket(tiny):
                                                model.init_state(B), ckpts, lengths)
         assert emitted.lengths.shape == (B, slots)
         np.testing.assert_array_equal(state.length, lengths)
-    # lengths 1..64 with C = 16 fall in the buckets 16, 32, 64; 0..4 checkpoints in one K bucket.
-    assert model.compile_count - before <= 3
+    # lengths 1..64 with C = 16 fall in the buckets 16, 32, 64; K = 0 (no emission) and 1..4
+    # checkpoint slots in two K buckets.
+    assert model.compile_count - before <= 6
 
 
 def test_bf16_model_keeps_float32_states_and_tracks_the_float32_model(tiny):
