@@ -10,6 +10,12 @@ and padding included) on random tokens, synchronised with `block_until_ready`. M
 2 x non-embedding parameters x tokens, against a bf16 matmul measured in the same run. With `--peer`
 the mamba2-jax package (Flax NNX; its jitted `forward` returns logits at every position) is timed on
 the same shapes in the same run, when it can be imported.
+
+Chunking sweep (models with `with_chunking`, i.e. Mamba2): ``--chunk-size 128,256
+--chunks-per-step 4,8,16`` times every (C, G) pair (empty = the preset's own); ``--check-resume``
+also checks, per (preset, C, G), that a prefill resumed at a multiple of C that is not a multiple
+of G C reproduces the uncached final state and logits bitwise (same compiled program: no extra
+compilation).
 """
 
 from __future__ import annotations
@@ -58,10 +64,50 @@ def non_embedding_params(params) -> int:
     return total
 
 
-def bench_ours(preset: str, length: int, emit: int, repeats: int, dtype) -> dict:
-    """Time `model.prefill` of `length` tokens with `emit` evenly spaced on-grid checkpoints."""
+def _model(preset: str, dtype, chunking: tuple[int | None, int | None] = (None, None)):
+    """(model, params) of `preset`, re-chunked to (C, G) where given and the model supports it."""
     from sparse_prefix.models import create
     model, params = create(preset, dtype=dtype)
+    if any(value is not None for value in chunking) and hasattr(model, "with_chunking"):
+        model = model.with_chunking(*chunking)
+    return model, params
+
+
+def _chunking_of(model) -> dict:
+    return {"chunk_size": int(model.chunk_size),
+            "chunks_per_step": int(getattr(model, "chunks_per_step", 1))}
+
+
+def check_resume(preset: str, length: int, dtype, chunking=(None, None)) -> dict:
+    """Bitwise check on this device: prefill(all) vs prefill(prefix) + prefill(rest, from its state),
+    split at a multiple of C that is not a multiple of G C (every chunk changes its group slot)."""
+    model, params = _model(preset, dtype, chunking)
+    chunk, group = model.chunk_size, getattr(model, "chunks_per_step", 1)
+    split = (length // (2 * chunk)) * chunk + chunk
+    if group > 1 and split % (group * chunk) == 0:
+        split += chunk
+    if not 0 < split < length:
+        raise ValueError(f"length {length} is too short to split on the grid of chunk {chunk}")
+    tokens = np.random.default_rng(1).integers(0, model.vocab_size, size=(1, length), dtype=np.int32)
+    none = np.zeros((0,), np.int32)
+    want_logits, want_state, _ = model.prefill(params, tokens, model.init_state(1), none)
+    _, prefix, _ = model.prefill(params, tokens, model.init_state(1), none, np.array([split], np.int32))
+    rest = np.zeros_like(tokens)
+    rest[:, :length - split] = tokens[:, split:]
+    logits, state, _ = model.prefill(params, rest, prefix, none, np.array([length - split], np.int32))
+    pairs = [(logits, want_logits)] + list(zip(jax.tree_util.tree_leaves(state),
+                                               jax.tree_util.tree_leaves(want_state)))
+    worst = max(float(np.max(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))))
+                for got, want in pairs)
+    return {"preset": preset, "length": length, "split": split, **_chunking_of(model),
+            "bitwise": worst == 0.0, "max_abs_diff": worst}
+
+
+def bench_ours(preset: str, length: int, emit: int, repeats: int, dtype,
+               chunking: tuple[int | None, int | None] = (None, None)) -> dict:
+    """Time `model.prefill` of `length` tokens with `emit` evenly spaced on-grid checkpoints,
+    with the preset re-chunked to `chunking` = (C, G) where given (None keeps the preset's)."""
+    model, params = _model(preset, dtype, chunking)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model.vocab_size, size=(1, length), dtype=np.int32)
     if emit:
@@ -81,7 +127,7 @@ def bench_ours(preset: str, length: int, emit: int, repeats: int, dtype) -> dict
     times = timed(call, repeats)
     return {"impl": "sparse-prefix", "preset": preset, "length": length, "checkpoints": len(checkpoints),
             "median_s": statistics.median(times), "min_s": min(times),
-            "non_embedding_params": non_embedding_params(params)}
+            "non_embedding_params": non_embedding_params(params), **_chunking_of(model)}
 
 
 def bench_peer(preset: str, length: int, repeats: int, param_dtype) -> dict | None:
@@ -122,37 +168,56 @@ def main(argv=None) -> int:
     parser.add_argument("--peer", action="store_true")
     parser.add_argument("--peer-dtypes", default="float32,bfloat16")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--chunk-size", default="", help="comma list of C to sweep (empty: preset's)")
+    parser.add_argument("--chunks-per-step", default="",
+                        help="comma list of G to sweep (empty: preset's)")
+    parser.add_argument("--check-resume", action="store_true",
+                        help="bitwise resume check per (preset, C, G) at the largest length")
     args = parser.parse_args(argv)
+    sizes = [int(x) for x in args.chunk_size.split(",") if x] or [None]
+    groups = [int(x) for x in args.chunks_per_step.split(",") if x] or [None]
+    chunkings = [(size, group) for size in sizes for group in groups]
 
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}")
     rate = matmul_rate() if device.platform == "gpu" else matmul_rate(2048, 3)
     print(f"bf16 matmul: {rate / 1e12:.0f} TFLOP/s")
-    rows = []
+    rows, checks = [], []
+    lengths = [int(x) for x in args.lengths.split(",")]
     for preset in args.presets.split(","):
-        for length in [int(x) for x in args.lengths.split(",")]:
-            row = bench_ours(preset, length, 0, args.repeats, dtype)
-            rows.append(row)
-            if args.peer:
-                for name in args.peer_dtypes.split(","):
-                    peer = bench_peer(preset, length, args.repeats, jnp.dtype(name))
-                    if peer:
-                        peer["non_embedding_params"] = row["non_embedding_params"]
-                        rows.append(peer)
-        for emit in [int(x) for x in args.emit.split(",") if x]:
-            rows.append(bench_ours(preset, args.emit_length, emit, args.repeats, dtype))
-    print(f"\n{'impl':34s} {'preset':22s} {'L':>6s} {'K':>3s} {'ms':>9s} {'tok/s':>10s} {'MFU':>6s}")
+        for chunking in chunkings:
+            for length in lengths:
+                row = bench_ours(preset, length, 0, args.repeats, dtype, chunking)
+                rows.append(row)
+                if args.peer and chunking == chunkings[0]:
+                    for name in args.peer_dtypes.split(","):
+                        peer = bench_peer(preset, length, args.repeats, jnp.dtype(name))
+                        if peer:
+                            peer["non_embedding_params"] = row["non_embedding_params"]
+                            rows.append(peer)
+            for emit in [int(x) for x in args.emit.split(",") if x]:
+                rows.append(bench_ours(preset, args.emit_length, emit, args.repeats, dtype, chunking))
+            if args.check_resume:
+                checks.append(check_resume(preset, max(lengths), dtype, chunking))
+                print(f"resume check: {checks[-1]}")
+    print(f"\n{'impl':34s} {'preset':22s} {'C':>4s} {'G':>3s} {'L':>6s} {'K':>3s} {'ms':>9s} "
+          f"{'tok/s':>10s} {'MFU':>6s}")
     for row in rows:
         flops = 2 * row["non_embedding_params"] * row["length"]
         row["tokens_per_s"] = row["length"] / row["median_s"]
         row["mfu"] = flops / row["median_s"] / rate
-        print(f"{row['impl']:34s} {row['preset']:22s} {row['length']:6d} {row['checkpoints']:3d} "
+        print(f"{row['impl']:34s} {row['preset']:22s} {row.get('chunk_size', 0):4d} "
+              f"{row.get('chunks_per_step', 0):3d} {row['length']:6d} {row['checkpoints']:3d} "
               f"{row['median_s'] * 1e3:9.2f} {row['tokens_per_s']:10.0f} {row['mfu']:6.1%}")
+    for check in checks:
+        print(f"resume bitwise {'OK  ' if check['bitwise'] else 'FAIL'} {check['preset']} "
+              f"C={check['chunk_size']} G={check['chunks_per_step']} L={check['length']} "
+              f"split={check['split']} max|diff|={check['max_abs_diff']:.3g}")
     if args.out:
         with open(args.out, "w") as handle:
             json.dump({"device": device.device_kind, "jax": jax.__version__,
-                       "matmul_flops": rate, "rows": rows}, handle, indent=1)
+                       "matmul_flops": rate, "rows": rows, "resume_checks": checks}, handle, indent=1)
     return 0
 
 
