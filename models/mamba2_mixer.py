@@ -16,7 +16,9 @@ all B Q C rows, each chunk's conv from its own window, SSD batched over the chun
 passed chunk to chunk in order -- every chunk's numbers are the same wherever it sits in the group.
 
 Numerics follow state-spaces/mamba and HF `Mamba2ForCausalLM`: matmuls in the compute dtype of `x`
-with float32 accumulation; conv, SSD, gated norm and the recurrent state in float32; the gated
+with float32 accumulation; the conv accumulates in float32 and its activated output (x, B, C of
+SSD) is stored in the compute dtype, as state-spaces' causal_conv1d does (half the bytes for a bf16
+model); dt, decays, SSD accumulation, gated norm and the recurrent state in float32; the gated
 RMSNorm is HF's MambaRMSNormGated (gate before norm, normalised per group of E/G channels).
 
 Shape legend: see `sparse_prefix.protocol`; here also E = d_inner = expand * d, Dp = in_proj width
@@ -217,7 +219,7 @@ def _time_step(params: MixerParams, cfg: Mamba2MixerConfig, dt_raw: Array) -> Ar
 
 def _mixer_output(params: MixerParams, cfg: Mamba2MixerConfig, y: Array, x: Array, z: Array,
                   dtype) -> Array:
-    """D skip, gated norm and out_proj: y, x [..., H, P] float32, z [..., E] -> [..., d] in dtype."""
+    """D skip, gated norm and out_proj: y float32 and x [..., H, P], z [..., E] -> [..., d] in dtype."""
     y = y + params.D.astype(jnp.float32)[:, None] * x
     y = y.reshape(y.shape[:-2] + (cfg.d_inner,))
     normed = gated_rms_norm(y, z, params.norm, cfg.ngroups, cfg.norm_eps)
@@ -246,7 +248,7 @@ def mamba2_mixer_group(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, st
     z, xbc, dt_raw = _split_projection(cfg, _linear(x, params.in_proj, params.in_proj_bias))
     n_valid = jnp.sum(valid, axis=2, dtype=jnp.int32)                                 # [B, Q]
     conv, windows = causal_conv_group(xbc, state.conv, params.conv_weight, params.conv_bias, n_valid)
-    xs, b, c = _split_conv(cfg, jax.nn.silu(conv))
+    xs, b, c = _split_conv(cfg, jax.nn.silu(conv).astype(x.dtype))
     dt = jnp.where(valid[..., None], _time_step(params, cfg, dt_raw), 0.0)
     a = -jnp.exp(params.A_log.astype(jnp.float32))
     if cfg.backend == "chunked":
@@ -280,7 +282,7 @@ def mamba2_mixer_decode(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, s
     """One token through one mixer, closed form: x [B, d] -> (y [B, d], state)."""
     z, xbc, dt_raw = _split_projection(cfg, _linear(x, params.in_proj, params.in_proj_bias))
     conv, window = causal_conv_step(xbc, state.conv, params.conv_weight, params.conv_bias)
-    xs, b, c = _split_conv(cfg, jax.nn.silu(conv))
+    xs, b, c = _split_conv(cfg, jax.nn.silu(conv).astype(x.dtype))
     a = -jnp.exp(params.A_log.astype(jnp.float32))
     y, ssm = ssd_step(xs, _time_step(params, cfg, dt_raw), a, b, c, state.ssm)
     return _mixer_output(params, cfg, y, xs, z, x.dtype), RecurrentState(ssm=ssm, conv=window)

@@ -7,9 +7,9 @@ Per head h the recurrence is, for every token t (dt_t > 0 its step, A_h < 0 the 
 
 Shape legend: B batch rows, L tokens of the chunk, H heads, P head dim, G groups (H % G == 0, heads
 h in [g H/G, (g+1) H/G) read group g's B and C), N state size, Q consecutive chunks run together
-(the chunks per step of `sparse_prefix.chunking`, called G there). Inputs, outputs, decays and the
-state are float32; `ssd_chunks` may run its matmuls on bf16 operands (float32 accumulation) for a
-bf16 model.
+(the chunks per step of `sparse_prefix.chunking`, called G there). x, B and C may come in the
+compute dtype (bf16 for a bf16 model); dt, decays, outputs and the state are float32; `ssd_chunks`
+runs its matmuls on operands of `matmul_dtype` with float32 accumulation.
 
 Backends (selected by `Mamba2MixerConfig.backend`):
   * `ssd_chunks` -- the chunked (dual, quadratic) form of Q chunks from an incoming state: each
@@ -88,11 +88,11 @@ def ssd_chunks(x: Array, dt: Array, a: Array, b: Array, c: Array, state: Array, 
     model, as the state-spaces kernels do).
 
     Args:
-      x: float32[B, Q, L, H, P] inputs (after the conv and SiLU).
+      x: [B, Q, L, H, P] inputs (after the conv and SiLU; float32 or the compute dtype).
       dt: float32[B, Q, L, H] step sizes after softplus; 0 on padded slots (an all-padding chunk
         passes the state through exactly).
       a: float32[H] the (negative) decay rates A = -exp(A_log).
-      b, c: float32[B, Q, L, G, N] input and output projections of the state.
+      b, c: [B, Q, L, G, N] input and output projections of the state (like x).
       state: float32[B, H, P, N] the state before the first chunk.
       matmul_dtype: the operand dtype of the matmuls.
 
