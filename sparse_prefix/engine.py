@@ -22,8 +22,10 @@ callers overlap on the device. The Planner's DP re-solve runs on a background th
 Namespaces isolate tenants: an entry is only ever matched by requests of its own namespace.
 
 What the fixed shapes cost. Every prefill call pads each row's suffix to ``max_length`` tokens and its
-checkpoint list to ``min_checkpoint_slots`` (one program per batch size then serves every request;
-see `__init__`). The padding costs bytes, not compute: a call sends B x max_length int32 tokens from
+checkpoint list to ``min_checkpoint_slots`` slots, or to none when no row stores a state (two programs
+per batch size then serve every request storing up to that many states; see `__init__`). A call that
+stores nothing allocates and writes no emission buffers (K states per row; one state of mamba2-1.3b
+is ~100 MB). The token padding costs bytes, not compute: a call sends B x max_length int32 tokens from
 host to device (64 KiB per row at max_length 16384) plus (K + 1) int32 per row, and the chunk loop
 stops at the longest real row, so no chunk of padding runs. Nothing else the engine does per request
 is O(max_length) on the device: the restore writes only the resume entry's KV pages into dense KV
@@ -127,7 +129,8 @@ class Engine:
       max_hints: hints per request the slot budget allows for (``+hints`` policies).
       background_resolve: re-solve the DP on a background thread (False: inline, deterministic).
       min_checkpoint_slots: checkpoint lists are padded to a power of two at least this large, so
-        requests storing up to that many states share one compilation.
+        requests storing 1 to that many states share one compilation (and those storing none
+        another, with no emission buffers: at most two programs per batch size).
       planner_options / index_options: extra `Planner` / `PrefixIndex` keyword arguments.
     """
 
@@ -147,8 +150,8 @@ class Engine:
         self.layout = self.abstract(model, policy=policy, capacity_entries=capacity_entries,
                                     capacity_bytes=capacity_bytes, max_hints=max_hints)
         # Calls pad tokens to max_length (bytes, not compute: see the module docstring) and
-        # checkpoint lists to a power of two >= min_checkpoint_slots: one compilation per batch
-        # size serves almost every request.
+        # checkpoint lists to 0 (nothing stored) or a power of two >= min_checkpoint_slots: two
+        # compilations per batch size serve almost every request.
         self._k_bucket = _pow2(min_checkpoint_slots)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sparse-prefix-dp") \
             if background_resolve else None      # starts no thread before the first re-solve
@@ -296,13 +299,18 @@ class Engine:
         emits = max(len(plan.emit_positions) for plan in plans)
         tokens = np.zeros((batch, self.model.max_length), np.int32)   # one shape: see __init__
         lengths = np.zeros((batch,), np.int32)
-        checkpoints = np.zeros((batch, max(self._k_bucket, _pow2(emits))), np.int32)
+        checkpoints = np.zeros((batch, self._checkpoint_width(emits)), np.int32)
         for b, plan in enumerate(plans):
             start = plan.resume_position
             tokens[b, :plan.length - start] = plan.tokens[start:]
             lengths[b] = plan.length - start
             checkpoints[b, :len(plan.emit_positions)] = np.asarray(plan.emit_positions) - start
         return self.model.prefill(self.params, tokens, state, checkpoints, lengths)
+
+    def _checkpoint_width(self, emits: int) -> int:
+        """K of a call whose rows emit at most `emits` states: 0 when none does (the model allocates
+        no emission buffers), else a power of two >= min_checkpoint_slots."""
+        return 0 if emits == 0 else max(self._k_bucket, _pow2(emits))
 
     def _commit(self, plans: list[RequestPlan], final: State, emitted) -> list[tuple[int, int]]:
         """Commit every row, then write all new states and pages at once. Holds the engine lock.
@@ -450,8 +458,9 @@ class Engine:
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> int:
         """Compile the prefill and store programs requests of these batch sizes use, ahead of traffic.
 
-        Every call pads tokens to max_length and checkpoints to `min_checkpoint_slots` (see
-        `__init__`), so one program per batch size serves every request storing that few states.
+        Every call pads tokens to max_length and checkpoints to 0 slots (a request storing nothing)
+        or `min_checkpoint_slots` (see `__init__`), so two programs per batch size serve every request
+        storing that few states; both are compiled here.
 
         Returns:
           The number of batch sizes prepared.
@@ -460,14 +469,17 @@ class Engine:
             if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
                 raise ValueError(f"batch_sizes must be ints >= 1, got {batch!r}")
             self.store.compile_restore(int(batch))
-            state = self.store.restore([-1] * batch, [0] * batch)
-            tokens = np.zeros((batch, self.model.max_length), np.int32)
-            checkpoints = np.zeros((batch, self._k_bucket), np.int32)
-            checkpoints[:, 0] = min(self.chunk_size, self.model.max_length)
-            lengths = np.full((batch,), min(self.chunk_size, self.model.max_length), np.int32)
-            _, final, emitted = self.model.prefill(self.params, tokens, state, checkpoints, lengths)
-            self.store.compile_for(emitted, final.kv)
-            self.store.recycle(final.kv)
+            first = min(self.chunk_size, self.model.max_length)
+            for width in (0, self._k_bucket):
+                state = self.store.restore([-1] * batch, [0] * batch)
+                tokens = np.zeros((batch, self.model.max_length), np.int32)
+                checkpoints = np.zeros((batch, width), np.int32)
+                checkpoints[:, :1] = first
+                lengths = np.full((batch,), first, np.int32)
+                _, final, emitted = self.model.prefill(self.params, tokens, state, checkpoints, lengths)
+                if width:
+                    self.store.compile_for(emitted, final.kv)
+                self.store.recycle(final.kv)
         return len(batch_sizes)
 
     def stats(self) -> dict[str, float]:

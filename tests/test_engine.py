@@ -7,7 +7,8 @@ checkpoint lists to 8 slots); references use the same shapes, so this file compi
 import numpy as np
 import pytest
 
-from engine_toy import uncached
+from engine_toy import ToyLM, uncached
+from engine_toy import _prefill as toy_prefill
 from sparse_prefix.engine import Engine, Sampling
 from sparse_prefix.models import create
 from sparse_prefix.simulate import replay
@@ -213,3 +214,36 @@ def test_warmup_compiles_ahead_and_sizes_are_planned_before_allocating():
     stats = engine.stats()
     assert stats["requests"] == 6 and 0 < stats["resident_bytes"] <= stats["allocated_bytes"]
     assert stats["hit_rate"] == stats["hits"] / 6
+
+
+class ShapeRecorder:
+    """A model wrapper that records the (batch, checkpoint slots) of every prefill call."""
+
+    def __init__(self, model):
+        self._model, self.calls = model, []
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def prefill(self, params, tokens, state, checkpoints, lengths=None):
+        self.calls.append(np.shape(checkpoints))
+        return self._model.prefill(params, tokens, state, checkpoints, lengths)
+
+
+def test_a_request_storing_nothing_gets_no_emission_buffers_and_two_programs_serve_a_batch_size():
+    toy = ToyLM(chunk_size=4, vocab_size=32, max_length=48)
+    recorder = ShapeRecorder(toy)
+    engine = Engine(recorder, toy.init_params(0), policy="block:16", capacity_entries=5,
+                    background_resolve=False)
+    engine.warmup((1, 2))
+    compiled, warm_calls = toy_prefill._cache_size(), len(recorder.calls)
+    short, long, fresh = (np.arange(a, b, dtype=np.int32) for a, b in ((1, 11), (11, 31), (2, 22)))
+    results = [engine.prefill(short), engine.prefill(long), engine.prefill([short[:9], short[:7]]),
+               engine.prefill([fresh, short])]
+    assert [r.stats.checkpoints_stored for r in results[:2]] == [0, 1]
+    assert [[s.checkpoints_stored for s in r.stats] for r in results[2:]] == [[0, 0], [1, 0]]
+    assert recorder.calls[warm_calls:] == [(1, 0), (1, 8), (2, 0), (2, 8)]
+    assert toy_prefill._cache_size() == compiled          # K = 0 and K = 8 per batch size, both warmed
+    for result, rows in zip(results, ([short], [long], [short[:9], short[:7]], [fresh, short])):
+        np.testing.assert_array_equal(np.reshape(result.last_logits, (len(rows), -1)),
+                                      uncached(toy, engine.params, rows))
