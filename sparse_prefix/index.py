@@ -485,7 +485,8 @@ class PrefixIndex:
         self._stats = dict(saved.stats)
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any], *, hash_fn: Callable[[np.ndarray], Hashable] | None = None,
+    def from_state_dict(cls, state: dict[str, Any], *,
+                        hash_fn: Callable[[np.ndarray], Hashable] | None = None,
                         utility_fn: Callable[[EntryInfo], float] | None = None) -> "PrefixIndex":
         """A new index configured and filled from `state` (see `load_state_dict`)."""
         if not isinstance(state, dict):

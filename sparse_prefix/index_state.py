@@ -107,14 +107,16 @@ def parse_index_state(state: Any, config: dict[str, Any]) -> SavedIndex:
         raise reader.error("next_slot", f"must equal capacity_slots ({capacity_slots}), got {next_slot}")
     stats_reader = reader.child("stats")
     if sorted(stats_reader.state) != sorted(STAT_KEYS):
-        raise reader.error("stats", f"must have exactly the keys {list(STAT_KEYS)}, got {sorted(stats_reader.state)}")
+        raise reader.error("stats", f"must have exactly the keys {list(STAT_KEYS)}, "
+                                    f"got {sorted(stats_reader.state)}")
     stats = {key: stats_reader.int(key, minimum=0) for key in STAT_KEYS}
     tokens = reader.array("tokens", "iu", 1)
     if tokens.size and (tokens.min() < 0 or tokens.max() > _INT32_MAX):
         raise reader.error("tokens", f"must lie in 0..{_INT32_MAX}")
     count = len(reader.list("entries"))
     if count > config["capacity_entries"]:
-        raise reader.error("entries", f"holds {count} entries, capacity_entries is {config['capacity_entries']}")
+        raise reader.error("entries", f"holds {count} entries, capacity_entries is "
+                                      f"{config['capacity_entries']}")
     entries, offset = [], 0
     for i in range(count):
         entry = _parse_entry(reader.item("entries", i), tokens, offset, next_entry=next_entry,
@@ -149,7 +151,8 @@ def _parse_entry(reader: StateReader, tokens: np.ndarray, offset: int, *, next_e
         raise reader.error("checkpoints", f"positions must strictly increase within 1..{length} on the grid "
                                           f"{grid}, got {positions}")
     if any(not 0 <= s < next_slot for s in slots) or len(set(slots)) != len(slots):
-        raise reader.error("checkpoints", f"slots must be distinct and lie in 0..{next_slot - 1}, got {slots}")
+        raise reader.error("checkpoints", f"slots must be distinct and lie in 0..{next_slot - 1}, "
+                                          f"got {slots}")
     payload = reader.raw("payload")
     if payload is not None:
         payload = reader.list("payload")

@@ -395,7 +395,8 @@ class Planner:
             except (TypeError, ValueError) as error:
                 raise reader.error("histogram", f"is invalid: {error}") from error
             if hist.count != observations:
-                raise reader.error("histogram", f"holds {hist.count} observations, the planner {observations}")
+                raise reader.error("histogram", f"holds {hist.count} observations, the planner "
+                                                f"{observations}")
             if reader.raw("solution") is not None:
                 solution = self._load_solution(reader.child("solution"), hist, snapshot_at)
                 if solves < 1:

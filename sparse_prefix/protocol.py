@@ -184,8 +184,9 @@ def check_restore_slot(checkpoints: Checkpoints, k: Any) -> None:
     if lengths is not None:
         padding = lengths[np.arange(batch), k_np] <= 0
         if np.any(padding):
-            raise ValueError(f"k selects a padding slot (length 0) in rows {np.flatnonzero(padding).tolist()}: "
-                             f"a padding slot is not a checkpoint")
+            rows = np.flatnonzero(padding).tolist()
+            raise ValueError(f"k selects a padding slot (length 0) in rows {rows}: a padding slot is "
+                             f"not a checkpoint")
 
 
 def restore_state(state: State, checkpoints: Checkpoints, k: Array) -> State:

@@ -185,8 +185,9 @@ def test_a_bad_index_state_is_refused_naming_the_field_and_changes_nothing():
     serve(source, Planner("block:6+fork", max_length=64), requests(6, 12))
     state = source.state_dict()
     entries = state["entries"]
+    held = {(id(f), s) for f in entries for _, s in f["checkpoints"]}
     shared = next(e for e in entries[1:] if e["checkpoints"] and
-                  any(e["checkpoints"][0][1] in [s for _, s in f["checkpoints"]] for f in entries if f is not e))
+                  any((id(f), e["checkpoints"][0][1]) in held for f in entries if f is not e))
 
     def with_entry(i, **change):
         return {**state, "entries": [dict(e, **change) if j == i else e for j, e in enumerate(entries)]}
