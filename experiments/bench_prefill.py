@@ -103,6 +103,50 @@ def check_resume(preset: str, length: int, dtype, chunking=(None, None)) -> dict
             "bitwise": worst == 0.0, "max_abs_diff": worst}
 
 
+def breakdown(preset: str, length: int, repeats: int, dtype, chunking=(None, None)) -> dict:
+    """Where a Mamba2 prefill's time goes (ms, warm medians): `init_state`, `prefill` with a state made
+    beforehand, one jitted group step (all layers, G chunks), one layer's group mixer, its in_proj
+    matmul alone. prefill(L) - steps x step = the per-call overhead; step - layers x layer = the
+    per-step overhead of the layer loop."""
+    from sparse_prefix.models.mamba2 import mamba2_group_step, mamba2_mixer_group, stack_layers
+    model, params = _model(preset, dtype, chunking)
+    cfg = model.config
+    group, chunk = cfg.chunks_per_step, cfg.chunk_size
+    ms = lambda times: statistics.median(times) * 1e3  # noqa: E731
+    out = {"preset": preset, "length": length, **_chunking_of(model)}
+    out["init_state_ms"] = ms(timed(lambda: jax.block_until_ready(model.init_state(1)), repeats))
+    tokens = np.random.default_rng(0).integers(0, model.vocab_size, size=(1, length), dtype=np.int32)
+    states = [model.init_state(1) for _ in range(repeats + 2)]
+    out["prefill_ms"] = ms(timed(lambda: jax.block_until_ready(
+        model.prefill(params, tokens, states.pop(), np.zeros((0,), np.int32))), repeats))
+    step = jax.jit(lambda p, state, toks, valid: mamba2_group_step(p, cfg, state, toks, toks, valid,
+                                                                   False)[:2], donate_argnums=1)
+    carry = {"state": model.init_state(1)}
+    carry["state"] = carry["state"]._replace(recurrent=(stack_layers(carry["state"].recurrent),))
+    step_tokens = jnp.asarray(tokens[:, :group * chunk].reshape(1, group, chunk)) \
+        if length >= group * chunk else jnp.zeros((1, group, chunk), jnp.int32)
+    all_valid = jnp.ones((1, group, chunk), bool)
+
+    def one_step():
+        carry["state"], hidden = step(params, carry["state"], step_tokens, all_valid)
+        jax.block_until_ready(hidden)
+
+    out["step_ms"] = ms(timed(one_step, repeats))
+    layer = jax.tree_util.tree_map(lambda leaf: leaf[0], params.layers.mixer)
+    x = jnp.zeros((1, group, chunk, cfg.d_model), cfg.compute_dtype)
+    layer_state = model.init_state(1).recurrent[0]
+    mixer = jax.jit(lambda p, x, s, v: mamba2_mixer_group(p, cfg.mixer, x, s, v)[:2])
+    out["layer_ms"] = ms(timed(lambda: jax.block_until_ready(mixer(layer, x, layer_state, all_valid)),
+                               repeats))
+    proj = jax.jit(lambda x, w: jnp.einsum("...d,de->...e", x, w, preferred_element_type=jnp.float32
+                                           ).astype(x.dtype))
+    out["in_proj_ms"] = ms(timed(lambda: jax.block_until_ready(proj(x, layer.in_proj)), repeats))
+    steps = -(-length // (group * chunk))
+    out["call_overhead_ms"] = out["prefill_ms"] - steps * out["step_ms"]
+    out["step_overhead_ms"] = out["step_ms"] - cfg.n_layer * out["layer_ms"]
+    return out
+
+
 def bench_ours(preset: str, length: int, emit: int, repeats: int, dtype,
                chunking: tuple[int | None, int | None] = (None, None)) -> dict:
     """Time `model.prefill` of `length` tokens with `emit` evenly spaced on-grid checkpoints,
@@ -171,6 +215,8 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk-size", default="", help="comma list of C to sweep (empty: preset's)")
     parser.add_argument("--chunks-per-step", default="",
                         help="comma list of G to sweep (empty: preset's)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="Mamba2 only: time init_state / prefill / one step / one layer / in_proj")
     parser.add_argument("--check-resume", action="store_true",
                         help="bitwise resume check per (preset, C, G) at the largest length")
     args = parser.parse_args(argv)
@@ -198,6 +244,11 @@ def main(argv=None) -> int:
                             rows.append(peer)
             for emit in [int(x) for x in args.emit.split(",") if x]:
                 rows.append(bench_ours(preset, args.emit_length, emit, args.repeats, dtype, chunking))
+            if args.breakdown:
+                for length in lengths:
+                    row = breakdown(preset, length, args.repeats, dtype, chunking)
+                    print("breakdown: " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else
+                                                   f"{k}={v}" for k, v in row.items()))
             if args.check_resume:
                 checks.append(check_resume(preset, max(lengths), dtype, chunking))
                 print(f"resume check: {checks[-1]}")

@@ -278,6 +278,8 @@ class _Programs:
         self.decode = decoder.decode if decoder else jax.jit(functools.partial(self._decode, cfg),
                                                              donate_argnums=donate_state)
         self.forward = jax.jit(functools.partial(self._forward, cfg))
+        # One dispatch for the whole zero state (2 n_layer + 1 buffers) instead of one per leaf.
+        self.init_state = jax.jit(functools.partial(init_mamba2_state, cfg), static_argnums=0)
 
     @property
     def compile_count(self) -> int:
@@ -371,7 +373,9 @@ class Mamba2LM:
         return init_mamba2_params(key, self.config)
 
     def init_state(self, batch: int) -> State:
-        return init_mamba2_state(self.config, batch)
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        return self._programs.init_state(int(batch))
 
     def abstract_state(self, batch: int) -> State:
         """The shapes and dtypes of `init_state(batch)` (jax.ShapeDtypeStruct leaves), no allocation."""
