@@ -313,6 +313,12 @@ class _Programs:
         return mamba2_logits(params, cfg, hidden)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _first_slots(emitted: Checkpoints, slots: int) -> Checkpoints:
+    """The first `slots` checkpoint slots of every leaf, in one dispatch (not one per leaf)."""
+    return jax.tree_util.tree_map(lambda leaf: leaf[:, :slots], emitted)
+
+
 @functools.lru_cache(maxsize=None)
 def _programs(cfg: Mamba2Config, donate: bool) -> _Programs:
     if cfg.chunks_per_step == 1:
@@ -402,7 +408,7 @@ class Mamba2LM:
         logits, final, emitted = self._programs.prefill(params, state, padded_tokens, lengths_np,
                                                         padded_ckpts)
         if padded_ckpts.shape[1] != slots:
-            emitted = jax.tree_util.tree_map(lambda leaf: leaf[:, :slots], emitted)
+            emitted = _first_slots(emitted, slots)
         return logits, final, emitted
 
     def decode(self, params: Mamba2Params, token, state: State) -> tuple[Array, State]:
