@@ -1,7 +1,7 @@
 """Engine answers are bitwise those of an uncached prefill, on mamba2-tiny and hybrid-tiny.
 
-Every engine of a model shares one compiled prefill per batch size (tokens padded to max_length,
-checkpoint lists to 8 slots); references use the same shapes, so this file compiles few programs.
+Every engine of a model shares two compiled prefills per batch size (tokens padded to max_length,
+checkpoint lists to 0 or 8 slots); references use the 8-slot shapes, so this file compiles few programs.
 """
 
 import numpy as np
@@ -12,7 +12,6 @@ from engine_toy import _prefill as toy_prefill
 from sparse_prefix.engine import Engine, Sampling
 from sparse_prefix.models import create
 from sparse_prefix.simulate import replay
-from sparse_prefix.store import default_bin_size
 from sparse_prefix.traces import Request
 
 MODELS = {}
@@ -51,8 +50,8 @@ def trace(name, count=14, seed=0):
 
 
 def planner_options(model):
-    return {"resolve_every": 3,
-            "bin_size": default_bin_size(model.max_length, model.chunk_size)}
+    """The engine's Planner and the simulator's pick the same default bin for the model's max_length."""
+    return {"resolve_every": 3}
 
 
 def engine_for(name, policy, eviction="lru", capacity=3, **kwargs):
