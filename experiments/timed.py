@@ -198,17 +198,15 @@ def prepare_engine(engine: Any, *, checkpoint_slots: int, max_states: int, max_p
     if store.has_kv:
         for rows in move_buckets(max_pages, store.num_pages):
             store.write_pages(zeros[1], np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.arange(rows))
-    jax.block_until_ready(store.restore([-1], [0]))
+    store.synchronize()
 
 
 # ----------------------------------------------------------------------------- one policy
 
 
 def _sync(engine: Any) -> None:
-    """Wait for every dispatched store write (a gather reads the slabs and pools they produce)."""
-    import jax
-
-    jax.block_until_ready(engine.store.restore([-1], [0]))
+    """Wait for every dispatched store write."""
+    engine.store.synchronize()
 
 
 def replay_engine(engine: Any, order: Sequence[Request], n_warm: int, *, deadline: float | None = None
