@@ -1,8 +1,11 @@
 """Placement solvers agree: JAX DP == NumPy reference == brute force, on the grid, truncated, batched.
 
 Compile budget: every JAX solve here uses N <= 16 (one shape bucket, dense search) except the
-tiled-search tests, which share N = 100 (bucket 128) with method "tiled:2".
+tiled-search tests, which share N = 100 (bucket 128) with method "tiled:2". The layer schedules other
+than CPU's default ("scan", "unroll") run at table height 4 or 8 only.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sparse_prefix.experiments.bench_solver import hlo_profile
 from sparse_prefix.placement import (brute_force, expected_cost, hybrid, reference_solve, solve,
                                      solve_batch)
 from sparse_prefix.placement import dp
+from sparse_prefix.placement.costs import LINEAR
+from sparse_prefix.placement.solver import device_call
 from sparse_prefix.placement.result import drop_idle
 from sparse_prefix.placement.search import Lines, padded_rows, radices, row_argmin
 
@@ -133,22 +139,95 @@ def test_solve_batch_equals_a_loop_of_solve():
         assert batch.row(i).positions.tolist() == single.positions.tolist()
 
 
-def test_vmapped_batch_path_matches_the_reference():
+@pytest.mark.parametrize("schedule", ["dynamic", "unroll"])
+def test_vmapped_batch_path_matches_the_reference(schedule):
     # CPU solves a batch with lax.map (tested above); accelerators vmap it, tiled passes included.
     rng = np.random.default_rng(1)
     pmfs = rng.integers(0, 5, (2, 17)).astype(float)  # integer counts: exact, so positions must match
     pmfs[:, 0] += 1
     prefix_mass, prefix_cost = np.cumsum(pmfs, axis=1), np.cumsum(pmfs * np.arange(17), axis=1)
     g = np.broadcast_to(np.arange(17.0), pmfs.shape)
+    sums = np.stack([prefix_mass, prefix_cost, g], axis=1)
     with jax.enable_x64(True):
-        _, _, found, optima = jax.device_get(dp.solve_many(prefix_mass, prefix_cost, g, np.int32(3),
-                                                      np.int32(16), grid=2, height=4, levels=(1, 2),
-                                                      batching="vmap"))
+        _, _, found, optima = jax.device_get(dp.solve_many(
+            sums, np.array([3, 16], np.int32), grid=2, height=4, levels=(1, 2), schedule=schedule,
+            batching="vmap"))
     for pmf, row, optimum in zip(pmfs, found, optima):
         positions = drop_idle(np.sort(row[row > 0]).astype(np.int64), pmf, 16)
         reference = reference_solve(pmf, 3, "linear", 2)
         assert positions.tolist() == reference.positions.tolist()
         assert close(optimum / pmf.sum(), reference.expected_cost)  # the DP's own F_M(N)
+
+
+@pytest.mark.parametrize("schedule", ["scan", "unroll"])
+def test_static_layer_schedules_match_the_dynamic_loop_for_every_budget_of_a_height(schedule):
+    # Height 4 serves budgets 0..4; below 3 coarse layers, the static schedules mask the rest.
+    rng = np.random.default_rng(7)
+    for trial, grid in enumerate([1, 1, 2, 2]):
+        n = int(rng.integers(9, 17))
+        pmf = rng.integers(0, 4, n + 1).astype(float) if trial % 2 == 0 else rng.random(n + 1)
+        pmf[0] += 1
+        for budget in range(5):
+            ours = solve(pmf, budget, grid=grid, schedule=schedule)
+            loop = solve(pmf, budget, grid=grid, schedule="dynamic")
+            assert ours.positions.tolist() == loop.positions.tolist()
+            assert ours.expected_cost == loop.expected_cost
+            (coarse, final), (loop_coarse, loop_final) = ours._host_tables, loop._host_tables
+            layers = min(budget, n // grid)
+            assert np.array_equal(final, loop_final)
+            assert np.array_equal(coarse[: layers - 1], loop_coarse[: layers - 1])
+            for length in range(n + 1):
+                assert ours.positions_for(length).tolist() == loop.positions_for(length).tolist()
+
+
+def test_scan_schedule_runs_the_tiled_search_like_the_reference():
+    rng = np.random.default_rng(3)
+    pmf = rng.integers(0, 4, 101).astype(float)  # integer counts: exact, so positions must match
+    pmf[0] += 1
+    for budget in (5, 7):  # one table height (8)
+        ours, ref = solve(pmf, budget, method=TILED, schedule="scan"), reference_solve(pmf, budget)
+        assert ours.positions.tolist() == ref.positions.tolist()
+        for length in (0, 1, 37, 64, 99):
+            assert ours.positions_for(length).tolist() == ref.positions_for(length).tolist()
+
+
+def test_static_schedules_compile_without_a_loop_of_unknown_trip_count():
+    pmf = np.ones((1, 13))
+    profiles = {}
+    for schedule in ("dynamic", "scan", "unroll"):
+        function, args, static = device_call(pmf, LINEAR, 3, 1, "dense", False, schedule)
+        with jax.enable_x64(True):
+            profiles[schedule] = hlo_profile(function.lower(*args, **static).compile().as_text())
+    assert profiles["dynamic"]["dynamic_loops"] >= 1  # up to the runtime budget: a predicate per layer
+    assert profiles["scan"]["trip_counts"] == [3] and profiles["scan"]["dynamic_loops"] == 0
+    assert profiles["unroll"]["while_loops"] == 0
+    assert profiles["unroll"]["kernels"] < profiles["scan"]["kernels"]
+
+
+def test_static_backtrack_loop_above_the_paths_limit_finds_the_same_positions(monkeypatch):
+    monkeypatch.setattr(dp, "PATHS_MAX_ELEMENTS", 0)  # read at trace time: a fresh jit walks the tables
+    walk = jax.jit(functools.partial(dp.solve_tables, grid=1, height=4, levels=(1, 1), schedule="scan"))
+    rng = np.random.default_rng(5)
+    for budget in range(5):
+        pmf = rng.integers(0, 4, 17).astype(float)
+        pmf[0] += 1
+        prefix_mass, prefix_cost = np.cumsum(pmf), np.cumsum(pmf * np.arange(17))
+        args = (prefix_mass, prefix_cost, np.arange(17.0), np.int32(budget), np.int32(16))
+        with jax.enable_x64(True):
+            found = np.asarray(walk(*args)[2])
+        positions = drop_idle(np.sort(found[found > 0]).astype(np.int64), pmf, 16)
+        assert positions.tolist() == reference_solve(pmf, budget).positions.tolist()
+    with jax.enable_x64(True):
+        profile = hlo_profile(walk.lower(*args).compile().as_text())
+    assert profile["trip_counts"] == [3, 3]  # the layers, then the walk: both of static length
+
+
+def test_auto_schedule_is_a_budget_loop_on_cpu_and_static_layers_on_accelerators():
+    assert dp.layer_schedule("auto", 32, 1, "cpu") == "dynamic"
+    assert dp.layer_schedule("auto", 32, 1, "gpu") == "unroll"  # dense, up to UNROLL_MAX_HEIGHT
+    assert dp.layer_schedule("auto", 64, 1, "gpu") == "scan"
+    assert dp.layer_schedule("auto", 8, 2, "gpu") == "scan"  # tiled layers are not unrolled
+    assert dp.layer_schedule("scan", 8, 1, "cpu") == "scan"
 
 
 def test_idle_positions_are_dropped_and_budget_is_capped():

@@ -91,13 +91,15 @@ def test_bad_pmf_raises_naming_it(pmf, error, word):
     (dict(cost="hybrid:1,-1"), ValueError, "parameter b"),
     (dict(cost="hybrid:nan,1"), ValueError, "parameter a"),
     (dict(method="fast"), ValueError, "method"),
+    (dict(schedule="fast"), ValueError, "schedule"),
+    (dict(schedule=1), TypeError, "schedule"),
 ])
 def test_bad_arguments_raise_naming_them(kwargs, error, word):
     args = dict(budget=2, cost="linear", grid=1) | kwargs
     budget = args.pop("budget")
     with pytest.raises(error, match=word):
         solve(GOOD, budget, **args)
-    if "method" not in args:
+    if not {"method", "schedule"} & args.keys():
         with pytest.raises(error, match=word):
             reference_solve(GOOD, budget, args["cost"], args["grid"])
 

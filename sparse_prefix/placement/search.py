@@ -42,6 +42,11 @@ class Lines(NamedTuple):
         """A at broadcastable (columns, rows' mass, rows' cost)."""
         return self.intercept[col] + row_cost - self.slope[col] * (row_mass - self.mass_before[col])
 
+    def dense(self, row_mass: Array, row_cost: Array) -> Array:
+        """A at every (row, column) [R, C]: `at` for all columns, without indexing (no gathers)."""
+        return (self.intercept[None, :] + row_cost[:, None]
+                - self.slope[None, :] * (row_mass[:, None] - self.mass_before[None, :]))
+
 
 def padded_rows(rows: int) -> int:
     """The smallest 2^k or 3 * 2^k >= rows (sizes that factor into small radices)."""
@@ -155,11 +160,41 @@ def row_argmin(lines: Lines, row_mass: Array, row_cost: Array, limit: Array, lev
 
 
 def dense_argmin(lines: Lines, row_mass: Array, row_cost: Array, limit: Array) -> Array:
-    """`row_argmin` over all (row, column) pairs at once: values [R, C], two row reductions."""
+    """`row_argmin` over all (row, column) pairs at once (`dense_min`'s argmin)."""
+    return dense_min(lines, row_mass, row_cost, limit)[1]
+
+
+def _leftmost_min(left: tuple[Array, Array], right: tuple[Array, Array]) -> tuple[Array, Array]:
+    """Reducer of (value, column) pairs: the smaller value, on equal values the smaller column.
+
+    A total order on pairs, so the reduction is associative and commutative: any reduction tree (CPU,
+    GPU) returns the same pair, the leftmost minimum.
+    """
+    (left_value, left_col), (right_value, right_col) = left, right
+    take_right = (right_value < left_value) | ((right_value == left_value) & (right_col < left_col))
+    return (jnp.where(take_right, right_value, left_value),
+            jnp.where(take_right, right_col, left_col))
+
+
+def dense_min(lines: Lines, row_mass: Array, row_cost: Array, limit: Array) -> tuple[Array, Array]:
+    """Row minima and their leftmost columns over all (row, column) pairs in one reduction pass.
+
+    The values [R, C] are never stored: they are computed inside one variadic (value, column)
+    reduction, so a dense layer is one kernel on an accelerator.
+
+    Args:
+      lines: the C columns (C >= 1).
+      row_mass, row_cost: float64 [R].
+      limit: int32 [R], the last valid column of each row (< C; may be < 0).
+
+    Returns:
+      (best float64 [R] -- the minimum, +inf where no column is valid; arg int32 [R] -- its leftmost
+      column, -1 where no column is valid).
+    """
     columns = lines.intercept.shape[0]
-    col = jnp.arange(columns, dtype=jnp.int32)
-    values = lines.at(col[None, :], row_mass[:, None], row_cost[:, None])
-    values = jnp.where(col[None, :] <= limit[:, None], values, jnp.inf)
-    best = jnp.min(values, axis=1)
-    best_col = jnp.min(jnp.where(values == best[:, None], col[None, :], columns), axis=1)
-    return jnp.where(best < jnp.inf, best_col, -1).astype(jnp.int32)
+    values = lines.dense(row_mass, row_cost)
+    cols = jax.lax.broadcasted_iota(jnp.int32, values.shape, 1)
+    values = jnp.where(cols <= limit[:, None], values, jnp.inf)
+    best, best_col = jax.lax.reduce((values, cols), (jnp.array(jnp.inf, values.dtype), jnp.int32(columns)),
+                                    _leftmost_min, (1,))
+    return best, jnp.where(limit >= 0, best_col, -1).astype(jnp.int32)

@@ -6,9 +6,12 @@ on the device until a `positions_for` asks for them.
 
 Compile reuse: N is padded up to a bucket of {2^k, 3*2^(k-1)} (>= 16; the padded depths carry no
 mass and the backtrack starts at row N, so the answer is the unpadded one), the table height (the
-budget) up to a power of two (the layer loop runs exactly `budget` times), and a batch up to a power
-of two (padded with copies of row 0). Distinct compilations are keyed by (N bucket, height bucket,
-batch bucket, grid, search passes) only; the cost model and the budget are runtime values. A batch runs
+budget) up to a power of two (>= 4), and a batch up to a power of two (padded with copies of row 0).
+Distinct compilations are keyed by (N bucket, height bucket, batch bucket, grid, search passes, layer
+schedule) only; the cost model and the budget are runtime values (on CPU the layer loop runs exactly
+`budget` times; on accelerators height - 1 layers run, those past the budget masked, so that no
+loop waits on a device-to-host predicate: `dp.layer_schedule`). One call takes two host-to-device
+copies (the stacked prefix sums, the budget and row) and fetches one array (the positions). A batch runs
 vmapped on accelerators and as a `lax.map` of the unbatched kernels on CPU (batched scatters are slow
 there); either way one jitted call.
 """
@@ -43,50 +46,63 @@ def power_of_two(size: int) -> int:
     return 1 << max(size - 1, 0).bit_length()
 
 
-def _device_inputs(pmfs: np.ndarray, model: Cost, padded: int) -> tuple[np.ndarray, ...]:
-    """P, G, g float64 [B, padded+1] for normalised pmfs [B, N+1] (padded depths: zero mass)."""
+def _device_inputs(pmfs: np.ndarray, model: Cost, padded: int) -> np.ndarray:
+    """(P, G, g) float64 [B, 3, padded+1] for normalised pmfs [B, N+1] (padded depths: zero mass).
+
+    Stacked so that the device call takes one host-to-device copy for all three.
+    """
     grown = np.zeros((pmfs.shape[0], padded + 1))
     grown[:, : pmfs.shape[1]] = pmfs
-    prefix_mass, prefix_cost, g = prefix_sums(grown, model)
-    return prefix_mass, prefix_cost, np.ascontiguousarray(g)
+    return np.stack(prefix_sums(grown, model), axis=1)
 
 
-def _solve_device(pmfs: np.ndarray, model: Cost, layers: int, grid: int, method: str, batched: bool):
-    """Run the jitted solver on normalised pmfs [B, N+1].
+def device_call(pmfs: np.ndarray, model: Cost, layers: int, grid: int, method: str, batched: bool,
+                schedule: str = "auto"):
+    """The jitted solver, its arguments and static settings for normalised pmfs [B, N+1].
 
     Returns:
-      ((coarse, final) device tables, positions int64 [B or 1, height] descending, 0-padded).
+      (jitted function, (sums float64 [3, R] or [B', 3, R], scalars int32 [2]), static keyword
+      arguments) -- call it (inside `jax.enable_x64(True)`) or `.lower` it to inspect the program.
     """
     n = pmfs.shape[1] - 1
     padded = bucket(n)
     levels = (dp.search_levels(method, padded // grid), dp.search_levels(method, padded))
     height = power_of_two(max(layers, 4))
+    static = dict(grid=grid, height=height, levels=levels,
+                  schedule=dp.layer_schedule(schedule, height, levels[0]))
     rows = pmfs.shape[0]
     if batched:
         pmfs = np.concatenate([pmfs, np.repeat(pmfs[:1], power_of_two(rows) - rows, axis=0)])
-    prefix_mass, prefix_cost, g = _device_inputs(pmfs, model, padded)
+    sums = _device_inputs(pmfs, model, padded)
+    scalars = np.array([layers, n], np.int32)
+    if batched:
+        static["batching"] = "map" if dp.current_platform() == "cpu" else "vmap"
+        return dp.solve_many, (sums, scalars), static
+    return dp.solve_one, (sums[0], scalars), static
+
+
+def _solve_device(pmfs: np.ndarray, model: Cost, layers: int, grid: int, method: str, batched: bool,
+                  schedule: str = "auto"):
+    """Run the jitted solver on normalised pmfs [B, N+1].
+
+    Returns:
+      ((coarse, final) device tables, positions int64 [B or 1, height], unordered, 0 = none).
+    """
+    function, args, static = device_call(pmfs, model, layers, grid, method, batched, schedule)
     with jax.enable_x64(True):
-        args = (np.int32(layers), np.int32(n))
-        if batched:
-            batching = "map" if dp.current_platform() == "cpu" else "vmap"
-            coarse, final, found, _ = dp.solve_many(
-                prefix_mass, prefix_cost, g, *args, grid=grid, height=height, levels=levels,
-                batching=batching)
-        else:
-            coarse, final, found, _ = dp.solve_one(
-                prefix_mass[0], prefix_cost[0], g[0], *args, grid=grid, height=height, levels=levels)
-        found = np.asarray(jax.device_get(found), np.int64).reshape(-1, height)
+        coarse, final, found, _ = function(*args, **static)
+        found = np.asarray(jax.device_get(found), np.int64).reshape(-1, static["height"])
     return (coarse, final), found
 
 
 def _positions(found: np.ndarray, pmf: np.ndarray) -> np.ndarray:
-    """Device backtrack output (descending, 0-padded) -> sorted positions with idle ones dropped."""
+    """Device backtrack output (unordered, 0 = none) -> sorted positions with idle ones dropped."""
     positions = np.sort(found[found > 0])
     return drop_idle(positions, pmf, pmf.shape[0] - 1)
 
 
 def solve(pmf: Any, budget: Any, *, cost: CostLike = "linear", grid: Any = 1,
-          method: str = "auto") -> Placement:
+          method: str = "auto", schedule: str = "auto") -> Placement:
     """Optimal positions of at most `budget` checkpoints for the overlap-depth `pmf` (exact DP).
 
     Minimises sum_t p(t) (g(t) - g(c(t))), c(t) the deepest position <= t (0 if none), over sets of
@@ -100,12 +116,15 @@ def solve(pmf: Any, budget: Any, *, cost: CostLike = "linear", grid: Any = 1,
       grid: int >= 1; positions are multiples of it (solved exactly on the grid, every token costed).
       method: "auto" (by size and platform), "dense" (all row x candidate pairs) or "tiled:L" (L
         passes of the tiled monotone search per layer; see dp.py).
+      schedule: how the layers run: "auto" (by platform and size), "dynamic" (a loop up to the
+        budget), "scan" (a loop of static trip count, layers past the budget masked) or "unroll"
+        (`dp.layer_schedule`). Every choice gives the same answer.
 
     Returns:
       The `Placement`; its `positions_for(L)` answers truncated pmfs from the same solve.
 
     Raises:
-      TypeError / ValueError: bad pmf, budget, cost, grid or method (the message names it).
+      TypeError / ValueError: bad pmf, budget, cost, grid, method or schedule (the message names it).
     """
     pmf = normalized(check_pmf(pmf))
     budget = check_count(budget, "budget", 0)
@@ -113,19 +132,20 @@ def solve(pmf: Any, budget: Any, *, cost: CostLike = "linear", grid: Any = 1,
     model = parse_cost(cost)
     n = pmf.shape[0] - 1
     layers = min(budget, n // grid)
-    tables, found = _solve_device(pmf[None, :], model, layers, grid, method, batched=False)
+    tables, found = _solve_device(pmf[None, :], model, layers, grid, method, batched=False,
+                                  schedule=schedule)
     positions = _positions(found[0], pmf)
     return Placement(positions, placement_cost(pmf, positions, model), budget, model, grid, pmf, tables,
                      layers)
 
 
 def solve_batch(pmfs: Any, budget: Any, *, cost: CostLike = "linear", grid: Any = 1,
-                method: str = "auto") -> BatchPlacement:
+                method: str = "auto", schedule: str = "auto") -> BatchPlacement:
     """`solve` for every row of `pmfs` [B, N+1] in one vmapped, jitted call.
 
     Args:
       pmfs: [B, N+1], B >= 1, every row a valid pmf (an all-zero row raises, naming the rows).
-      budget, cost, grid, method: as in `solve`.
+      budget, cost, grid, method, schedule: as in `solve`.
 
     Returns:
       A `BatchPlacement`: positions int64 [B, min(budget, N // grid)] (sorted, 0-padded at the end;
@@ -138,7 +158,7 @@ def solve_batch(pmfs: Any, budget: Any, *, cost: CostLike = "linear", grid: Any 
     model = parse_cost(cost)
     rows, n = pmfs.shape[0], pmfs.shape[1] - 1
     layers = min(budget, n // grid)
-    tables, found = _solve_device(pmfs, model, layers, grid, method, batched=True)
+    tables, found = _solve_device(pmfs, model, layers, grid, method, batched=True, schedule=schedule)
     positions = np.zeros((rows, layers), np.int64)
     counts = np.zeros(rows, np.int64)
     for i in range(rows):
