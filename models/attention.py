@@ -139,13 +139,34 @@ def _project(params: dict, cfg: AttentionConfig, x: Array, positions: Array):
     return q, k, v, gate
 
 
-def write_kv(cache: KVCache, k: Array, v: Array, positions: Array, valid: Array) -> KVCache:
-    """Scatter k, v [B, T, Hkv, D] to buffer rows `positions` [B, T]; invalid slots write nothing."""
-    batch, max_length = cache.k.shape[:2]
+def _buffer_shape(cache: KVCache, layer) -> tuple[int, int]:
+    """(B, S) of a cache: leaves [B, S, Hkv, D], or [R, B, S, Hkv, D] read at `layer` (not None)."""
+    return cache.k.shape[:2] if layer is None else cache.k.shape[1:3]
+
+
+def _read(buffer: Array, layer, start, size: int) -> Array:
+    """Positions [start, start + size) of one layer's buffer: [B, size, Hkv, D] (no full copy)."""
+    if layer is None:
+        return jax.lax.dynamic_slice_in_dim(buffer, start, size, axis=1)
+    zero = jnp.zeros((), jnp.int32)
+    origin = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(start, jnp.int32), zero, zero)
+    return jax.lax.dynamic_slice(buffer, origin, (1,) + buffer.shape[1:2] + (size,)
+                                 + buffer.shape[3:])[0]
+
+
+def write_kv(cache: KVCache, k: Array, v: Array, positions: Array, valid: Array,
+             layer: Array | None = None) -> KVCache:
+    """Scatter k, v [B, T, Hkv, D] to buffer rows `positions` [B, T]; invalid slots write nothing.
+
+    With `layer` (int32[]), the cache leaves are [R, B, S, Hkv, D] (the layers of a scanned stack)
+    and only layer `layer` is written, in place.
+    """
+    batch, max_length = _buffer_shape(cache, layer)
     target = jnp.where(valid, positions, max_length)           # out of range -> dropped
     rows = jnp.arange(batch)[:, None]
-    return KVCache(k=cache.k.at[rows, target].set(k.astype(cache.k.dtype), mode="drop"),
-                   v=cache.v.at[rows, target].set(v.astype(cache.v.dtype), mode="drop"))
+    index = (rows, target) if layer is None else (layer, rows, target)
+    return KVCache(k=cache.k.at[index].set(k.astype(cache.k.dtype), mode="drop"),
+                   v=cache.v.at[index].set(v.astype(cache.v.dtype), mode="drop"))
 
 
 def _grouped_scores(q: Array, k: Array) -> Array:
@@ -159,25 +180,28 @@ def _grouped_values(weights: Array, v: Array) -> Array:
     return jnp.einsum("bkgts,bskd->btkgd", weights, v, preferred_element_type=jnp.float32)
 
 
-def attend(q: Array, cache: KVCache, positions: Array, key_block: int = 0) -> Array:
+def attend(q: Array, cache: KVCache, positions: Array, key_block: int = 0,
+           layer: Array | None = None) -> Array:
     """Queries q [B, T, H, D] against the buffer, keys at positions <= the query's own.
 
+    `layer` (int32[]) selects one layer of a stacked cache ([R, B, S, Hkv, D] leaves; see `write_kv`).
     Returns [B, T, H*D] in q.dtype. Dense: softmax in float32 (HF's order: scores * D^-1/2, softmax,
     cast, times V). Blocked (key_block > 0): the same softmax accumulated block by block.
     """
     batch, length, heads, dim = q.shape
-    kv_heads = cache.k.shape[2]
+    kv_heads = cache.k.shape[-2]
     q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
     if key_block:
-        out = _attend_blocked(q, cache, positions, key_block)
+        out = _attend_blocked(q, cache, positions, key_block, layer)
     else:
-        out = _attend_dense(q, cache, positions)
+        out = _attend_dense(q, cache, positions, layer)
     return out.astype(q.dtype).reshape(batch, length, heads * dim)
 
 
-def _attend_dense(q: Array, cache: KVCache, positions: Array) -> Array:
-    max_length = cache.k.shape[1]
-    scores = _grouped_scores(q, cache.k)
+def _attend_dense(q: Array, cache: KVCache, positions: Array, layer) -> Array:
+    max_length = _buffer_shape(cache, layer)[1]
+    keys, values = (_read(buffer, layer, 0, max_length) for buffer in cache)
+    scores = _grouped_scores(q, keys)
     key_pos = jnp.arange(max_length, dtype=jnp.int32)
     allowed = key_pos[None, None, :] <= positions[:, :, None]                # [B, T, S]
     scores = jnp.where(allowed[:, None, None], scores, -jnp.inf)
@@ -186,13 +210,13 @@ def _attend_dense(q: Array, cache: KVCache, positions: Array) -> Array:
     weights = jnp.exp(scores - top)
     weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
     reachable = key_pos[None, :] <= jnp.max(positions, axis=1)[:, None]      # [B, S]
-    values = jnp.where(reachable[:, :, None, None], cache.v.astype(q.dtype), 0)
+    values = jnp.where(reachable[:, :, None, None], values.astype(q.dtype), 0)
     return _grouped_values(weights.astype(q.dtype), values)
 
 
-def _attend_blocked(q: Array, cache: KVCache, positions: Array, block: int) -> Array:
+def _attend_blocked(q: Array, cache: KVCache, positions: Array, block: int, layer) -> Array:
     batch, length, kv_heads, group, dim = q.shape
-    max_length = cache.k.shape[1]
+    max_length = _buffer_shape(cache, layer)[1]
     if max_length % block:
         raise ValueError(f"KV buffer length {max_length} is not a multiple of key_block {block}")
     last = jnp.max(positions, axis=1)                                        # [B]
@@ -202,8 +226,8 @@ def _attend_blocked(q: Array, cache: KVCache, positions: Array, block: int) -> A
     def body(carry):
         index, top, total, acc = carry
         start = index * block
-        k = jax.lax.dynamic_slice_in_dim(cache.k, start, block, axis=1)
-        v = jax.lax.dynamic_slice_in_dim(cache.v, start, block, axis=1)
+        k = _read(cache.k, layer, start, block)
+        v = _read(cache.v, layer, start, block)
         key_pos = start + jnp.arange(block, dtype=jnp.int32)
         allowed = key_pos[None, None, :] <= positions[:, :, None]            # [B, T, Bk]
         scores = jnp.where(allowed[:, None, None], _grouped_scores(q, k), -jnp.inf)
@@ -232,19 +256,34 @@ def _output(params: dict, cfg: AttentionConfig, out: Array, gate: Array | None) 
 
 
 def attention_chunk(params: dict, cfg: AttentionConfig, x: Array, cache: KVCache, positions: Array,
-                    valid: Array) -> tuple[Array, KVCache]:
-    """Gated attention over one chunk.
+                    valid: Array, layer: Array | None = None) -> tuple[Array, KVCache]:
+    """Gated attention over T query slots (one chunk, or the G chunks of a group flattened).
 
     Args:
-      x: [B, C, d] (normed, compute dtype).  cache: KVCache [B, S, Hkv, D].
-      positions: int32[B, C] absolute positions of the slots.  valid: bool[B, C] (a prefix).
+      x: [B, T, d] (normed, compute dtype).  cache: KVCache [B, S, Hkv, D] (or [R, B, S, Hkv, D]
+        with `layer`, see `write_kv`).  positions: int32[B, T] absolute positions of the slots.
+      valid: bool[B, T] (a prefix of every chunk).  layer: int32[] for a stacked cache, else None.
 
     Returns:
-      (y [B, C, d] (garbage at padded slots), cache with the valid slots' K/V written).
+      (y [B, T, d] (garbage at padded slots), cache with the valid slots' K/V written). All K/V
+      are written before any query reads, and the key loop runs over blocks 0 .. (the last
+      position in x) // Bk: a query's result is the same whatever else x holds.
     """
     q, k, v, gate = _project(params, cfg, x, positions)
-    cache = write_kv(cache, k, v, positions, valid)
-    return _output(params, cfg, attend(q, cache, positions, cfg.key_block), gate), cache
+    cache = write_kv(cache, k, v, positions, valid, layer)
+    out = attend(q, cache, positions, cfg.key_block, layer)
+    return _output(params, cfg, out, gate), cache
+
+
+def attention_group(params: dict, cfg: AttentionConfig, x: Array, cache: KVCache, positions: Array,
+                    valid: Array, layer: Array | None = None) -> tuple[Array, KVCache]:
+    """Gated attention over G consecutive chunks at once: x [B, G, C, d], positions int32[B, G, C],
+    valid bool[B, G, C] -> (y [B, G, C, d], cache). The K/V of every valid slot of the G chunks are
+    written at their absolute positions, then all G*C queries read (`attention_chunk`)."""
+    batch, group, chunk = valid.shape
+    flat = lambda t: t.reshape((batch, group * chunk) + t.shape[3:])  # noqa: E731
+    y, cache = attention_chunk(params, cfg, flat(x), cache, flat(positions), flat(valid), layer)
+    return y.reshape(x.shape[:3] + y.shape[2:]), cache
 
 
 def attention_step(params: dict, cfg: AttentionConfig, x: Array, cache: KVCache, position: Array

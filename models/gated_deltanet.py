@@ -14,7 +14,12 @@ Chunked form over a sub-chunk of c tokens with incoming state S0 (G = inclusive 
 D[i, j] = exp(G_i - G_j) for j <= i else 0, L = strictly_lower(beta_i k_i.k_j D[i, j])):
     U = (I + L)^-1 (beta v),   W = (I + L)^-1 (beta exp(G) k),   V' = U - W S0
     o = (q exp(G)) S0 + ((q k^T) * D) V',    S_c = exp(G_c) S0 + (k exp(G_c - G))^T V'.
-All sub-chunks' U, W, D are computed at once (big batched matmuls); only the S recursion is a scan.
+All sub-chunks' U, W, D are computed at once (big batched matmuls); (I + L)^-1 comes from a
+log-depth block doubling (`unit_lower_inverse`, matmuls only); only the S recursion (V', S_c: two
+matmuls per sub-chunk) is a scan, and the outputs o are one batched product after it.
+
+Prefill runs G chunks at once (`gdn_mixer_group`): projections over all G*C rows, per-chunk conv
+windows, intra terms batched over the chunks, the state passed sub-chunk to sub-chunk in order.
 """
 
 from __future__ import annotations
@@ -27,10 +32,12 @@ import jax.numpy as jnp
 
 from sparse_prefix.protocol import RecurrentState
 
-from .layers import causal_conv_chunk, causal_conv_step, normal_init
+from .group_conv import causal_conv_group
+from .layers import causal_conv_step, normal_init
 
 Array = jax.Array
 _L2_EPS = 1e-6
+SOLVERS = ("doubling", "triangular")      # the UT solve (see GDNConfig.solver)
 
 
 def rule_precision(dtype) -> jax.lax.Precision:
@@ -49,7 +56,11 @@ class GDNConfig:
       num_v_heads: Hv [linear_num_value_heads], a multiple of Hk.
       head_k_dim: Dk [linear_key_head_dim].  head_v_dim: Dv [linear_value_head_dim].
       conv_width: W [linear_conv_kernel_dim].  norm_eps: the gated RMSNorm's eps [rms_norm_eps].
-      sub_chunk: c, the UT-transform block; the model's chunk size must be a multiple of it.
+      sub_chunk: c, the UT-transform block and the step of the state recursion; the model's chunk
+        size must be a multiple of it. Bigger c: fewer sequential steps (L / c per layer), more
+        intra-chunk FLOPs (~c per token).
+      solver: the UT solve, "doubling" (`unit_lower_inverse`: batched matmuls) or "triangular"
+        (`jax.lax.linalg.triangular_solve`).
     """
 
     d_model: int
@@ -60,6 +71,7 @@ class GDNConfig:
     conv_width: int = 4
     norm_eps: float = 1e-6
     sub_chunk: int = 64
+    solver: str = "doubling"
 
     def __post_init__(self):
         for name in ("d_model", "num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim", "sub_chunk"):
@@ -67,6 +79,8 @@ class GDNConfig:
                 raise ValueError(f"GDNConfig.{name} must be a positive int, got {getattr(self, name)!r}")
         if not isinstance(self.conv_width, int) or self.conv_width < 2:
             raise ValueError(f"GDNConfig.conv_width must be an int >= 2, got {self.conv_width!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"GDNConfig.solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.num_v_heads % self.num_k_heads:
             raise ValueError(f"GDNConfig.num_v_heads ({self.num_v_heads}) must be a multiple of "
                              f"num_k_heads ({self.num_k_heads})")
@@ -125,27 +139,76 @@ def _l2_normalise(x: Array) -> Array:
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + _L2_EPS)
 
 
-def gated_delta_chunked(q: Array, k: Array, v: Array, g: Array, beta: Array, state: Array,
-                        sub_chunk: int, precision=jax.lax.Precision.HIGHEST) -> tuple[Array, Array]:
-    """The gated delta rule over C tokens in sub-chunks of c (module docstring), float32.
+def unit_lower_inverse(lower: Array, precision=jax.lax.Precision.HIGHEST) -> Array:
+    """(I + lower)^-1 for strictly lower-triangular `lower` [..., n, n], by block doubling.
+
+    Exact block forward substitution in log2(n) batched levels: the inverses of the diagonal blocks
+    of size b give those of size 2b by [[X11, 0], [-X22 T21 X11, X22]] (T21 the block below the
+    diagonal). Two batched matmuls per level instead of a `triangular_solve` over many tiny matrices
+    (slow on GPUs). n need not be a power of two (the matrix is padded with an identity block).
 
     Args:
-      q, k: f32[B, C, H, Dk] (q already normalised and scaled, k normalised; grouped to H heads).
-      v: f32[B, C, H, Dv].  g: f32[B, C, H] log-decays (<= 0).  beta: f32[B, C, H].
-        Padded slots must carry beta = 0 and g = 0 (then they leave the state exactly unchanged).
-      state: f32[B, H, Dk, Dv], the state before the first token.
-      sub_chunk: c; C must be a multiple of it.  precision: of every matmul (see `rule_precision`).
+      lower: float32[..., n, n]; only its strictly lower triangle is read.
+      precision: of the matmuls.
 
     Returns:
-      (o f32[B, C, H, Dv], state after the C tokens f32[B, H, Dk, Dv]).
+      float32[..., n, n], unit lower triangular.
     """
-    batch, total, heads, dk = k.shape
+    n = lower.shape[-1]
+    size = 1 << max(n - 1, 0).bit_length()
+    lead = lower.shape[:-2]
+    strict = jnp.tril(jnp.ones((n, n), bool), -1)
+    lower = jnp.where(strict, lower, 0.0)
+    if size != n:
+        lower = jnp.pad(lower, [(0, 0)] * len(lead) + [(0, size - n), (0, size - n)])
+    inverse = jnp.ones(lead + (size, 1, 1), lower.dtype)           # the 1 x 1 diagonal blocks
+    block = 1
+    while block < size:
+        pairs = size // (2 * block)
+        grid = lower.reshape(lead + (pairs, 2 * block, pairs, 2 * block))
+        diagonal = jnp.moveaxis(jnp.diagonal(grid, axis1=-4, axis2=-2), -1, -3)  # [..., m, 2b, 2b]
+        below = diagonal[..., block:, :block]                                       # T21
+        halves = inverse.reshape(lead + (pairs, 2, block, block))
+        upper_inv, lower_inv = halves[..., 0, :, :], halves[..., 1, :, :]
+        corner = -jnp.matmul(jnp.matmul(lower_inv, below, precision=precision), upper_inv,
+                             precision=precision)
+        top = jnp.concatenate([upper_inv, jnp.zeros_like(upper_inv)], axis=-1)
+        bottom = jnp.concatenate([corner, lower_inv], axis=-1)
+        inverse = jnp.concatenate([top, bottom], axis=-2)
+        block *= 2
+    return inverse.reshape(lead + (size, size))[..., :n, :n]
+
+
+
+def _delta_rule_blocks(q: Array, k: Array, v: Array, g: Array, beta: Array, state: Array,
+                       sub_valid: Array, sub_chunk: int, precision, solver: str
+                       ) -> tuple[Array, Array, Array]:
+    """The chunked gated delta rule over T tokens in sub-chunks of c (module docstring), float32.
+
+    Every sub-chunk's intra terms (decays, the UT transform, the q k^T block) are computed at once;
+    only the state recursion S -> S' is a `lax.scan` over the T / c sub-chunks in order, each step
+    the same two matmuls, and the outputs are one batched product after it. A sub-chunk with no
+    real token keeps the state bit for bit (explicit select), so a chunk's numbers never depend on
+    what precedes or follows it in the call.
+
+    Args:
+      q, k: f32[B, T, H, Dk].  v: f32[B, T, H, Dv].  g, beta: f32[B, T, H] (0 at padded slots).
+      state: f32[B, H, Dk, Dv].  sub_valid: bool[B, T // c], sub-chunks holding a real token.
+      sub_chunk: c.  precision: of every matmul.  solver: "doubling" or "triangular" (the UT solve).
+
+    Returns:
+      (o f32[B, T, H, Dv], final state f32[B, H, Dk, Dv], entering f32[T // c, B, H, Dk, Dv]: the
+      state before each sub-chunk).
+    """
+    batch, total, heads, _ = k.shape
     dv = v.shape[-1]
     if total % sub_chunk:
         raise ValueError(f"chunk length {total} is not a multiple of sub_chunk {sub_chunk}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     n = total // sub_chunk
 
-    def blocks(x):  # [B, C, H, ...] -> [n, B, H, c, ...]
+    def blocks(x):  # [B, T, H, ...] -> [n, B, H, c, ...]
         x = x.reshape((batch, n, sub_chunk) + x.shape[2:])
         return jnp.moveaxis(jnp.moveaxis(x, 1, 0), 3, 2)
 
@@ -156,26 +219,58 @@ def gated_delta_chunked(q: Array, k: Array, v: Array, g: Array, beta: Array, sta
     kk = jnp.einsum("...id,...jd->...ij", k, k, precision=precision)
     strict = jnp.tril(jnp.ones((sub_chunk, sub_chunk), bool), -1)
     lower = jnp.where(strict, beta[..., :, None] * kk * decay, 0.0)
-    system = lower + jnp.eye(sub_chunk, dtype=lower.dtype)
     rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(cum))[..., None] * k], axis=-1)
-    solved = jax.lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True,
-                                             unit_diagonal=True)
+    if solver == "doubling":
+        solved = jnp.matmul(unit_lower_inverse(lower, precision), rhs, precision=precision)
+    else:
+        system = lower + jnp.eye(sub_chunk, dtype=lower.dtype)
+        solved = jax.lax.linalg.triangular_solve(system, rhs, left_side=True, lower=True,
+                                                 unit_diagonal=True)
     u, w = solved[..., :dv], solved[..., dv:]
-    attn = jnp.einsum("...id,...jd->...ij", q, k, precision=precision) * decay
-    q_decayed = q * jnp.exp(cum)[..., None]
     k_to_end = k * jnp.exp(cum[..., -1:] - cum)[..., None]
     end_decay = jnp.exp(cum[..., -1])[..., None, None]
+    keep = jnp.moveaxis(sub_valid, 1, 0)[:, :, None, None, None]   # [n, B, 1, 1, 1]
 
     def step(s, inputs):
-        u_b, w_b, attn_b, q_b, k_b, end_b = inputs
+        u_b, w_b, k_b, end_b, keep_b = inputs
         v_new = u_b - jnp.einsum("bhcd,bhde->bhce", w_b, s, precision=precision)
-        out = (jnp.einsum("bhcd,bhde->bhce", q_b, s, precision=precision)
-               + jnp.einsum("bhij,bhje->bhie", attn_b, v_new, precision=precision))
-        s = end_b * s + jnp.einsum("bhcd,bhce->bhde", k_b, v_new, precision=precision)
-        return s, out
+        s_new = end_b * s + jnp.einsum("bhcd,bhce->bhde", k_b, v_new, precision=precision)
+        return jnp.where(keep_b, s_new, s), (s, v_new)
 
-    state, out = jax.lax.scan(step, state, (u, w, attn, q_decayed, k_to_end, end_decay))
+    state, (entering, v_new) = jax.lax.scan(step, state, (u, w, k_to_end, end_decay, keep))
+    attn = jnp.einsum("...id,...jd->...ij", q, k, precision=precision) * decay
+    q_decayed = q * jnp.exp(cum)[..., None]
+    out = (jnp.einsum("...cd,...de->...ce", q_decayed, entering, precision=precision)
+           + jnp.einsum("...ij,...je->...ie", attn, v_new, precision=precision))
     out = jnp.moveaxis(out, 3, 2).swapaxes(0, 1).reshape(batch, total, heads, dv)
+    return out, state, entering
+
+
+def gated_delta_chunked(q: Array, k: Array, v: Array, g: Array, beta: Array, state: Array,
+                        sub_chunk: int, precision=jax.lax.Precision.HIGHEST, *, valid: Array | None = None,
+                        solver: str = "doubling") -> tuple[Array, Array]:
+    """The gated delta rule over T tokens in sub-chunks of c (module docstring), float32.
+
+    Args:
+      q, k: f32[B, T, H, Dk] (q already normalised and scaled, k normalised; grouped to H heads).
+      v: f32[B, T, H, Dv].  g: f32[B, T, H] log-decays (<= 0).  beta: f32[B, T, H].
+        Padded slots must carry beta = 0 and g = 0 (then they leave the state unchanged).
+      state: f32[B, H, Dk, Dv], the state before the first token.
+      sub_chunk: c; T must be a multiple of it.  precision: of every matmul (see `rule_precision`).
+      valid: bool[B, T] real slots (default all); a sub-chunk without one keeps the state bitwise.
+      solver: the UT solve, "doubling" (`unit_lower_inverse`) or "triangular" (`triangular_solve`).
+
+    Returns:
+      (o f32[B, T, H, Dv], state after the T tokens f32[B, H, Dk, Dv]).
+    """
+    batch, total = k.shape[:2]
+    if total % sub_chunk:
+        raise ValueError(f"chunk length {total} is not a multiple of sub_chunk {sub_chunk}")
+    if valid is None:
+        valid = jnp.ones((batch, total), bool)
+    sub_valid = jnp.any(valid.reshape(batch, total // sub_chunk, sub_chunk), axis=-1)
+    out, state, _ = _delta_rule_blocks(q, k, v, g, beta, state, sub_valid, sub_chunk, precision,
+                                       solver)
     return out, state
 
 
@@ -246,9 +341,71 @@ def _gated_norm_out(params: dict, cfg: GDNConfig, o: Array, z: Array, dtype) -> 
     return jnp.einsum("...e,ed->...d", gated, params["out_proj"].astype(dtype))
 
 
+def gdn_mixer_group(params: dict, cfg: GDNConfig, x: Array, state: RecurrentState, valid: Array,
+                    want_boundaries: bool = False, *, backend: str = "chunked"
+                    ) -> tuple[Array, RecurrentState, RecurrentState | None]:
+    """The GDN mixer over G consecutive chunks of a prefill layout at once (the prefill path).
+
+    Projections, gates and out_proj run as single matmuls over all B*G*C rows; each chunk's conv
+    reads its own window (the last W-1 real inputs before it, `group_conv`); every chunk's intra
+    terms are batched over the G chunks; the state passes chunk to chunk in order (a scan over the
+    sub-chunks, the same step for each), so a chunk's numbers do not depend on its position in
+    the group.
+
+    Args:
+      params: `init_gdn_params` layout.  x: [B, G, C, d] (already normed; compute dtype).
+      state: RecurrentState(ssm f32[B, Hv, Dk, Dv], conv [B, W-1, Dc]) before the first chunk.
+      valid: bool[B, G, C]; each chunk's valid slots are a prefix (a chunk may be all padding).
+        Padded slots leave the state exactly unchanged.
+      want_boundaries: also return the state after each chunk (a static Python bool).
+      backend: "chunked" (UT transform in sub-chunks) or "sequential" (token scan reference).
+
+    Returns:
+      (y [B, G, C, d] in x.dtype (garbage at padded slots), state after the last chunk,
+      boundaries: RecurrentState with leaves [B, G, ...] when `want_boundaries`, else None).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    dtype = x.dtype
+    batch, group, chunk = valid.shape
+    n_valid = jnp.sum(valid, axis=2, dtype=jnp.int32)                        # [B, G]
+    mixed, z, b, a = _project(params, x)
+    mixed, windows = causal_conv_group(mixed, state.conv, params["conv_weight"], None, n_valid)
+    q, k, v, g, beta = _qkv_gates(params, cfg, mixed, b, a, dtype)
+    mask = valid[..., None]
+    beta = jnp.where(mask, beta, 0.0)
+    g = jnp.where(mask, g, 0.0)
+    k = jnp.where(mask[..., None], k, 0.0)
+    precision = rule_precision(dtype)
+    if backend == "chunked":
+        flat = lambda t: t.reshape((batch, group * chunk) + t.shape[3:])  # noqa: E731
+        subs = chunk // cfg.sub_chunk
+        sub_valid = jnp.any(valid.reshape(batch, group * subs, cfg.sub_chunk), axis=-1)
+        o, ssm, entering = _delta_rule_blocks(flat(q), flat(k), flat(v), flat(g), flat(beta),
+                                              state.ssm, sub_valid, cfg.sub_chunk, precision,
+                                              cfg.solver)
+        o = o.reshape((batch, group, chunk) + o.shape[2:])
+        exits = jnp.concatenate([entering[subs::subs], ssm[None]], axis=0) if want_boundaries else None
+    else:
+        def per_chunk(s, inputs):
+            q_c, k_c, v_c, g_c, beta_c, real = inputs
+            o_c, s_new = gated_delta_sequential(q_c, k_c, v_c, g_c, beta_c, s, precision)
+            s = jnp.where(real[:, None, None, None], s_new, s)
+            return s, (o_c, s)
+
+        inputs = tuple(jnp.swapaxes(t, 0, 1) for t in (q, k, v, g, beta, n_valid > 0))
+        ssm, (o, exits) = jax.lax.scan(per_chunk, state.ssm, inputs)
+        o = jnp.swapaxes(o, 0, 1)
+    y = _gated_norm_out(params, cfg, o, z, dtype)
+    final = RecurrentState(ssm=ssm, conv=windows[:, -1])
+    if not want_boundaries:
+        return y, final, None
+    return y, final, RecurrentState(ssm=jnp.moveaxis(exits, 0, 1), conv=windows)
+
+
 def gdn_mixer_chunk(params: dict, cfg: GDNConfig, x: Array, state: RecurrentState, valid: Array,
                     *, backend: str = "chunked") -> tuple[Array, RecurrentState]:
-    """The GDN mixer over one chunk whose valid slots are a prefix.
+    """The GDN mixer over one chunk whose valid slots are a prefix: `gdn_mixer_group` with G = 1.
 
     Args:
       params: `init_gdn_params` layout.  x: [B, C, d] (already normed; compute dtype).
@@ -259,24 +416,8 @@ def gdn_mixer_chunk(params: dict, cfg: GDNConfig, x: Array, state: RecurrentStat
     Returns:
       (y [B, C, d] in x.dtype (garbage at padded slots), new RecurrentState).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    dtype = x.dtype
-    n_valid = jnp.sum(valid, axis=1).astype(jnp.int32)
-    mixed, z, b, a = _project(params, x)
-    mixed, window = causal_conv_chunk(mixed, state.conv, params["conv_weight"], None, n_valid)
-    q, k, v, g, beta = _qkv_gates(params, cfg, mixed, b, a, dtype)
-    mask = valid[:, :, None]
-    beta = jnp.where(mask, beta, 0.0)
-    g = jnp.where(mask, g, 0.0)
-    k = jnp.where(mask[..., None], k, 0.0)
-    precision = rule_precision(dtype)
-    if backend == "chunked":
-        o, ssm = gated_delta_chunked(q, k, v, g, beta, state.ssm, cfg.sub_chunk, precision)
-    else:
-        o, ssm = gated_delta_sequential(q, k, v, g, beta, state.ssm, precision)
-    ssm = jnp.where((n_valid > 0)[:, None, None, None], ssm, state.ssm)
-    return _gated_norm_out(params, cfg, o, z, dtype), RecurrentState(ssm=ssm, conv=window)
+    y, state, _ = gdn_mixer_group(params, cfg, x[:, None], state, valid[:, None], backend=backend)
+    return y[:, 0], state
 
 
 def gdn_mixer_step(params: dict, cfg: GDNConfig, x: Array, state: RecurrentState

@@ -7,10 +7,15 @@ Every layer is pre-norm: x += mixer(norm(x)); x += SwiGLU(norm(x)). Mixers, one 
 then a final norm and the LM head (tied to the embedding or not). Compute runs in the model's dtype
 (bf16 by default); recurrent states are float32; norms and softmax reduce in float32.
 
-`HybridLM` implements `sparse_prefix.protocol.RecurrentLM`: one chunk step drives `run_chunks` (every
-recurrent layer's state emitted at the checkpoints in the same pass, the KV once in the final state);
-`restore` sets the recurrent part and `length` (the KV needs no copy). Calls are padded to bucketed
-shapes (T to C * 2^i, K to a power of two), so the number of compilations stays small: `compile_count`.
+`HybridLM` implements `sparse_prefix.protocol.RecurrentLM`: a group step (`hybrid_stack.HybridStack`:
+every layer on G = `chunks_per_step` chunks at once, the repeated pattern unit run by a `lax.scan`)
+drives `run_chunks` (every recurrent layer's state emitted at the checkpoints in the same pass, the KV
+once in the final state); `restore` sets the recurrent part and `length` (the KV needs no copy).
+Calls are padded to bucketed shapes (T to C * 2^i, K to 0 or a power of two), so the number of
+compilations stays small: `compile_count`.
+
+Parameters are stacked per pattern unit (see `hybrid_stack`): ``params["layers"]`` has one dict per
+unit position with leaves [R, ...]; `HybridStack.stack_layers` / `unstack_layers` convert.
 """
 
 from __future__ import annotations
@@ -33,8 +38,7 @@ from .attention import AttentionConfig
 from .checkpoint_io import register_family
 from .gated_deltanet import GDNConfig
 from .mamba2_mixer import Mamba2MixerConfig
-from .layers import normal_init, rms_norm
-from .mlp import init_mlp_params, swiglu
+from .hybrid_stack import HybridStack, pattern_unit
 from .registry import register
 
 Array = jax.Array
@@ -52,6 +56,11 @@ class HybridConfig:
       tie_embeddings: the head reuses the embedding matrix.
       norm_eps: RMSNorm eps.  norm_offset: 1.0 for (1 + w) norms (Qwen3.5), 0.0 for plain w.
       dtype: the compute dtype's name (parameters, activations, conv windows, KV).
+      chunks_per_step: G, the chunks every step of the prefill loop runs through all layers at once
+        (matmuls over G * C rows). Exactness does not depend on G: a resume on the grid C is bitwise
+        for any G (the same G in both calls); G changes rounding, not the math.
+      scan_layers: run the repeated pattern unit with a `lax.scan` (one compiled unit body); False
+        unrolls it (longer compiles, no per-step slicing of the stacked weights).
     """
 
     vocab_size: int
@@ -67,10 +76,14 @@ class HybridConfig:
     norm_eps: float = 1e-6
     norm_offset: float = 1.0
     dtype: str = "bfloat16"
+    chunks_per_step: int = 1
+    scan_layers: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype).name)
-        for name in ("vocab_size", "d_model", "d_ff", "chunk_size", "max_length"):
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"HybridConfig.scan_layers must be a bool, got {self.scan_layers!r}")
+        for name in ("vocab_size", "d_model", "d_ff", "chunk_size", "max_length", "chunks_per_step"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"HybridConfig.{name} must be a positive int, got {getattr(self, name)!r}")
         if not isinstance(self.pattern, str) or not self.pattern:
@@ -81,6 +94,28 @@ class HybridConfig:
                              f"known: {sorted(mixers.KINDS)}")
         for letter in sorted(set(self.pattern)):
             mixers.KINDS[letter].check(self, letter)
+
+    def with_chunking(self, chunk_size: int | None = None, chunks_per_step: int | None = None,
+                      sub_chunk: int | None = None) -> "HybridConfig":
+        """This config with another chunk size C, chunks per step G and/or GDN sub-chunk c.
+
+        Parameters do not depend on these, so a model's params serve every chunking. When C changes
+        and `sub_chunk` is not given, the GDN sub-chunk becomes min(c, C) if that divides C, else C.
+        Raises ValueError (naming the field) for an invalid combination.
+        """
+        chunk = self.chunk_size if chunk_size is None else chunk_size
+        if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk!r}")
+        changes: dict[str, Any] = {"chunk_size": chunk}
+        if chunks_per_step is not None:
+            changes["chunks_per_step"] = chunks_per_step
+        if self.gdn is not None:
+            default = self.gdn.sub_chunk if chunk % self.gdn.sub_chunk == 0 else chunk
+            changes["gdn"] = dataclasses.replace(self.gdn, sub_chunk=default if sub_chunk is None
+                                                 else sub_chunk)
+        elif sub_chunk is not None:
+            raise ValueError("sub_chunk applies to Gated DeltaNet layers; this pattern has none")
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
         """JSON-ready dict (inverse of `from_dict`)."""
@@ -100,98 +135,6 @@ class HybridConfig:
         return cls(**data)
 
 
-class HybridStack:
-    """The device side of a hybrid stack: pure functions of (params, state, inputs) for one config.
-
-    Args:
-      config: the stack (its dtype is the compute dtype).  backend: "chunked" or "sequential" (GDN).
-    """
-
-    def __init__(self, config: HybridConfig, backend: str):
-        self.config = config
-        self.backend = backend
-        self.dtype = jnp.dtype(config.dtype)
-        self.kinds = tuple(mixers.KINDS[letter] for letter in config.pattern)
-        counters, slots = {True: 0, False: 0}, []
-        for kind in self.kinds:                 # index of each layer in State.recurrent / State.kv
-            slots.append(counters[kind.recurrent])
-            counters[kind.recurrent] += 1
-        self.slots = tuple(slots)
-
-    def init_params(self, key: Array) -> dict:
-        """Random parameters: embed [V, d], layers (tuple of dicts), final_norm [d], lm_head [d, V]."""
-        cfg, dtype = self.config, self.dtype
-        keys = jax.random.split(key, len(self.kinds) + 2)
-        norm = jnp.full((cfg.d_model,), 1.0 - cfg.norm_offset, dtype)
-        layers = []
-        for letter, kind, layer_key in zip(cfg.pattern, self.kinds, keys[2:]):
-            mixer_key, mlp_key = jax.random.split(layer_key)
-            layers.append({"input_norm": norm, "mixer": kind.init_params(mixer_key, cfg, letter, dtype),
-                           "post_norm": norm,
-                           "mlp": init_mlp_params(mlp_key, cfg.d_model, cfg.d_ff, dtype)})
-        params = {"embed": normal_init(keys[0], (cfg.vocab_size, cfg.d_model), 0.02, dtype),
-                  "layers": tuple(layers), "final_norm": norm}
-        if not cfg.tie_embeddings:
-            params["lm_head"] = normal_init(keys[1], (cfg.d_model, cfg.vocab_size), 0.02, dtype)
-        return params
-
-    def init_state(self, batch: int) -> State:
-        """Zero state for `batch` rows: recurrent states, KV buffers [B, S, Hkv, D], length 0."""
-        recurrent, kv = [], []
-        for letter, kind in zip(self.config.pattern, self.kinds):
-            (recurrent if kind.recurrent else kv).append(
-                kind.init_state(self.config, letter, batch, self.dtype))
-        return State(recurrent=tuple(recurrent), kv=tuple(kv) if kv else None,
-                     length=jnp.zeros((batch,), jnp.int32))
-
-    def _norm(self, x: Array, weight: Array) -> Array:
-        return rms_norm(x, weight, self.config.norm_eps, offset=self.config.norm_offset)
-
-    def logits(self, params: dict, hidden: Array) -> Array:
-        """hidden [..., d] (final-normed) -> f32[..., V]."""
-        hidden = hidden.astype(self.dtype)
-        if self.config.tie_embeddings:
-            return jnp.einsum("...d,vd->...v", hidden, params["embed"].astype(self.dtype),
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("...d,dv->...v", hidden, params["lm_head"].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
-
-    def _layers(self, params: dict, state: State, x: Array, mix) -> tuple[State, Array]:
-        """Run every layer on x ([B, C, d] or [B, d]); `mix(kind, letter, layer params, x, layer state)`."""
-        recurrent, kv = list(state.recurrent), list(state.kv or ())
-        for letter, kind, slot, layer in zip(self.config.pattern, self.kinds, self.slots,
-                                             params["layers"]):
-            held = recurrent if kind.recurrent else kv
-            y, held[slot] = mix(kind, letter, layer["mixer"], self._norm(x, layer["input_norm"]),
-                                held[slot])
-            x = x + y.astype(x.dtype)
-            x = x + swiglu(layer["mlp"], self._norm(x, layer["post_norm"]))
-        state = state._replace(recurrent=tuple(recurrent), kv=tuple(kv) if kv else None)
-        return state, self._norm(x, params["final_norm"])
-
-    def chunk_step(self, params: dict, state: State, tokens: Array, positions: Array, valid: Array
-                   ) -> tuple[State, Array]:
-        """The chunk step of `run_chunks`: tokens, positions int32[B, C], valid bool[B, C] (a prefix).
-
-        Returns (state, final-normed hidden [B, C, d]); padded slots leave the state exactly unchanged.
-        """
-        def mix(kind, letter, layer_params, h, layer_state):
-            return kind.chunk(layer_params, self.config, letter, h, layer_state, positions, valid,
-                              self.backend)
-
-        return self._layers(params, state, params["embed"][tokens].astype(self.dtype), mix)
-
-    def token_step(self, params: dict, state: State, token: Array) -> tuple[Array, State]:
-        """One token per row at position state.length: token int32[B] -> (logits f32[B, V], state)."""
-        position = state.length.astype(jnp.int32)
-
-        def mix(kind, letter, layer_params, h, layer_state):
-            return kind.step(layer_params, self.config, letter, h, layer_state, position)
-
-        state, hidden = self._layers(params, state, params["embed"][token].astype(self.dtype), mix)
-        return self.logits(params, hidden), state._replace(length=position + 1)
-
-
 class _Programs:
     """The jitted programs of one (config, backend, donation); `traces` counts compilations."""
 
@@ -205,19 +148,25 @@ class _Programs:
                                                                                key_block=0))
         self.forward_stack = HybridStack(config, stack.backend)
         self.traces = 0
+        self.donate = donate
         argnums = (2,) if donate else ()
         self.prefill = jax.jit(self._prefill, donate_argnums=argnums)
         self.decode = jax.jit(self._decode, donate_argnums=argnums)
         self.forward = jax.jit(self._forward)
         self.init_params = jax.jit(stack.init_params)
+        # One dispatch for the whole zero state (every recurrent and KV buffer), not one per leaf.
+        self.init_state = jax.jit(stack.init_state, static_argnums=0)
 
     def _prefill(self, params, tokens, state, checkpoints, lengths):
         self.traces += 1
-        stack = self.stack
-        step = lambda s, t, p, v: stack.chunk_step(params, s, t, p, v)  # noqa: E731
-        hidden, final, emitted = run_chunks(step, state, tokens, lengths, checkpoints,
-                                            chunk_size=stack.config.chunk_size,
-                                            hidden_size=stack.config.d_model, hidden_dtype=stack.dtype)
+        stack, config = self.stack, self.stack.config
+        step = functools.partial(stack.group_step, params)
+        hidden, final, emitted = run_chunks(step, stack.to_unit_state(state), tokens, lengths,
+                                            checkpoints, chunk_size=config.chunk_size,
+                                            hidden_size=config.d_model, hidden_dtype=stack.dtype,
+                                            chunks_per_step=config.chunks_per_step)
+        final = stack.from_unit_state(final, state, tokens.shape[1])
+        emitted = emitted._replace(recurrent=stack.unstack_recurrent(emitted.recurrent, axis=2))
         return stack.logits(params, hidden), final, emitted
 
     def _decode(self, params, token, state):
@@ -227,10 +176,23 @@ class _Programs:
     def _forward(self, params, tokens):
         self.traces += 1
         stack = self.forward_stack
-        step = lambda s, t, p, v: stack.chunk_step(params, s, t, p, v)  # noqa: E731
-        hidden, _ = scan_chunks(step, stack.init_state(tokens.shape[0]), tokens,
-                                chunk_size=stack.config.chunk_size)
+        state = stack.to_unit_state(stack.init_state(tokens.shape[0]))
+        hidden, _ = scan_chunks(functools.partial(stack.group_step, params), state, tokens,
+                                chunk_size=stack.config.chunk_size,
+                                chunks_per_step=stack.config.chunks_per_step)
         return stack.logits(params, hidden)
+
+
+def _check_batch(batch) -> int:
+    if not isinstance(batch, (int, np.integer)) or isinstance(batch, bool) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    return int(batch)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _first_slots(emitted: Checkpoints, slots: int) -> Checkpoints:
+    """The first `slots` checkpoint slots of every leaf, in one dispatch (not one per leaf)."""
+    return jax.tree_util.tree_map(lambda leaf: leaf[:, :slots], emitted)
 
 
 @functools.lru_cache(maxsize=16)
@@ -269,6 +231,7 @@ class HybridLM:
         self._abstract: dict[int, State] = {}
 
     chunk_size = property(lambda self: self.config.chunk_size)
+    chunks_per_step = property(lambda self: self.config.chunks_per_step)
     vocab_size = property(lambda self: self.config.vocab_size)
     max_length = property(lambda self: self.config.max_length)
     dtype = property(lambda self: jnp.dtype(self.config.dtype))
@@ -279,20 +242,28 @@ class HybridLM:
         """Traces of the jitted prefill / decode / forward so far (shared by models of an equal config)."""
         return self._programs.traces
 
+    def with_chunking(self, chunk_size: int | None = None, chunks_per_step: int | None = None,
+                      sub_chunk: int | None = None) -> "HybridLM":
+        """The same model (backend, checkpoint slots, donation) with another chunk size C, chunks per
+        step G and/or GDN sub-chunk c (`HybridConfig.with_chunking`); the parameters stay valid."""
+        return HybridLM(self.config.with_chunking(chunk_size, chunks_per_step, sub_chunk),
+                        backend=self.backend, min_checkpoint_slots=self.min_checkpoint_slots,
+                        donate_state=self._programs.donate)
+
     def init_params(self, key: Array) -> dict:
         """Random parameters (jitted): embed [V, d], layers, final_norm [d], lm_head [d, V] if untied."""
         return self._programs.init_params(key)
 
     def init_state(self, batch: int) -> State:
-        """Zero state for `batch` rows: recurrent states, KV buffers [B, S, Hkv, D], length 0."""
-        if not isinstance(batch, (int, np.integer)) or isinstance(batch, bool) or batch < 1:
-            raise ValueError(f"batch must be a positive int, got {batch!r}")
-        return self.stack.init_state(int(batch))
+        """Zero state for `batch` rows: recurrent states, KV buffers [B, S, Hkv, D], length 0 (one
+        jitted dispatch)."""
+        return self._programs.init_state(_check_batch(batch))
 
     def abstract_state(self, batch: int) -> State:
         """`init_state(batch)` as ShapeDtypeStructs (nothing allocated)."""
         if batch not in self._abstract:
-            self._abstract[batch] = jax.eval_shape(lambda: self.init_state(batch))
+            batch = _check_batch(batch)
+            self._abstract[batch] = jax.eval_shape(lambda: self.stack.init_state(batch))
         return self._abstract[batch]
 
     def memory_profile(self) -> MemoryProfile:
@@ -317,7 +288,8 @@ class HybridLM:
 
         tokens int32[B, T]; checkpoints int32[K] or [B, K] relative to the start of tokens (<= 0:
         padding); lengths int32[B] (default T). Emitted leaves are [B, K, ...]. T is padded to
-        C * 2^i and K to a power of two, so calls share compilations.
+        C * 2^i and K to a power of two (K = 0 is a bucket of its own: no emission buffers), so
+        calls share compilations.
         """
         batch = np.shape(tokens)[0] if np.ndim(tokens) == 2 else None
         if batch is not None:
@@ -326,12 +298,12 @@ class HybridLM:
             tokens, lengths, checkpoints, vocab_size=self.vocab_size, max_length=self.max_length,
             state_length=None if batch is None else np.asarray(state.length))
         total, slots = tokens_np.shape[1], ckpt_np.shape[1]
-        padded_slots = checkpoint_bucket(slots, self.min_checkpoint_slots)
+        padded_slots = checkpoint_bucket(slots, self.min_checkpoint_slots) if slots else 0
         tokens_np = np.pad(tokens_np, ((0, 0), (0, bucket_length(total, self.chunk_size) - total)))
         ckpt_np = np.pad(ckpt_np, ((0, 0), (0, padded_slots - slots)))
         logits, final, emitted = self._programs.prefill(params, tokens_np, state, ckpt_np, lengths_np)
         if padded_slots != slots:
-            emitted = jax.tree_util.tree_map(lambda leaf: leaf[:, :slots], emitted)
+            emitted = _first_slots(emitted, slots)
         return logits, final, emitted
 
     def decode(self, params: dict, token, state: State) -> tuple[Array, State]:
@@ -383,19 +355,30 @@ register_family(HybridLM.family, lambda config: HybridLM(HybridConfig.from_dict(
 
 
 def qwen35_config(*, layers: int = 24, max_length: int = 16384, chunk_size: int = 256,
+                  chunks_per_step: int = 4, sub_chunk: int | None = None,
                   vocab_size: int = 248_320, key_block: int = 1024) -> HybridConfig:
     """Qwen3.5-0.8B's text stack (`qwen3_5_text`): d 1024, d_ff 3584, groups of 3 GDN + 1 attention,
     attention 8 q / 2 kv heads x 256 (rotary on 64 dims, theta 1e7, q/k norm, output gate),
     GDN 16 key / 16 value heads x 128, conv 4, vocab 248320, tied embeddings, (1 + w) norms, eps 1e-6.
-    Implementation choices (not part of the checkpoint): the exactness grid `chunk_size`, GDN
-    sub-chunks of 64, attention reading the KV buffer in blocks of `key_block` (0 = dense)."""
+
+    Implementation choices (not part of the checkpoint; `with_chunking` changes the first three):
+      * chunk_size C = 256, the exactness grid the engine snaps checkpoints to;
+      * chunks_per_step G = 4: every prefill step runs all layers on 1024 tokens (matmuls of 1024
+        rows keep an H100 busy), and a call pays at most G - 1 = 3 padded chunks (768 tokens) at
+        its tail -- what a short resumed suffix costs on top of its own chunks;
+      * GDN sub-chunk c = C (default): the state recursion takes one step per chunk (L / 256
+        sequential steps per layer; c = 64 would take 4x as many tiny dependent matmuls) at ~c
+        intra-chunk FLOPs per token (~6 MFLOP per token and layer at c = 256, 15% of a layer's);
+      * attention reads the KV buffer in blocks of `key_block` (0 = dense).
+    """
     if layers % 4:
         raise ValueError(f"layers must be a multiple of 4 (GGGA groups), got {layers}")
     return HybridConfig(
         vocab_size=vocab_size, d_model=1024, d_ff=3584, pattern="GGGA" * (layers // 4),
-        chunk_size=chunk_size, max_length=max_length,
+        chunk_size=chunk_size, max_length=max_length, chunks_per_step=chunks_per_step,
         gdn=GDNConfig(d_model=1024, num_k_heads=16, num_v_heads=16, head_k_dim=128, head_v_dim=128,
-                      conv_width=4, norm_eps=1e-6, sub_chunk=64),
+                      conv_width=4, norm_eps=1e-6,
+                      sub_chunk=chunk_size if sub_chunk is None else sub_chunk),
         attention=AttentionConfig(d_model=1024, num_heads=8, num_kv_heads=2, head_dim=256,
                                   rotary_dim=64, rope_theta=10_000_000.0, norm_eps=1e-6,
                                   key_block=key_block),
@@ -403,10 +386,10 @@ def qwen35_config(*, layers: int = 24, max_length: int = 16384, chunk_size: int 
 
 
 def hybrid_tiny_config() -> HybridConfig:
-    """A small GGGA-like stack for CPU tests: value heads outnumber key heads, untied head, C = 8,
-    attention reading its buffer in blocks of 16."""
+    """A small Qwen3.5-like stack for CPU tests: the unit GGA twice (scanned), value heads outnumber
+    key heads, untied head, C = 8, one chunk per step, attention reading its buffer in blocks of 16."""
     return HybridConfig(
-        vocab_size=256, d_model=32, d_ff=64, pattern="GGAG", chunk_size=8, max_length=128,
+        vocab_size=256, d_model=32, d_ff=64, pattern="GGA" * 2, chunk_size=8, max_length=128,
         gdn=GDNConfig(d_model=32, num_k_heads=2, num_v_heads=4, head_k_dim=8, head_v_dim=8,
                       conv_width=4, sub_chunk=4),
         attention=AttentionConfig(d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, rotary_dim=4,

@@ -1,17 +1,24 @@
 """The mixer kinds a hybrid stack is made of, one uniform adapter per pattern letter.
 
 Each `MixerKind` tells `hybrid.HybridLM` whether the layer keeps a recurrent state (State.recurrent)
-or a KV cache (State.kv), how to check its config, and how to initialise, run one chunk and run one
-token. Shapes: x [B, C, d] for a chunk, [B, d] for a token; positions int32[B, C] / [B].
+or a KV cache (State.kv), how to check its config, and how to initialise, run G consecutive chunks of
+a prefill (the group step) and run one token. Shapes: x [B, G, C, d] for a group, [B, d] for a token;
+positions int32[B, G, C] / [B]; valid bool[B, G, C] (a prefix of every chunk).
+
+Group adapters share one signature, ``group(params, config, letter, x, state, positions, valid,
+backend, want_boundaries, layer) -> (y [B, G, C, d], state, boundaries)``: recurrent kinds return
+their state after each chunk (leaves [B, G, ...]) when `want_boundaries`, KV kinds None; `layer` is
+the traced index of the layer inside a stacked KV cache ([R, B, S, Hkv, D] leaves; recurrent kinds
+ignore it).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
-from .attention import AttentionConfig, attention_chunk, attention_step, init_attention_params, init_kv_cache
-from .gated_deltanet import GDNConfig, gdn_mixer_chunk, gdn_mixer_step, init_gdn_params, init_gdn_state
-from .mamba2_mixer import (Mamba2MixerConfig, init_mamba2_mixer, mamba2_mixer_chunk, mamba2_mixer_decode,
+from .attention import AttentionConfig, attention_group, attention_step, init_attention_params, init_kv_cache
+from .gated_deltanet import GDNConfig, gdn_mixer_group, gdn_mixer_step, init_gdn_params, init_gdn_state
+from .mamba2_mixer import (Mamba2MixerConfig, init_mamba2_mixer, mamba2_mixer_decode, mamba2_mixer_group,
                            mamba2_mixer_state)
 
 
@@ -22,7 +29,8 @@ class MixerKind(NamedTuple):
     check: Callable[[Any, str], None]
     init_params: Callable[..., dict]          # (key, config, letter, dtype)
     init_state: Callable[..., Any]            # (config, letter, batch, dtype)
-    chunk: Callable[..., tuple]               # (params, config, letter, x, state, positions, valid, backend)
+    group: Callable[..., tuple]               # (params, config, letter, x, state, positions, valid,
+                                              #  backend, want_boundaries, layer) -> (y, state, bounds)
     step: Callable[..., tuple]                # (params, config, letter, x, state, position)
 
 
@@ -56,8 +64,8 @@ GATED_DELTANET = MixerKind(
     check=_check_gdn,
     init_params=lambda key, config, letter, dtype: init_gdn_params(key, config.gdn, dtype),
     init_state=lambda config, letter, batch, dtype: init_gdn_state(config.gdn, batch, dtype),
-    chunk=lambda params, config, letter, x, state, positions, valid, backend: gdn_mixer_chunk(
-        params, config.gdn, x, state, valid, backend=backend),
+    group=lambda params, config, letter, x, state, positions, valid, backend, want, layer: gdn_mixer_group(
+        params, config.gdn, x, state, valid, want, backend=backend),
     step=lambda params, config, letter, x, state, position: gdn_mixer_step(params, config.gdn, x, state),
 )
 
@@ -67,8 +75,8 @@ ATTENTION = MixerKind(
     init_params=lambda key, config, letter, dtype: init_attention_params(key, config.attention, dtype),
     init_state=lambda config, letter, batch, dtype: init_kv_cache(config.attention, batch,
                                                                   config.max_length, dtype),
-    chunk=lambda params, config, letter, x, state, positions, valid, backend: attention_chunk(
-        params, config.attention, x, state, positions, valid),
+    group=lambda params, config, letter, x, state, positions, valid, backend, want, layer: (
+        *attention_group(params, config.attention, x, state, positions, valid, layer), None),
     step=lambda params, config, letter, x, state, position: attention_step(
         params, config.attention, x, state, position),
 )
@@ -79,8 +87,8 @@ MAMBA2 = MixerKind(
     init_params=lambda key, config, letter, dtype: init_mamba2_mixer(
         key, config.mamba, dtype, out_scale=1.0 / config.pattern.count(letter) ** 0.5),
     init_state=lambda config, letter, batch, dtype: mamba2_mixer_state(config.mamba, batch, dtype),
-    chunk=lambda params, config, letter, x, state, positions, valid, backend: mamba2_mixer_chunk(
-        params, config.mamba, x, state, valid),
+    group=lambda params, config, letter, x, state, positions, valid, backend, want, layer: (
+        mamba2_mixer_group(params, config.mamba, x, state, valid, want)),
     step=lambda params, config, letter, x, state, position: mamba2_mixer_decode(
         params, config.mamba, x, state),
 )

@@ -21,6 +21,7 @@ import numpy as np
 from .attention import AttentionConfig
 from .gated_deltanet import GDNConfig
 from .hybrid import HybridConfig, HybridLM
+from .hybrid_stack import HybridStack
 
 _SKIPPED_PREFIXES = ("model.visual.", "mtp.", "model.mtp.")
 _LAYER_LETTER = {"linear_attention": "G", "full_attention": "A"}
@@ -44,12 +45,14 @@ def text_config_of(config: Any) -> dict:
 
 
 def config_from_hf(config: Any, *, max_length: int = 16384, chunk_size: int = 256,
-                   sub_chunk: int = 64, key_block: int = 1024) -> HybridConfig:
+                   sub_chunk: int | None = None, key_block: int = 1024,
+                   chunks_per_step: int = 4) -> HybridConfig:
     """A `HybridConfig` from a Qwen3.5 config (the full `qwen3_5` one or its `qwen3_5_text` part).
 
     Raises ValueError for features this implementation does not have (attention bias, activations
     other than SiLU, an ungated attention output, rope scaling other than the default).
-    `max_length`, `chunk_size`, `sub_chunk` and `key_block` (0 = dense attention reads) are ours.
+    `max_length`, `chunk_size`, `sub_chunk` (default: `chunk_size`), `key_block` (0 = dense
+    attention reads) and `chunks_per_step` are ours (see `hybrid.qwen35_config`).
     """
     text = text_config_of(config)
     if text.get("hidden_act", "silu") != "silu":
@@ -76,13 +79,13 @@ def config_from_hf(config: Any, *, max_length: int = 16384, chunk_size: int = 25
     return HybridConfig(
         vocab_size=int(text["vocab_size"]), d_model=d_model, d_ff=int(text["intermediate_size"]),
         pattern="".join(_LAYER_LETTER[kind] for kind in layer_types),
-        chunk_size=chunk_size, max_length=max_length,
+        chunk_size=chunk_size, max_length=max_length, chunks_per_step=chunks_per_step,
         gdn=GDNConfig(d_model=d_model, num_k_heads=int(text["linear_num_key_heads"]),
                       num_v_heads=int(text["linear_num_value_heads"]),
                       head_k_dim=int(text["linear_key_head_dim"]),
                       head_v_dim=int(text["linear_value_head_dim"]),
                       conv_width=int(text.get("linear_conv_kernel_dim", 4)), norm_eps=eps,
-                      sub_chunk=sub_chunk),
+                      sub_chunk=chunk_size if sub_chunk is None else sub_chunk),
         attention=AttentionConfig(d_model=d_model, num_heads=int(text["num_attention_heads"]),
                                   num_kv_heads=int(text["num_key_value_heads"]), head_dim=head_dim,
                                   rotary_dim=int(head_dim * partial), rope_theta=theta, norm_eps=eps,
@@ -160,7 +163,8 @@ def _attention_params(w: _Weights, base: str, cfg: HybridConfig) -> dict:
 def params_from_hf(weights: Mapping[str, Any], config: HybridConfig, *, dtype=jnp.bfloat16) -> dict:
     """`HybridLM` parameters from HF-named weights (a state dict or safetensors contents).
 
-    Raises ValueError naming any missing, misshapen or unexpected text weight.
+    Returns the stacked layout of `hybrid_stack` (``layers``: one dict per unit position, leaves
+    [R, ...]). Raises ValueError naming any missing, misshapen or unexpected text weight.
     """
     if not isinstance(config, HybridConfig) or set(config.pattern) - {"G", "A"}:
         raise ValueError("config must be a Qwen3.5 HybridConfig (pattern of G and A)")
@@ -182,7 +186,8 @@ def params_from_hf(weights: Mapping[str, Any], config: HybridConfig, *, dtype=jn
                                         transpose=True)},
         })
     params = {"embed": w.take("embed_tokens.weight", (config.vocab_size, d)),
-              "layers": tuple(layers), "final_norm": w.take("norm.weight", (d,))}
+              "layers": HybridStack(config, "chunked").stack_layers(layers),
+              "final_norm": w.take("norm.weight", (d,))}
     if not config.tie_embeddings:
         params["lm_head"] = w.take("lm_head.weight", (d, config.vocab_size), transpose=True)
     leftover = w.leftover()
@@ -200,8 +205,8 @@ def params_from_hf(weights: Mapping[str, Any], config: HybridConfig, *, dtype=jn
 
 
 def load_qwen35(path: str | os.PathLike, *, dtype=jnp.bfloat16, max_length: int = 16384,
-                chunk_size: int = 256, sub_chunk: int = 64, key_block: int = 1024
-                ) -> tuple[HybridLM, dict]:
+                chunk_size: int = 256, sub_chunk: int | None = None, key_block: int = 1024,
+                chunks_per_step: int = 4) -> tuple[HybridLM, dict]:
     """(model, params) from a local Qwen3.5 checkpoint folder (config.json + *.safetensors)."""
     from safetensors import safe_open
 
@@ -211,7 +216,8 @@ def load_qwen35(path: str | os.PathLike, *, dtype=jnp.bfloat16, max_length: int 
         raise ValueError(f"no config.json in {folder!r}")
     with open(config_path) as handle:
         config = config_from_hf(json.load(handle), max_length=max_length, chunk_size=chunk_size,
-                                sub_chunk=sub_chunk, key_block=key_block)
+                                sub_chunk=sub_chunk, key_block=key_block,
+                                chunks_per_step=chunks_per_step)
     files = sorted(name for name in os.listdir(folder) if name.endswith(".safetensors"))
     if not files:
         raise ValueError(f"no .safetensors files in {folder!r}")

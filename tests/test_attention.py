@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sparse_prefix.models.attention import (
-    AttentionConfig, attention_chunk, attention_step, init_attention_params)
+    AttentionConfig, attention_chunk, attention_group, attention_step, init_attention_params)
 from sparse_prefix.protocol import KVCache
 
 B, C, S = 2, 8, 32
@@ -21,6 +21,8 @@ CHUNK = {name: jax.jit(lambda p, x, cache, pos, valid, cfg=cfg:
          for name, cfg in VARIANTS.items()}
 STEP = {name: jax.jit(lambda p, x, cache, pos, cfg=cfg: attention_step(p, cfg, x, cache, pos))
         for name, cfg in VARIANTS.items()}
+GROUP = jax.jit(lambda p, x, cache, pos, valid, layer: attention_group(p, BLOCKED, x, cache, pos, valid,
+                                                                      layer))
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +131,23 @@ def test_a_batch_mate_reaching_further_changes_no_bit_of_a_row(params):
     near, _ = CHUNK["blocked"](params, x, cache, pos_near, valid)
     far, _ = CHUNK["blocked"](params, x, cache, pos_far, valid)
     np.testing.assert_array_equal(near[0], far[0])
+
+
+def test_a_chunk_reads_the_same_bits_in_any_group_slot_of_a_stacked_cache(params):
+    """Two chunks per group (blocked read): chunk 1 sits in slot 1 of the first call and slot 0 of
+    the second (which reaches a further key block); its output and K/V are bitwise the same, and the
+    stacked cache's other layer is untouched."""
+    x = np.random.default_rng(6).normal(size=(B, 3, C, CFG.d_model)).astype(np.float32)
+    pos = np.broadcast_to(np.arange(3 * C, dtype=np.int32).reshape(1, 3, C), (B, 3, C))
+    valid = np.ones((B, 2, C), bool)
+    shape = (2, B, S, CFG.num_kv_heads, CFG.head_dim)                      # R = 2 layers stacked
+    stacked = KVCache(k=np.full(shape, np.nan, np.float32), v=np.full(shape, np.nan, np.float32))
+    first, cache = GROUP(params, x[:, :2], stacked, pos[:, :2], valid, np.int32(1))
+    second, cache = GROUP(params, x[:, 1:], cache, pos[:, 1:], valid, np.int32(1))
+    np.testing.assert_array_equal(second[:, 0], first[:, 1])
+    assert np.all(np.isnan(np.asarray(cache.k[0]))) and not np.any(np.isnan(cache.k[1, :, :3 * C]))
+    flat, _ = run_chunks_of(params, x.reshape(B, 3 * C, -1), empty_cache(), "blocked")
+    np.testing.assert_allclose(second[:, 1], flat[:, 2 * C:], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kwargs, message", [

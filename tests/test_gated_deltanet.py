@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from sparse_prefix.models.gated_deltanet import (
-    GDNConfig, gated_delta_chunked, gated_delta_sequential, gdn_mixer_chunk, gdn_mixer_step,
-    init_gdn_params, init_gdn_state)
+    GDNConfig, gated_delta_chunked, gated_delta_sequential, gdn_mixer_chunk, gdn_mixer_group,
+    gdn_mixer_step, init_gdn_params, init_gdn_state, unit_lower_inverse)
 from sparse_prefix.protocol import RecurrentState
 
 B, C, H, DK, DV, SUB = 2, 8, 3, 4, 5, 4
@@ -20,6 +20,7 @@ sequential = jax.jit(gated_delta_sequential)
 mixer_chunk = jax.jit(lambda p, x, s, v: gdn_mixer_chunk(p, CFG, x, s, v))
 mixer_reference = jax.jit(lambda p, x, s, v: gdn_mixer_chunk(p, CFG, x, s, v, backend="sequential"))
 mixer_step = jax.jit(lambda p, x, s: gdn_mixer_step(p, CFG, x, s))
+mixer_group = jax.jit(lambda p, x, s, v: gdn_mixer_group(p, CFG, x, s, v, True))
 
 
 def rule_inputs(seed, valid=None):
@@ -74,6 +75,22 @@ def test_padded_slots_leave_the_state_exactly_unchanged():
         delta = beta[0, t][:, None] * (v[0, t] - np.einsum("hde,hd->he", s, k[0, t]))
         s = s + k[0, t][:, :, None] * delta[:, None, :]
     np.testing.assert_allclose(state[0], s, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 16])
+def test_block_doubling_inverts_unit_lower_triangular_matrices(n):
+    lower = np.tril(np.random.default_rng(n).normal(size=(3, n, n)), -1)
+    lower[0] = np.tril(np.ones((n, n)), -1)                  # all-ones: inverse is bidiagonal (1, -1)
+    got = unit_lower_inverse(jnp.asarray(lower, jnp.float32))
+    np.testing.assert_allclose(got, np.linalg.inv(np.eye(n) + lower), atol=1e-4, rtol=1e-5)
+    assert np.all(np.asarray(got)[..., np.triu_indices(n, 1)[0], np.triu_indices(n, 1)[1]] == 0)
+
+
+def test_doubling_and_triangular_solves_agree():
+    inputs = rule_inputs(7)
+    triangular = jax.jit(lambda *args: gated_delta_chunked(*args, SUB, solver="triangular"))
+    for got, want in zip(chunked(*inputs), triangular(*inputs)):
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +160,43 @@ def test_chunk_length_off_the_sub_chunk_grid_is_rejected():
     with pytest.raises(ValueError, match="backend"):
         gdn_mixer_chunk({}, CFG, np.zeros((1, 4, CFG.d_model)), None, np.ones((1, 4), bool),
                         backend="fast")
+
+
+GROUP = 3
+
+
+@pytest.fixture(scope="module")
+def group_inputs(mixer):
+    """Three chunks per row; row 1's middle chunk is all padding and its last chunk partial."""
+    params, state, _ = mixer
+    x = np.random.default_rng(8).normal(size=(B, GROUP, C, CFG.d_model)).astype(np.float32)
+    n_valid = np.array([[C, C, C], [C, 0, 5]])
+    return params, state, x, np.arange(C)[None, None, :] < n_valid[..., None]
+
+
+def test_a_group_of_chunks_equals_its_chunks_run_one_by_one(group_inputs):
+    params, state, x, valid = group_inputs
+    y, final, bounds = mixer_group(params, x, state, valid)
+    s = state
+    for g in range(GROUP):
+        y_g, s = mixer_chunk(params, x[:, g], s, valid[:, g])
+        np.testing.assert_allclose(y[:, g][valid[:, g]], np.asarray(y_g)[valid[:, g]], atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(bounds.ssm[:, g], s.ssm, atol=1e-5, rtol=1e-4)
+        np.testing.assert_array_equal(bounds.conv[:, g], s.conv)
+    np.testing.assert_array_equal(bounds.ssm[1, 1], bounds.ssm[1, 0])         # all padding: identity
+    np.testing.assert_array_equal(final.ssm, bounds.ssm[:, -1])
+    np.testing.assert_array_equal(final.conv, s.conv)
+
+
+def test_a_chunks_numbers_do_not_depend_on_its_slot_in_the_group(group_inputs):
+    """Chunks 1 and 2 run in slots 1, 2 of one call and slots 0, 1 of the next (resumed from the
+    state after chunk 0): outputs and states are bitwise the same."""
+    params, state, x, valid = group_inputs
+    y, _, bounds = mixer_group(params, x, state, valid)
+    after_first = RecurrentState(ssm=bounds.ssm[:, 0], conv=bounds.conv[:, 0])
+    shifted = np.concatenate([x[:, 1:], x[:, :1]], axis=1)
+    shifted_valid = np.concatenate([valid[:, 1:], valid[:, :1]], axis=1)
+    y2, _, bounds2 = mixer_group(params, shifted, after_first, shifted_valid)
+    np.testing.assert_array_equal(y2[:, :2], y[:, 1:])
+    np.testing.assert_array_equal(bounds2.ssm[:, :2], bounds.ssm[:, 1:])
+    np.testing.assert_array_equal(bounds2.conv[:, :2], bounds.conv[:, 1:])

@@ -1,5 +1,6 @@
 """Hybrid stacks: the equivalence matrix, backends, presets, memory profile, compilations, bad input."""
 
+import dataclasses
 import json
 
 import jax
@@ -20,7 +21,8 @@ WIDTH = 40  # every prefill here uses T = 40 (bucket 64) and K <= 4: one compila
 
 def scaled_params(model, seed=0):
     """NumPy random parameters of the model's layout: unit-gain projections (signals O(1)), norm
-    weights near their identity, decays spread over (0.5, 8)."""
+    weights near their identity, decays spread over (0.5, 8). Layer leaves carry a leading stacked
+    [R] axis (the repeats of the pattern unit)."""
     rng = np.random.default_rng(seed)
     shapes = jax.eval_shape(model.init_params, jax.random.PRNGKey(0))
     plain_norms = {"norm_weight", "norm"} | ({"input_norm", "post_norm", "final_norm"}
@@ -28,12 +30,13 @@ def scaled_params(model, seed=0):
 
     def draw(path, leaf):
         name = getattr(path[-1], "key", None) or getattr(path[-1], "name", None)
+        stacked = getattr(path[0], "key", None) == "layers"
         if name == "A_log":
             value = np.log(rng.uniform(0.5, 8.0, leaf.shape))
         elif name in ("dt_bias", "D"):
             value = np.ones(leaf.shape)
-        elif len(leaf.shape) == 2:
-            value = rng.normal(size=leaf.shape) / np.sqrt(leaf.shape[0])
+        elif len(leaf.shape) - stacked == 2:
+            value = rng.normal(size=leaf.shape) / np.sqrt(leaf.shape[-2])
         else:
             value = (name in plain_norms) + 0.1 * rng.normal(size=leaf.shape)
         return jnp.asarray(value, leaf.dtype)
@@ -43,24 +46,81 @@ def scaled_params(model, seed=0):
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = HybridLM(hybrid_tiny_config(), dtype=jnp.float32, donate_state=False)
+    """hybrid-tiny in float32, one chunk per step, the unit scan unrolled (the GPU knob)."""
+    config = dataclasses.replace(hybrid_tiny_config(), scan_layers=False)
+    model = HybridLM(config, dtype=jnp.float32, donate_state=False)
     return model, scaled_params(model)
 
 
-def test_hybrid_tiny_passes_the_equivalence_matrix(tiny):
+@pytest.fixture(scope="module")
+def grouped(tiny):
+    """hybrid-tiny with two chunks per prefill step and the unit scan (the parameters do not depend
+    on either)."""
     model, params = tiny
+    config = dataclasses.replace(model.config, chunks_per_step=2, scan_layers=True)
+    return HybridLM(config, dtype=jnp.float32, donate_state=False), params
+
+
+def test_mamba2_attention_stack_with_two_chunks_per_step_passes_the_equivalence_matrix():
+    config = mamba2_attention_tiny_config().with_chunking(chunks_per_step=2)
+    model = HybridLM(config, dtype=jnp.float32)                      # donates its state
+    before = model.compile_count
+    report = check_model(model, scaled_params(model, seed=1), cross_bucket=False)  # hybrid-tiny has it
+    assert report["bitwise_checks"] > 0 and report["max_decode_error"] < 1e-4
+    assert model.compile_count - before <= 2
+
+
+def test_hybrid_tiny_with_two_chunks_per_step_passes_the_equivalence_matrix(grouped):
+    model, params = grouped
     before = model.compile_count
     report = check_model(model, params)
     assert report["bitwise_checks"] > 0 and report["max_decode_error"] < 1e-4
     assert model.compile_count - before <= 3            # two prefill widths (one cross-bucket), decode
 
 
-def test_mamba2_attention_stack_passes_the_equivalence_matrix():
-    model = HybridLM(mamba2_attention_tiny_config(), dtype=jnp.float32)      # donates its state
+def test_group_steps_agree_with_unrolled_single_chunk_steps_within_float32_tolerance(tiny, grouped):
+    tokens = np.random.default_rng(7).integers(0, 256, (2, WIDTH)).astype(np.int32)
+    lengths, ckpts = np.array([WIDTH, 27], np.int32), np.array([[8, 16, 24, 0], [5, 16, 0, 0]], np.int32)
+    one = tiny[0].prefill(tiny[1], tokens, tiny[0].init_state(2), ckpts, lengths)
+    two = grouped[0].prefill(grouped[1], tokens, grouped[0].init_state(2), ckpts, lengths)
+    for got, want in zip(jax.tree_util.tree_leaves(two), jax.tree_util.tree_leaves(one)):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_resumed_in_other_group_slots_match_the_uncached_run_bitwise(grouped):
+    """G = 2: row 0 resumes at 8 (every chunk moves to the other slot of its group), row 1 at 16."""
+    model, params = grouped
+    tokens = np.random.default_rng(8).integers(0, 256, (2, WIDTH)).astype(np.int32)
+    lengths = np.array([WIDTH, 35], np.int32)
+    logits, final, _ = model.prefill(params, tokens, model.init_state(2), np.zeros((2, 4), np.int32),
+                                     lengths)
+    _, prefix, emitted = model.prefill(params, tokens, model.init_state(2),
+                                       np.array([[8, 0, 0, 0], [16, 0, 0, 0]], np.int32))
+    starts = np.array([8, 16])
+    rest = np.zeros_like(tokens)
+    for row, start in enumerate(starts):
+        rest[row, :lengths[row] - start] = tokens[row, start:lengths[row]]
+    resumed = model.restore(prefix, emitted, np.zeros(2, np.int32))
+    again, after, _ = model.prefill(params, rest, resumed, np.zeros((2, 4), np.int32), lengths - starts)
+    np.testing.assert_array_equal(again, logits)
+    for got, want in zip(jax.tree_util.tree_leaves(after.recurrent),
+                         jax.tree_util.tree_leaves(final.recurrent)):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(after.kv, final.kv):
+        np.testing.assert_array_equal(got.k[0, :WIDTH], want.k[0, :WIDTH])
+        np.testing.assert_array_equal(got.v[1, :35], want.v[1, :35])
+
+
+def test_compile_count_stays_fixed_across_lengths_and_checkpoint_counts(grouped):
+    model, params = grouped
+    tokens = np.random.default_rng(9).integers(0, 256, (2, WIDTH)).astype(np.int32)
+    model.prefill(params, tokens, model.init_state(2), np.zeros(4, np.int32))
+    model.prefill(params, tokens, model.init_state(2), np.zeros(0, np.int32))   # K = 0: own bucket
     before = model.compile_count
-    report = check_model(model, scaled_params(model, seed=1))
-    assert report["bitwise_checks"] > 0 and report["max_decode_error"] < 1e-4
-    assert model.compile_count - before <= 3
+    for total, ckpts in [(33, [8]), (64, [1, 2, 3, 4]), (41, []), (50, [[3, 9], [0, 16]])]:
+        batch_tokens = np.random.default_rng(total).integers(0, 256, (2, total)).astype(np.int32)
+        model.prefill(params, batch_tokens, model.init_state(2), np.asarray(ckpts, np.int32))
+    assert model.compile_count == before
 
 
 def test_bfloat16_compute_keeps_float32_states_and_resumes_bitwise_on_the_grid():
@@ -89,8 +149,8 @@ def test_bfloat16_compute_keeps_float32_states_and_resumes_bitwise_on_the_grid()
         np.testing.assert_array_equal(cache.v[1, :27], ref.v[1, :27])
 
 
-def test_forward_logits_at_every_position_match_prefill(tiny):
-    model, params = tiny
+def test_forward_logits_at_every_position_match_prefill(grouped):
+    model, params = grouped
     tokens = np.random.default_rng(2).integers(0, model.vocab_size, (2, 30)).astype(np.int32)
     logits = model.forward(params, tokens)                          # T = 30 runs padded to 32
     assert logits.shape == (2, 30, model.vocab_size)
@@ -100,41 +160,36 @@ def test_forward_logits_at_every_position_match_prefill(tiny):
     np.testing.assert_allclose(logits[[0, 1], [16, 29]], last, atol=1e-5, rtol=1e-5)
 
 
-def test_compile_count_stays_fixed_across_lengths_and_checkpoint_counts(tiny):
+def test_parameters_are_stacked_per_pattern_unit_and_convert_per_layer(tiny):
     model, params = tiny
-    tokens = np.random.default_rng(3).integers(0, model.vocab_size, (2, WIDTH)).astype(np.int32)
-    model.prefill(params, tokens, model.init_state(2), np.zeros(4, np.int32))
-    before = model.compile_count
-    for total, ckpts in [(33, [8]), (40, [1, 2, 3, 4]), (64, []), (50, [[3, 9], [0, 16]])]:
-        batch_tokens = np.random.default_rng(total).integers(0, model.vocab_size, (2, total))
-        model.prefill(params, batch_tokens.astype(np.int32), model.init_state(2),
-                      np.asarray(ckpts, np.int32).reshape(-1) if np.ndim(ckpts) < 2 else ckpts)
-    assert model.compile_count == before
+    stack = model.stack
+    assert (stack.unit, stack.repeats) == ("GGA", 2) and len(params["layers"]) == 3
+    assert params["layers"][0]["mixer"]["in_proj_qkv"].shape[0] == 2
+    layers = stack.unstack_layers(params["layers"])
+    assert len(layers) == 6
+    np.testing.assert_array_equal(layers[3]["mlp"]["up_proj"], params["layers"][0]["mlp"]["up_proj"][1])
+    again = stack.stack_layers(layers)
+    for got, want in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(params["layers"])):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="expected 6 layers"):
+        stack.stack_layers(layers[:4])
 
 
-def test_qwen35_group_memory_profile_gives_the_papers_ratio_768():
-    profile = build("qwen3.5-0.8b-group").memory_profile()
-    assert profile.ssm_elements == 3 * 16 * 128 * 128
-    assert profile.kv_elements_per_token == 2 * 2 * 256
-    assert profile.ssm_elements // profile.kv_elements_per_token == 768
-    assert profile.kv_bytes_per_token == 2 * profile.kv_elements_per_token          # bf16 KV
-    conv = 3 * 3 * (2 * 16 * 128 + 16 * 128)
-    assert profile.checkpoint_elements == profile.ssm_elements + conv
-    assert profile.checkpoint_bytes == 4 * profile.ssm_elements + 2 * conv
-
-
-def test_qwen35_presets_have_the_published_text_shape():
-    full = build("qwen3.5-0.8b").config
-    assert full.pattern == "GGGA" * 6 and (full.d_model, full.d_ff, full.vocab_size) == (1024, 3584, 248320)
-    assert full.tie_embeddings and full.norm_offset == 1.0 and full.max_length >= 16384
-    a, g = full.attention, full.gdn
-    assert (a.num_heads, a.num_kv_heads, a.head_dim, a.rotary_dim, a.rope_theta) == (8, 2, 256, 64, 1e7)
-    assert (g.num_k_heads, g.num_v_heads, g.head_k_dim, g.head_v_dim, g.conv_width) == (16, 16, 128, 128, 4)
-    group = build("qwen3.5-0.8b-group").config
-    assert group.pattern == "GGGA" and group.attention == a and group.gdn == g
-    for name in ("hybrid-tiny", "mamba2-attn-tiny"):
-        tiny = build(name)
-        assert tiny.chunk_size <= 32 and tiny.vocab_size <= 512
+def test_with_chunking_keeps_the_parameters_and_checks_the_grid(tiny):
+    model, _ = tiny
+    other = model.with_chunking(16, 4)
+    assert (other.chunk_size, other.chunks_per_step, other.config.gdn.sub_chunk) == (16, 4, 4)
+    assert other.config.with_chunking(chunk_size=6).gdn.sub_chunk == 6      # 4 does not divide 6
+    assert jax.tree_util.tree_structure(jax.eval_shape(other.init_params, jax.random.PRNGKey(0))) == \
+        jax.tree_util.tree_structure(jax.eval_shape(model.init_params, jax.random.PRNGKey(0)))
+    with pytest.raises(ValueError, match="chunks_per_step"):
+        model.with_chunking(chunks_per_step=0)
+    with pytest.raises(ValueError, match="multiple of gdn.sub_chunk"):
+        model.with_chunking(sub_chunk=3)
+    with pytest.raises(ValueError, match="chunk_size"):
+        model.with_chunking(chunk_size=0)
+    with pytest.raises(ValueError, match="sub_chunk applies"):
+        mamba2_attention_tiny_config().with_chunking(sub_chunk=4)
 
 
 def test_state_layout_follows_the_pattern():
@@ -173,6 +228,8 @@ def _config(**changes):
     (dict(chunk_size=6), "multiple of gdn.sub_chunk"),
     (dict(d_model=16), "differs from d_model"),
     (dict(max_length=0), "max_length"),
+    (dict(chunks_per_step=0), "chunks_per_step"),
+    (dict(scan_layers=1), "scan_layers"),
 ])
 def test_bad_configs_raise_named_errors(changes, message):
     with pytest.raises(ValueError, match=message):
