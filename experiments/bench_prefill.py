@@ -6,7 +6,9 @@ Run on the device machine (or CPU with tiny presets):
         --lengths 2048,8192,16384 --emit 1,8,32 --peer --out results/prefill.json
 
 Every timing is the warm median of `--repeats` calls of the public `model.prefill` (host-side checks
-and padding included) on random tokens, synchronised with `block_until_ready`. Model FLOPs are
+and padding included) on random tokens from a state made beforehand (the peer's forward starts from
+none either), synchronised with `block_until_ready` on the logits, final state and checkpoints;
+`init_state` is timed on its own (column init ms). Model FLOPs are
 2 x non-embedding parameters x tokens, against a bf16 matmul measured in the same run. With `--peer`
 the mamba2-jax package (Flax NNX; its jitted `forward` returns logits at every position) is timed on
 the same shapes in the same run, when it can be imported.
@@ -107,9 +109,11 @@ def breakdown(preset: str, length: int, repeats: int, dtype, chunking=(None, Non
     """Where a Mamba2 prefill's time goes (ms, warm medians): `init_state`, `prefill` with a state made
     beforehand, one jitted group step (all layers, G chunks), one layer's group mixer, its in_proj
     matmul alone. prefill(L) - steps x step = the per-call overhead; step - layers x layer = the
-    per-step overhead of the layer loop."""
+    per-step overhead of the layer loop. Hybrid presets: `hybrid_breakdown`."""
     from sparse_prefix.models.mamba2 import mamba2_group_step, mamba2_mixer_group, stack_layers
     model, params = _model(preset, dtype, chunking)
+    if getattr(model, "family", None) == "hybrid":
+        return hybrid_breakdown(model, params, preset, length, repeats)
     cfg = model.config
     group, chunk = cfg.chunks_per_step, cfg.chunk_size
     ms = lambda times: statistics.median(times) * 1e3  # noqa: E731
@@ -147,6 +151,59 @@ def breakdown(preset: str, length: int, repeats: int, dtype, chunking=(None, Non
     return out
 
 
+def hybrid_breakdown(model, params, preset: str, length: int, repeats: int) -> dict:
+    """Where a hybrid (GDN + attention) prefill's time goes (ms, warm medians): `init_state`, `prefill`
+    with a state made beforehand, one jitted group step (all layers, G chunks) at the first and at
+    the last group of L (attention reads more keys there), one GDN layer's group mixer, one attention
+    layer's group mixer at the last group, the GDN qkv projection alone. prefill(L) - steps x mean
+    step = the per-call overhead; step - layers' mixers = the MLPs, norms and layer loop."""
+    from sparse_prefix.models.attention import attention_group
+    from sparse_prefix.models.gated_deltanet import gdn_mixer_group
+    cfg, stack = model.config, model.stack
+    group, chunk = cfg.chunks_per_step, cfg.chunk_size
+    width = group * chunk
+    ms = lambda times: statistics.median(times) * 1e3  # noqa: E731
+    out = {"preset": preset, "length": length, **_chunking_of(model)}
+    out["init_state_ms"] = ms(timed(lambda: jax.block_until_ready(model.init_state(1)), repeats))
+    tokens = np.random.default_rng(0).integers(0, model.vocab_size, size=(1, length), dtype=np.int32)
+    states = [model.init_state(1) for _ in range(repeats + 2)]
+    out["prefill_ms"] = ms(timed(lambda: jax.block_until_ready(
+        model.prefill(params, tokens, states.pop(), np.zeros((0,), np.int32))), repeats))
+    step = jax.jit(lambda p, state, toks, pos, valid: stack.group_step(p, state, toks, pos, valid,
+                                                                       False)[:2], donate_argnums=1)
+    to_unit = jax.jit(stack.to_unit_state)
+    steps = -(-length // width)
+    step_tokens = jnp.zeros((1, group, chunk), jnp.int32)
+    all_valid = jnp.ones((1, group, chunk), bool)
+    offsets = jnp.arange(width, dtype=jnp.int32).reshape(1, group, chunk)
+    for name, first in (("first_step_ms", 0), ("last_step_ms", (steps - 1) * width)):
+        carry = {"state": to_unit(model.init_state(1))}
+
+        def one_step(first=first):
+            carry["state"], hidden = step(params, carry["state"], step_tokens, first + offsets, all_valid)
+            jax.block_until_ready(hidden)
+
+        out[name] = ms(timed(one_step, repeats))
+    x = jnp.zeros((1, group, chunk, cfg.d_model), jnp.dtype(cfg.dtype))
+    gdn_index, attention_index = cfg.pattern.index("G"), cfg.pattern.index("A")
+    gdn = stack.layer_params(params, gdn_index)["mixer"]
+    gdn_state = model.init_state(1).recurrent[0]
+    mixer = jax.jit(lambda p, x, s, v: gdn_mixer_group(p, cfg.gdn, x, s, v)[:2])
+    out["gdn_layer_ms"] = ms(timed(lambda: jax.block_until_ready(mixer(gdn, x, gdn_state, all_valid)),
+                                   repeats))
+    attention = stack.layer_params(params, attention_index)["mixer"]
+    cache = model.init_state(1).kv[0]
+    last = (steps - 1) * width + offsets
+    read = jax.jit(lambda p, x, c, pos, v: attention_group(p, cfg.attention, x, c, pos, v)[0])
+    out["attention_layer_last_ms"] = ms(timed(lambda: jax.block_until_ready(
+        read(attention, x, cache, last, all_valid)), repeats))
+    proj = jax.jit(lambda x, w: jnp.einsum("...d,de->...e", x, w))
+    out["gdn_qkv_proj_ms"] = ms(timed(lambda: jax.block_until_ready(proj(x, gdn["in_proj_qkv"])),
+                                      repeats))
+    out["call_overhead_ms"] = out["prefill_ms"] - steps * (out["first_step_ms"] + out["last_step_ms"]) / 2
+    return out
+
+
 def bench_ours(preset: str, length: int, emit: int, repeats: int, dtype,
                chunking: tuple[int | None, int | None] = (None, None)) -> dict:
     """Time `model.prefill` of `length` tokens with `emit` evenly spaced on-grid checkpoints,
@@ -161,16 +218,19 @@ def bench_ours(preset: str, length: int, emit: int, repeats: int, dtype,
     else:
         positions = np.zeros((0,), np.int64)
     checkpoints = positions.astype(np.int32)
+    warmup = 2
+    states = [model.init_state(1) for _ in range(repeats + warmup)]  # made (and ready) beforehand
+    jax.block_until_ready(states)
 
     def call():
-        state = model.init_state(1)
-        jax.block_until_ready(state)
-        logits, final, _ = model.prefill(params, tokens, state, checkpoints)
-        jax.block_until_ready((logits, final))
+        logits, final, emitted = model.prefill(params, tokens, states.pop(), checkpoints)
+        jax.block_until_ready((logits, final, emitted))
 
-    times = timed(call, repeats)
+    times = timed(call, repeats, warmup)
+    init_times = timed(lambda: jax.block_until_ready(model.init_state(1)), repeats)
     return {"impl": "sparse-prefix", "preset": preset, "length": length, "checkpoints": len(checkpoints),
             "median_s": statistics.median(times), "min_s": min(times),
+            "init_state_s": statistics.median(init_times),
             "non_embedding_params": non_embedding_params(params), **_chunking_of(model)}
 
 
@@ -211,12 +271,14 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--peer", action="store_true")
     parser.add_argument("--peer-dtypes", default="float32,bfloat16")
+    parser.add_argument("--peer-lengths", default="", help="lengths to time the peer at (empty: all)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--chunk-size", default="", help="comma list of C to sweep (empty: preset's)")
     parser.add_argument("--chunks-per-step", default="",
                         help="comma list of G to sweep (empty: preset's)")
     parser.add_argument("--breakdown", action="store_true",
-                        help="Mamba2 only: time init_state / prefill / one step / one layer / in_proj")
+                        help="time init_state / prefill / one step / one layer / a projection "
+                             "(Mamba2 and hybrid presets)")
     parser.add_argument("--check-resume", action="store_true",
                         help="bitwise resume check per (preset, C, G) at the largest length")
     args = parser.parse_args(argv)
@@ -231,12 +293,14 @@ def main(argv=None) -> int:
     print(f"bf16 matmul: {rate / 1e12:.0f} TFLOP/s")
     rows, checks = [], []
     lengths = [int(x) for x in args.lengths.split(",")]
+    peer_lengths = [int(x) for x in args.peer_lengths.split(",") if x]
     for preset in args.presets.split(","):
         for chunking in chunkings:
             for length in lengths:
                 row = bench_ours(preset, length, 0, args.repeats, dtype, chunking)
                 rows.append(row)
-                if args.peer and chunking == chunkings[0]:
+                if args.peer and chunking == chunkings[0] and (not peer_lengths
+                                                               or length in peer_lengths):
                     for name in args.peer_dtypes.split(","):
                         peer = bench_peer(preset, length, args.repeats, jnp.dtype(name))
                         if peer:
@@ -252,15 +316,16 @@ def main(argv=None) -> int:
             if args.check_resume:
                 checks.append(check_resume(preset, max(lengths), dtype, chunking))
                 print(f"resume check: {checks[-1]}")
-    print(f"\n{'impl':34s} {'preset':22s} {'C':>4s} {'G':>3s} {'L':>6s} {'K':>3s} {'ms':>9s} "
-          f"{'tok/s':>10s} {'MFU':>6s}")
+    print(f"\n{'impl':34s} {'preset':14s} {'C':>4s} {'G':>3s} {'L':>6s} {'K':>3s} {'ms':>9s} "
+          f"{'tok/s':>10s} {'MFU':>6s} {'init ms':>8s}")
     for row in rows:
         flops = 2 * row["non_embedding_params"] * row["length"]
         row["tokens_per_s"] = row["length"] / row["median_s"]
         row["mfu"] = flops / row["median_s"] / rate
-        print(f"{row['impl']:34s} {row['preset']:22s} {row.get('chunk_size', 0):4d} "
+        init = f"{row['init_state_s'] * 1e3:8.2f}" if "init_state_s" in row else f"{'-':>8s}"
+        print(f"{row['impl']:34s} {row['preset']:14s} {row.get('chunk_size', 0):4d} "
               f"{row.get('chunks_per_step', 0):3d} {row['length']:6d} {row['checkpoints']:3d} "
-              f"{row['median_s'] * 1e3:9.2f} {row['tokens_per_s']:10.0f} {row['mfu']:6.1%}")
+              f"{row['median_s'] * 1e3:9.2f} {row['tokens_per_s']:10.0f} {row['mfu']:6.1%} {init}")
     for check in checks:
         print(f"resume bitwise {'OK  ' if check['bitwise'] else 'FAIL'} {check['preset']} "
               f"C={check['chunk_size']} G={check['chunks_per_step']} L={check['length']} "
