@@ -2,10 +2,11 @@
 
 A `PolicyRun` is one point of the sweep: a Planner spec plus the replay settings it needs (grid,
 eviction, planner options such as token-level bins or a hybrid cost). `paper_runs` are the paper's
-policies and budgets, `our_runs` this project's additions, `peer_runs` the placements of serving
-systems (ANCHORS.md). `run_reproduction` replays them all with `sparse_prefix.simulate.sweep` under the
-paper's protocol (capture "separate", FIFO) and under the engine's real behaviour (capture
-"one-pass"); `acceptance` evaluates issue 6's targets on the result.
+policies and budgets; `our_runs` this project's additions (token-level / chunk-grid / hybrid-cost
+dp, ldp, the end-anchored ``adp`` of `sparse_prefix.experiments.anchored`, +fork / +hints);
+`peer_runs` the placements of serving systems (ANCHORS.md). `run_reproduction` replays them all with
+`sparse_prefix.simulate.sweep` under the paper's protocol (capture "separate", FIFO) and under the
+engine's real behaviour (capture "one-pass"); `acceptance` evaluates issue 6's targets.
 
 Peer baselines, as token accounting:
   * vLLM ``mamba_cache_mode="all"``: a state at every block boundary, block = its hybrid block size
@@ -26,6 +27,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from sparse_prefix.experiments.anchored import SPEC_PREFIX as ANCHORED_PREFIX
+from sparse_prefix.experiments.anchored import parse_anchored, sweep_anchored
 from sparse_prefix.experiments.paper import (PAPER_BALANCED_COUNTS, PAPER_BLOCK_SIZES, PAPER_DP_BUDGETS)
 from sparse_prefix.traces import Request
 
@@ -35,6 +38,7 @@ VLLM_BLOCK = 528
 SGLANG_CHUNK = 4096
 OUR_DP_BUDGETS = (1, 2, 3, 5, 8)
 FORK_HINT_BUDGETS = (1, 2, 3)
+TOKEN_LDP_BUDGETS = (1, 2, 3)  # token-level ldp solves ~17 histograms of 16k depths: the slowest runs
 CEILING_SPEC = "block:64"
 MEMORY_PRESET = "qwen3.5-0.8b-group"
 
@@ -62,9 +66,14 @@ class PolicyRun:
     planner_options: tuple[tuple[str, Any], ...] = ()
 
     @property
+    def anchored(self) -> bool:
+        """An ``adp:M`` run (`sparse_prefix.experiments.anchored`), replayed by `sweep_anchored`."""
+        return self.spec.startswith(ANCHORED_PREFIX)
+
+    @property
     def settings(self) -> tuple:
-        """What must be shared by runs replayed in one `sweep` call."""
-        return (self.grid, self.eviction, self.planner_options)
+        """What must be shared by runs replayed in one sweep call."""
+        return (self.anchored, self.grid, self.eviction, self.planner_options)
 
 
 def paper_runs() -> list[PolicyRun]:
@@ -86,8 +95,9 @@ def our_runs(hybrid_cost: str | None = None) -> list[PolicyRun]:
         runs += [PolicyRun(f"dp:{m} cost=hybrid", f"dp:{m}", "dp hybrid cost", "ours",
                            planner_options=(("cost", hybrid_cost),)) for m in OUR_DP_BUDGETS]
     runs += [PolicyRun(f"ldp:{m}", f"ldp:{m}", "ldp", "ours") for m in PAPER_DP_BUDGETS]
+    runs += [PolicyRun(f"adp:{m}", f"adp:{m}", "adp (end-anchored)", "ours") for m in OUR_DP_BUDGETS]
     runs += [PolicyRun(f"ldp:{m} bins=1", f"ldp:{m}", "ldp token-level", "ours", planner_options=token)
-             for m in OUR_DP_BUDGETS]
+             for m in TOKEN_LDP_BUDGETS]
     runs += [PolicyRun("none+hints", "none+hints", "hints", "ours"),
              PolicyRun("none+fork", "none+fork", "fork", "ours"),
              PolicyRun("none+fork+hints", "none+fork+hints", "fork+hints", "ours"),
@@ -95,6 +105,7 @@ def our_runs(hybrid_cost: str | None = None) -> list[PolicyRun]:
     runs += [PolicyRun(f"dp:{m}+fork", f"dp:{m}+fork", "dp+fork", "ours") for m in FORK_HINT_BUDGETS]
     runs += [PolicyRun(f"dp:{m}+fork+hints", f"dp:{m}+fork+hints", "dp+fork+hints", "ours")
              for m in FORK_HINT_BUDGETS]
+    runs += [PolicyRun(f"ldp:{m}+hints", f"ldp:{m}+hints", "ldp+hints", "ours") for m in FORK_HINT_BUDGETS]
     runs += [PolicyRun(f"ldp:{m}+fork+hints", f"ldp:{m}+fork+hints", "ldp+fork+hints", "ours")
              for m in FORK_HINT_BUDGETS]
     return runs
@@ -110,7 +121,8 @@ def peer_runs() -> list[PolicyRun]:
 def quick_runs(hybrid_cost: str | None = None) -> list[PolicyRun]:
     """A small sweep that still evaluates every acceptance target (for --quick and tests)."""
     keep = {"dp:1", "dp:3", "dp:8", "block:64", "block:512", "block:2048", "block:4096", "balanced:1",
-            "balanced:3", "log", "sqrt", "ldp:1", "ldp:3", "ldp:8", "none+fork+hints", "dp:1+fork+hints",
+            "balanced:3", "log", "sqrt", "ldp:1", "ldp:3", "ldp:8", "adp:1", "adp:3", "none+fork+hints",
+            "dp:1+fork+hints",
             "vLLM all", "SGLang", "Marconi"}
     return [run for run in default_runs(hybrid_cost) if run.label in keep]
 
@@ -142,6 +154,9 @@ def runs_from_names(names: Sequence[str], hybrid_cost: str | None = None) -> lis
             runs.update((run.label, run) for run in sets[name])
         elif name in by_label:
             runs[name] = by_label[name]
+        elif name.startswith(ANCHORED_PREFIX):
+            parse_anchored(name)
+            runs[name] = PolicyRun(name, name, "adp (end-anchored)", "ours")
         else:
             family = parse_policy(name).family
             runs[name] = PolicyRun(name, name, family, "ours")
@@ -239,6 +254,8 @@ def _init_task_worker(source) -> None:
 def _run_task(specs: Sequence[str], kwargs: Mapping[str, Any]) -> list:
     from sparse_prefix.simulate import sweep
 
+    if all(spec.startswith(ANCHORED_PREFIX) for spec in specs):
+        return sweep_anchored(_TASK_SOURCE, list(specs), **kwargs)
     return sweep(_TASK_SOURCE, list(specs), workers=1, **kwargs)
 
 
@@ -252,7 +269,7 @@ def _tasks(runs: Sequence[PolicyRun], captures: Sequence[str], reduce_one_pass: 
         batches: dict[tuple, list[PolicyRun]] = {}
         for run in chosen:
             batches.setdefault(run.settings, []).append(run)
-        for (grid, eviction, options), members in batches.items():
+        for (_, grid, eviction, options), members in batches.items():
             kwargs = dict(common, capture=capture, grid=grid, eviction=eviction, planner_options=dict(options))
             for first in range(0, len(members), TASK_SIZE):
                 tasks.append((capture, members[first:first + TASK_SIZE], kwargs))
@@ -264,7 +281,7 @@ def _run_weight(run: PolicyRun) -> int:
     kind = run.spec.split(":")[0].split("+")[0]
     if kind == "ldp" or ("bin_size", 1) in run.planner_options:
         return 5
-    return 2 if kind == "dp" else 1
+    return 2 if kind in ("dp", "adp") else 1
 
 
 def run_reproduction(requests: Sequence[Request], runs: Sequence[PolicyRun], *, capacity: int,
@@ -387,46 +404,61 @@ def _dominance(ours: Sequence[tuple[float, float]], others: Mapping[str, tuple[f
     return {"passed": passed, "margins": margins}
 
 
+def _is_plain(run: PolicyRun, kind: str) -> bool:
+    """A run of policy kind `kind` ("dp", "ldp", "adp") without modifiers."""
+    return run.spec.startswith(kind + ":") and "+" not in run.spec
+
+
+def _near_ceiling(points: Sequence[tuple[float, float]], ceiling: tuple[float, float], max_checkpoints: float
+                  ) -> dict[str, Any]:
+    near = [p for p in points if p[1] >= ceiling[1] - 1.0 and p[0] <= max_checkpoints]
+    return {"passed": bool(near), "best": min(near) if near else None, "max_checkpoints": max_checkpoints}
+
+
 def acceptance(summaries: Mapping[str, Any], runs: Sequence[PolicyRun]) -> dict[str, Any]:
     """Issue 6's targets on one capture mode's results (means over seeds).
 
-    * ``dp_dominates_heuristics``: the staircase frontier of the paper-protocol dp points is >= every
-      balanced, log and sqrt point (margins in points; None = no dp point at so few checkpoints).
-    * ``any_dp_dominates_heuristics``: the same for the frontier of every dp run without modifiers
-      (the paper's bins of 64, token-level bins, the chunk grid, the hybrid cost).
-    * ``dp_near_ceiling``: some dp point saves >= ceiling - 1 with <= 1/5 of the ceiling's checkpoints
-      (ceiling = block:64).
-    * ``ldp_dominates_block``: the frontier of the ldp points (all bin sizes, no modifiers) is >= every
-      block point that stores >= 1 checkpoint per request.
+    Frontiers are staircases (`frontier_at`); "paper dp" is the paper's ``dp:M`` (bins of 64), "our
+    dp" every dp-family run without modifiers (dp with any bins / grid / cost, ldp, adp).
+
+    * ``dp_dominates_heuristics``: the paper-dp frontier is >= every balanced, log and sqrt point
+      (margins in points; None = no dp point at so few checkpoints). ``our_dp_dominates_heuristics``:
+      the same for the our-dp frontier.
+    * ``dp_near_ceiling``: some paper-dp point saves >= ceiling - 1 with <= 1/5 of the ceiling's
+      checkpoints (ceiling = block:64). ``our_dp_near_ceiling``: the same for our dp.
+    * ``ldp_dominates_block``: the frontier of the ldp runs (any bins, no modifiers) is >= every block
+      point storing >= 1 checkpoint per request. ``ldp_hints_dominates_block`` adds the ldp:M+hints
+      runs; ``our_dp_dominates_block`` uses the our-dp frontier.
     * ``hints_fork_near_ceiling``: some +fork+hints run saves >= ceiling - 1 with <= 2 checkpoints.
     """
     by_label = {run.label: run for run in runs if run.label in summaries}
     points = {label: _point(summaries[label]) for label in by_label}
     result: dict[str, Any] = {}
-    dp = [points[l] for l, r in by_label.items() if r.origin == "paper" and r.family == "dp"]
-    all_dp = [points[l] for l, r in by_label.items() if r.spec.startswith("dp:") and "+" not in r.spec]
+    paper_dp = [points[l] for l, r in by_label.items() if r.origin == "paper" and r.family == "dp"]
+    our_dp = [points[l] for l, r in by_label.items() if any(_is_plain(r, k) for k in ("dp", "ldp", "adp"))]
+    ldp = [points[l] for l, r in by_label.items() if _is_plain(r, "ldp")]
+    ldp_hints = ldp + [points[l] for l, r in by_label.items()
+                       if r.spec.startswith("ldp:") and r.spec.endswith("+hints")]
     heuristics = {l: points[l] for l, r in by_label.items()
                   if r.origin == "paper" and r.family in ("balanced", "log", "sqrt")}
-    if dp and heuristics:
-        result["dp_dominates_heuristics"] = _dominance(dp, heuristics)
-    if len(all_dp) > len(dp) and heuristics:
-        result["any_dp_dominates_heuristics"] = _dominance(all_dp, heuristics)
+    blocks = {l: points[l] for l, r in by_label.items()
+              if r.origin == "paper" and r.family == "block" and points[l][0] >= 1.0}
+    for name, frontier, others in (("dp_dominates_heuristics", paper_dp, heuristics),
+                                   ("our_dp_dominates_heuristics", our_dp, heuristics),
+                                   ("ldp_dominates_block", ldp, blocks),
+                                   ("ldp_hints_dominates_block", ldp_hints, blocks),
+                                   ("our_dp_dominates_block", our_dp, blocks)):
+        if frontier and others:
+            result[name] = _dominance(frontier, others)
     ceiling = next((points[l] for l, r in by_label.items() if r.spec == CEILING_SPEC and r.grid == 1
                     and r.eviction == "fifo"), None)
     if ceiling is not None:
         result["ceiling"] = {"checkpoints_per_request": ceiling[0], "tokens_saved_pct": ceiling[1]}
-        if dp:
-            near = [p for p in dp if p[1] >= ceiling[1] - 1.0 and p[0] <= ceiling[0] / 5.0]
-            result["dp_near_ceiling"] = {"passed": bool(near),
-                                         "best": min(near) if near else None,
-                                         "max_checkpoints": ceiling[0] / 5.0}
+        for name, frontier in (("dp_near_ceiling", paper_dp), ("our_dp_near_ceiling", our_dp)):
+            if frontier:
+                result[name] = _near_ceiling(frontier, ceiling, ceiling[0] / 5.0)
         fork_hints = {l: points[l] for l, r in by_label.items() if "+fork" in r.spec and "+hints" in r.spec}
         if fork_hints:
             near = {l: p for l, p in fork_hints.items() if p[0] <= 2.0 and p[1] >= ceiling[1] - 1.0}
             result["hints_fork_near_ceiling"] = {"passed": bool(near), "runs": near}
-    ldp = [points[l] for l, r in by_label.items() if r.spec.startswith("ldp:") and "+" not in r.spec]
-    blocks = {l: points[l] for l, r in by_label.items()
-              if r.origin == "paper" and r.family == "block" and points[l][0] >= 1.0}
-    if ldp and blocks:
-        result["ldp_dominates_block"] = _dominance(ldp, blocks)
     return result

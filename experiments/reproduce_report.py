@@ -18,6 +18,9 @@ _COLUMNS = (
     ("hit_rate_pct", "hit rate %", "{:.1f}", 1.0),
     ("state_bytes_per_request", "state MiB / request", "{:.1f}", 1.0 / 2**20),
 )
+ACCEPTANCE_ORDER = ("dp_dominates_heuristics", "our_dp_dominates_heuristics", "dp_near_ceiling",
+                    "our_dp_near_ceiling", "ldp_dominates_block", "ldp_hints_dominates_block",
+                    "our_dp_dominates_block", "hints_fork_near_ceiling")
 _PAPER_MARKERS = {"dp": "*", "block": "s", "balanced": "^"}
 
 
@@ -103,7 +106,7 @@ def pareto_png(summaries: Mapping[str, Any], runs: Sequence[PolicyRun], path: st
                       label=f"{family} ({origin})", color=colours((2 * index) % 20 + (index // 10) % 2),
                       linestyle="none" if len(shown) == 1 else ("-" if origin == "paper" else "--"),
                       marker=markers[index % len(markers)], markersize=9 if origin == "peer" else 5,
-                      capsize=2, linewidth=1.2)
+                      capsize=0, linewidth=1.2, elinewidth=0.6, alpha=0.9)
     if paper is not None:
         for family, marker in _PAPER_MARKERS.items():
             points = [p for p in paper.points if p.policy.split(":")[0] == family]
@@ -177,8 +180,7 @@ def _plain(value: Any) -> Any:
 def acceptance_lines(checks: Mapping[str, Any]) -> list[str]:
     """One line per acceptance target: PASS / FAIL and the deciding numbers."""
     lines = []
-    for name in ("dp_dominates_heuristics", "any_dp_dominates_heuristics", "dp_near_ceiling",
-                 "ldp_dominates_block", "hints_fork_near_ceiling"):
+    for name in ACCEPTANCE_ORDER:
         if name not in checks:
             continue
         check = checks[name]

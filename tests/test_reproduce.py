@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from sparse_prefix.experiments import paper, reproduce
+from sparse_prefix.experiments import anchored, paper, reproduce
 from sparse_prefix.experiments.reproduce import PolicyRun
 from sparse_prefix.paths import shared_dir
 from sparse_prefix.simulate import PolicySummary
@@ -200,3 +200,82 @@ def test_reproduce_command_rejects_a_bad_count(capsys):
 
     assert main(["reproduce", "--dataset", "quality", "--seeds", "0"]) == 2
     assert "--seeds" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- end-anchored dp
+
+
+def _observe_suffixes(planner, suffixes, length=1000):
+    for suffix in suffixes:
+        planner.observe(length - suffix, length)
+
+
+def test_anchored_planner_places_balanced_until_its_first_solve():
+    planner = anchored.AnchoredPlanner(2, max_suffix=512, resolve_every=4)
+    _observe_suffixes(planner, [100] * 3)
+    assert planner.suffix_distances() is None
+    assert planner.positions(300).tolist() == [100, 200]
+
+
+def test_anchored_planner_covers_the_longer_suffix_when_that_saves_more():
+    # Requests of 1000 tokens; 3/4 of hits share all but their last 10 tokens, 1/4 all but 80. One
+    # checkpoint at L-10 saves 990 on 3/4 and nothing on 1/4 (742 expected); at L-80 it saves 920 on
+    # all of them: u = 80 wins. On 50-token requests L - 80 < 1: nothing to place.
+    planner = anchored.AnchoredPlanner(1, max_suffix=512, bin_size=1, resolve_every=4)
+    _observe_suffixes(planner, [10, 10, 80, 10])
+    assert planner.suffix_distances().tolist() == [80]
+    assert planner.positions(1000).tolist() == [920]
+    assert planner.positions(50).tolist() == []
+    two = anchored.AnchoredPlanner(2, max_suffix=512, bin_size=1, resolve_every=4, grid=64)
+    _observe_suffixes(two, [10, 10, 80, 10])
+    assert two.positions(1000).tolist() == [896, 960]  # 920 and 990 snapped down to the grid
+
+
+def test_anchored_planner_rounds_suffix_distances_up_to_its_bins():
+    planner = anchored.AnchoredPlanner(1, max_suffix=512, bin_size=16, resolve_every=2)
+    _observe_suffixes(planner, [50, 50])
+    assert planner.suffix_distances().tolist() == [64]  # 50 rounds up to the next multiple of 16
+    assert planner.positions(1000).tolist() == [936]
+
+
+def test_anchored_planner_ignores_misses_and_rejects_bad_input():
+    planner = anchored.AnchoredPlanner(1, max_suffix=512, resolve_every=1)
+    planner.observe(0, 5000)
+    assert planner.suffix_distances() is None
+    with pytest.raises(ValueError, match="overlap"):
+        planner.observe(6000, 5000)
+    for spec in ("adp:0", "adp:x", "dp:3"):
+        with pytest.raises(ValueError, match="spec|M"):
+            anchored.parse_anchored(spec)
+
+
+def _shared_prefix_trace(groups=6, per_group=8, prefix=700, seed=0):
+    rng = np.random.default_rng(seed)
+    requests = []
+    for g in range(groups):
+        shared = rng.integers(0, 1000, prefix + 60 * g)
+        for _ in range(per_group):
+            tail = rng.integers(0, 1000, int(rng.integers(20, 200)))
+            requests.append(Request(f"g{g}", np.concatenate([shared, tail]), (shared.size,)))
+    return requests
+
+
+def test_replay_with_matches_the_simulator_for_a_spec_built_planner():
+    from sparse_prefix.planner import Planner
+    from sparse_prefix.simulate import replay
+
+    order = protocol_order(_shared_prefix_trace(), seed=1)
+    for spec in ("block:128+fork", "none+hints"):
+        expected = replay(order, spec, capacity_entries=10).metrics
+        ours = anchored.replay_with(order, Planner(spec, max_length=16384), capacity_entries=10)
+        assert ours == dict(expected)
+
+
+def test_anchored_sweep_summarises_seeds_like_the_simulator():
+    summaries = anchored.sweep_anchored(_shared_prefix_trace(), ["adp:1"], seeds=2, capacity_entries=10,
+                                        planner_options={"max_suffix": 512, "resolve_every": 2})
+    # prefixes of 700-1000 tokens, tails of 20-200: one checkpoint near L - 200 serves most hits
+    (summary,) = summaries
+    assert summary.policy == "adp:1" and summary.seeds == (0, 1)
+    assert summary.mean["hit_rate_pct"] > 50 and summary.mean["tokens_saved_pct"] > 50
+    assert summary.mean["checkpoints_per_request"] <= 1.0
