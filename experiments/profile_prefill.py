@@ -1,13 +1,18 @@
 """Where a prefill's device time goes: a jax.profiler trace of warm calls, summarised per kernel.
 
     python -m sparse_prefix.experiments.profile_prefill --preset mamba2-1.3b --length 8192 \
-        [--emit 0] [--chunk-size 256 --chunks-per-step 8] [--top 30] [--trace-dir DIR]
+        [--emit 0,8] [--chunk-size 256 --chunks-per-step 8] [--top 30] [--trace-dir DIR]
 
-Runs the public `model.prefill` twice to warm up, then `--calls` times under
-`jax.profiler.trace(..., create_perfetto_trace=True)`, reads the Perfetto JSON the profiler writes and
-prints the device kernels grouped by name (total time, count, share) and by coarse kind (GEMM,
-elementwise/loop fusion, reduction, copy/scatter/DUS, other), plus the device time against the wall
-time (a large gap means the device idles between launches).
+For each checkpoint count in `--emit`, runs the public `model.prefill` twice to warm up (from states
+made beforehand), then `--calls` times under `jax.profiler.trace`, reads the trace the profiler writes
+(`*.trace.json.gz`, Chrome trace format) and prints:
+  * device kernels grouped by coarse kind (GEMM, elementwise/loop fusion, reduction, copy) and by name
+    (time per call, count per call, share), from the GPU *stream* threads only (the derived "XLA Ops" /
+    "XLA Modules" lines of the same process repeat the kernels' time and are left out);
+  * device busy time against the device span of each call and the wall time: a span much longer
+    than the busy time means the GPU idles between launches (host-bound or synchronising);
+  * the largest idle gaps between consecutive kernels, with the kernels either side;
+  * the host events with the most total time (dispatch, command-buffer updates, syncs).
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-KINDS = (("gemm", re.compile(r"gemm|cublas|cutlass|matmul|dot|sm90_xmma|nvjet", re.I)),
+KINDS = (("gemm", re.compile(r"gemm|cublas|cutlass|matmul|dot|sm90_xmma|nvjet|xmma", re.I)),
          ("reduce", re.compile(r"reduce|reduction", re.I)),
-         ("copy/scatter/dus", re.compile(r"copy|scatter|dynamic.update|dynamic_update|memset|transpose",
-                                         re.I)),
+         ("copy/scatter/dus", re.compile(r"copy|scatter|dynamic.update|dynamic_update|memset|memcpy"
+                                         r"|transpose|concatenate", re.I)),
          ("fusion (elementwise)", re.compile(r"fusion|loop_|input_", re.I)))
+DERIVED_LINES = re.compile(r"XLA Ops|XLA Modules|Steps|Framework|Source|TraceMe|Launch Stats", re.I)
 
 
 def kind_of(name: str) -> str:
@@ -40,46 +47,141 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def device_events(trace_dir: str) -> list[dict]:
-    """Complete ('X') events on GPU/TPU device processes of the newest Perfetto trace under trace_dir."""
+def load_trace(trace_dir: str) -> list[dict]:
+    """The events of the newest `*.trace.json.gz` under trace_dir (the profiler's Chrome trace)."""
     paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True),
                    key=os.path.getmtime)
     if not paths:
         raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}")
     with gzip.open(paths[-1], "rt") as handle:
         trace = json.load(handle)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    device_pids = {event["pid"] for event in events
-                   if event.get("ph") == "M" and event.get("name") == "process_name"
-                   and re.search(r"GPU|TPU|device:", str(event.get("args", {}).get("name", "")))}
-    return [event for event in events if event.get("ph") == "X" and event.get("pid") in device_pids
-            and "dur" in event]
+    return trace["traceEvents"] if isinstance(trace, dict) else trace
 
 
-def summarise(events: list[dict], calls: int, wall_s: float, top: int) -> None:
-    """Print per-name and per-kind device time (per call)."""
-    by_name: dict[str, list[float]] = collections.defaultdict(list)
+def split_events(events: list[dict]) -> tuple[list[dict], list[dict], dict]:
+    """(device kernel events, host events, names) from a trace's events.
+
+    Device processes are those named like '/device:GPU:0' (any 'GPU', 'TPU' or 'device:'); their
+    kernels live on threads named 'Stream ...' (CUPTI activity); derived lines ('XLA Ops', 'XLA
+    Modules', ...) are dropped. If a device process has no 'Stream' thread, every non-derived
+    thread of it counts. Everything on other processes is a host event.
+    """
+    process_names, thread_names = {}, {}
     for event in events:
+        if event.get("ph") != "M":
+            continue
+        name = str(event.get("args", {}).get("name", ""))
+        if event.get("name") == "process_name":
+            process_names[event["pid"]] = name
+        elif event.get("name") == "thread_name":
+            thread_names[(event["pid"], event.get("tid"))] = name
+    device_pids = {pid for pid, name in process_names.items()
+                   if re.search(r"GPU|TPU|device:", name) and not re.search(r"host", name, re.I)}
+    kernel_threads = set()
+    for pid in device_pids:
+        threads = {key for key, name in thread_names.items() if key[0] == pid}
+        streams = {key for key in threads if re.search(r"stream", thread_names[key], re.I)}
+        kernel_threads |= streams or {key for key in threads
+                                      if not DERIVED_LINES.search(thread_names[key])}
+    complete = [event for event in events if event.get("ph") == "X" and "dur" in event]
+    device = [event for event in complete if (event.get("pid"), event.get("tid")) in kernel_threads]
+    host = [event for event in complete if event.get("pid") not in device_pids]
+    names = {"processes": sorted(set(process_names.values())),
+             "kernel_threads": sorted({thread_names[key] for key in kernel_threads})}
+    return device, host, names
+
+
+def call_windows(device: list[dict], calls: int, min_gap_us: float) -> list[tuple[float, float]]:
+    """(start, end) in us of each call's device activity: the kernels cut at the `calls - 1` widest
+    gaps (each >= min_gap_us), or one window when the gaps are too small to tell the calls apart."""
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in device)
+    if not spans:
+        return []
+    gaps, end = [], spans[0][1]
+    for index in range(1, len(spans)):
+        gaps.append((spans[index][0] - end, index))
+        end = max(end, spans[index][1])
+    cuts = sorted(index for gap, index in sorted(gaps, reverse=True)[:calls - 1] if gap >= min_gap_us)
+    windows, first = [], 0
+    for cut in cuts + [len(spans)]:
+        windows.append((spans[first][0], max(e for _, e in spans[first:cut])))
+        first = cut
+    return windows
+
+
+def summarise(device: list[dict], host: list[dict], calls: int, wall_s: float, top: int) -> None:
+    """Print per-kind and per-name device time per call, spans, idle gaps and top host events."""
+    by_name: dict[str, list[float]] = collections.defaultdict(list)
+    for event in device:
         by_name[event["name"]].append(float(event["dur"]))
-    total = sum(sum(v) for v in by_name.values())
-    print(f"device kernel time {total / 1e3 / calls:.2f} ms per call, wall {wall_s * 1e3 / calls:.2f} ms "
-          f"per call, {len(events) / calls:.0f} kernels per call")
+    total = sum(sum(v) for v in by_name.values()) or 1.0
+    windows = call_windows(device, calls, min_gap_us=200.0)
+    span = sum(end - start for start, end in windows)
+    print(f"device busy {total / 1e3 / calls:.2f} ms per call, device span {span / 1e3 / max(len(windows), 1):.2f}"
+          f" ms per call ({len(windows)} windows), wall {wall_s * 1e3 / calls:.2f} ms per call, "
+          f"{len(device) / calls:.0f} kernels per call")
     kinds: dict[str, float] = collections.Counter()
     for name, durations in by_name.items():
         kinds[kind_of(name)] += sum(durations)
     for kind, value in sorted(kinds.items(), key=lambda item: -item[1]):
         print(f"  {kind:22s} {value / 1e3 / calls:9.2f} ms  {value / total:6.1%}")
-    print(f"\n{'kernel':70s} {'ms/call':>9s} {'count':>7s} {'share':>6s}")
+    print(f"\n{'kernel':80s} {'ms/call':>9s} {'n/call':>7s} {'us each':>8s} {'share':>6s}")
     for name, durations in sorted(by_name.items(), key=lambda item: -sum(item[1]))[:top]:
-        print(f"{name[:70]:70s} {sum(durations) / 1e3 / calls:9.3f} {len(durations) // calls:7d} "
-              f"{sum(durations) / total:6.1%}")
+        print(f"{name[:80]:80s} {sum(durations) / 1e3 / calls:9.3f} {len(durations) / calls:7.1f} "
+              f"{np.mean(durations):8.1f} {sum(durations) / total:6.1%}")
+    ordered = sorted(device, key=lambda e: float(e["ts"]))
+    gaps = []
+    for before, after in zip(ordered, ordered[1:]):
+        gap = float(after["ts"]) - (float(before["ts"]) + float(before["dur"]))
+        gaps.append((gap, before["name"], after["name"]))
+    idle = sum(g for g, _, _ in gaps if g > 0)
+    print(f"\nidle between kernels: {idle / 1e3 / calls:.2f} ms per call (incl. between calls); "
+          f"gaps > 50 us: {sum(1 for g in gaps if g[0] > 50) / calls:.1f} per call; largest:")
+    for gap, before, after in sorted(gaps, reverse=True)[:min(top, 12)]:
+        print(f"  {gap / 1e3:8.3f} ms  after {before[:50]:50s} before {after[:50]}")
+    host_by_name: dict[str, list[float]] = collections.defaultdict(list)
+    for event in host:
+        host_by_name[event["name"]].append(float(event["dur"]))
+    print(f"\n{'host event':80s} {'ms/call':>9s} {'n/call':>7s}")
+    for name, durations in sorted(host_by_name.items(), key=lambda item: -sum(item[1]))[:top]:
+        print(f"{name[:80]:80s} {sum(durations) / 1e3 / calls:9.3f} {len(durations) / calls:7.1f}")
+
+
+def profile(model, params, length: int, emit: int, calls: int, top: int, trace_dir: str | None) -> None:
+    """Trace `calls` warm prefills of `length` random tokens with `emit` on-grid checkpoints."""
+    tokens = np.random.default_rng(0).integers(0, model.vocab_size, (1, length), dtype=np.int32)
+    grid = model.chunk_size
+    positions = np.unique(np.linspace(0, length, emit + 2)[1:-1].astype(np.int64)
+                          // grid * grid) if emit else np.zeros(0, np.int64)
+    checkpoints = positions[positions > 0].astype(np.int32)
+    states = [model.init_state(1) for _ in range(calls + 2)]
+    jax.block_until_ready(states)
+
+    def call():
+        logits, final, emitted = model.prefill(params, tokens, states.pop(), checkpoints)
+        jax.block_until_ready((logits, final, emitted))
+
+    call()
+    call()
+    trace_dir = trace_dir or tempfile.mkdtemp(prefix="sp-trace-")
+    start = time.perf_counter()
+    with jax.profiler.trace(trace_dir):
+        for _ in range(calls):
+            call()
+    wall = time.perf_counter() - start
+    device, host, names = split_events(load_trace(trace_dir))
+    print(f"\n=== profile {model.config.n_layer}-layer d={model.config.d_model} L={length} "
+          f"K={len(checkpoints)} C={model.chunk_size} G={getattr(model, 'chunks_per_step', 1)} "
+          f"device={jax.devices()[0].device_kind}")
+    print(f"trace processes: {names['processes']}; kernel threads: {names['kernel_threads']}")
+    summarise(device, host, calls, wall, top)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="mamba2-1.3b")
     parser.add_argument("--length", type=int, default=8192)
-    parser.add_argument("--emit", type=int, default=0, help="on-grid checkpoints per call")
+    parser.add_argument("--emit", default="0", help="comma list of on-grid checkpoint counts")
     parser.add_argument("--chunk-size", type=int, default=0)
     parser.add_argument("--chunks-per-step", type=int, default=0)
     parser.add_argument("--calls", type=int, default=3)
@@ -89,33 +191,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from sparse_prefix.models import create
-    model, params = create(args.preset, dtype=np.dtype(args.dtype) if args.dtype != "bfloat16"
-                           else jax.numpy.bfloat16)
+    model, params = create(args.preset, dtype=jnp.dtype(args.dtype))
     if args.chunk_size or args.chunks_per_step:
         model = model.with_chunking(args.chunk_size or model.chunk_size,
                                     args.chunks_per_step or model.config.chunks_per_step)
-    tokens = np.random.default_rng(0).integers(0, model.vocab_size, (1, args.length), dtype=np.int32)
-    grid = model.chunk_size
-    positions = np.unique(np.linspace(0, args.length, args.emit + 2)[1:-1].astype(np.int64)
-                          // grid * grid) if args.emit else np.zeros(0, np.int64)
-    checkpoints = positions[positions > 0].astype(np.int32)
-
-    def call():
-        state = model.init_state(1)
-        logits, final, emitted = model.prefill(params, tokens, state, checkpoints)
-        jax.block_until_ready((logits, final, emitted))
-
-    call()
-    call()
-    trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="sp-trace-")
-    start = time.perf_counter()
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        for _ in range(args.calls):
-            call()
-    wall = time.perf_counter() - start
-    print(f"{args.preset} L={args.length} K={len(checkpoints)} C={model.chunk_size} "
-          f"device={jax.devices()[0].device_kind}")
-    summarise(device_events(trace_dir), args.calls, wall, args.top)
+    for emit in [int(x) for x in args.emit.split(",") if x]:
+        trace_dir = os.path.join(args.trace_dir, f"emit{emit}") if args.trace_dir else None
+        profile(model, params, args.length, emit, args.calls, args.top, trace_dir)
     return 0
 
 

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One device call of issue 7 (Mamba2 prefill on the GPU): install, then the named phases, each under
+# its own `timeout`; full logs go to $OUT (when set). Run from the repository root on the device machine:
+#   bash experiments/gpu_run.sh probe      # breakdown + per-kernel profile + command-buffer A/B
+#   bash experiments/gpu_run.sh final      # the tables of record (ours, the peer, emission, resume)
+# The machine's own jax / flax are used; only the peer's wheel (carried in wheels/) is installed.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/deps
+export JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+python3 -m pip install -q --no-index --no-deps --target /tmp/deps wheels/mamba2_jax-1.1.2-py3-none-any.whl
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+BENCH="python3 -m sparse_prefix.experiments.bench_prefill"
+PROFILE="python3 -m sparse_prefix.experiments.profile_prefill"
+
+step() {  # step NAME SECONDS command...: run with a timeout, log to $OUT/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name: $*"
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "=== $name: rc=$? ($((SECONDS - start)) s)"
+  grep -v "^WARNING\|^I0000\|^W0000" "$OUT/$name.log" | tail -n "${TAIL:-40}"
+}
+
+case "${1:-probe}" in
+  probe)
+    DUMP="--xla_dump_to=/tmp/dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*prefill.*"
+    XLA_FLAGS="$DUMP" TAIL=12 step bench13b 130 $BENCH --presets mamba2-1.3b --lengths 8192 \
+      --repeats 5 --breakdown --check-resume
+    (cd /tmp/dump 2>/dev/null && ls -la > "$OUT/dump_listing.txt" \
+      && tar czf "$OUT/hlo.tgz" $(ls | grep -E "after_optimizations(\.txt|-buffer-assignment)|thunk" \
+      | head -40))
+    XLA_FLAGS="$DUMP" TAIL=70 step prof13b 90 $PROFILE --preset mamba2-1.3b --length 8192 \
+      --emit 0,8 --top 25
+    XLA_FLAGS="--xla_gpu_enable_command_buffer=" TAIL=6 step nocmdbuf13b 60 $BENCH \
+      --presets mamba2-1.3b --lengths 8192 --repeats 5
+    XLA_FLAGS="$DUMP" TAIL=12 step bench130m 50 $BENCH --presets mamba2-130m --lengths 2048 \
+      --repeats 5 --breakdown --check-resume
+    XLA_FLAGS="$DUMP" TAIL=70 step prof130m 40 $PROFILE --preset mamba2-130m --length 2048 \
+      --emit 0,8 --top 25
+    XLA_FLAGS="--xla_gpu_enable_command_buffer=" TAIL=6 step nocmdbuf130m 30 $BENCH \
+      --presets mamba2-130m --lengths 2048 --repeats 5
+    ;;
+  *)
+    echo "unknown phase $1"; exit 2 ;;
+esac
