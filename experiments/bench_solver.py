@@ -69,7 +69,8 @@ def run(sizes: list[int], budgets: list[int], method: str, repeats: int, referen
     for n in sizes:
         pmf = bench_pmf(n)
         for budget in budgets:
-            ours_solve = functools.partial(solve, pmf, budget, method=method, grid=grid, schedule=schedule)
+            ours_solve = functools.partial(solve, pmf, budget, method=method, grid=grid,
+                                           schedule=schedule)
             start = time.perf_counter()
             ours_solve()
             compile_s = time.perf_counter() - start
@@ -198,7 +199,7 @@ def hlo_profile(text: str) -> dict:
 
 def profile_rows(sizes: list[int], budgets: list[int], method: str, grid: int, schedule: str
                  ) -> list[dict]:
-    """One row per (N, M): the compiled `solve` program's `hlo_profile`, its schedule and compile time."""
+    """One row per (N, M): the compiled `solve` program's `hlo_profile`, schedule and compile time."""
     rows = []
     for n in sizes:
         pmf = normalized(bench_pmf(n))[None, :]
@@ -225,9 +226,9 @@ def format_profile(row: dict) -> str:
     """One --profile-hlo table line ("?" = a loop of unknown trip count, counted once)."""
     trips = ",".join("?" if n is None else str(n) for n in row["trip_counts"]) or "-"
     passes = "/".join(str(level) for level in row["levels"])
-    return (f"{row['n']:>7} {row['budget']:>3} {row['schedule']:>8} {passes:>6} {row['compile_s']:7.2f}s "
-            f"{row['while_loops']:>6} {trips:>14} {row['fusions']:>7} {row['command_buffers']:>8} "
-            f"{row['kernels']:>12} {row['launches']:>13}")
+    return (f"{row['n']:>7} {row['budget']:>3} {row['schedule']:>8} {passes:>6} "
+            f"{row['compile_s']:7.2f}s {row['while_loops']:>6} {trips:>14} {row['fusions']:>7} "
+            f"{row['command_buffers']:>8} {row['kernels']:>12} {row['launches']:>13}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -242,7 +243,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--reference-repeats", type=int, default=None,
                         help="reference runs (median); default 5 / 3 / 1 for N <= 256 / 4096 / larger")
     parser.add_argument("--reference-max", type=int, default=16384, help="skip the reference above this N")
-    parser.add_argument("--schedule", default="auto", help="layer schedule: auto, dynamic, scan or unroll")
+    parser.add_argument("--schedule", default="auto",
+                        help="layer schedule: auto, dynamic, scan or unroll")
     parser.add_argument("--profile-hlo", action="store_true",
                         help="compile only: print loops / trip counts / fusions / launches per (N, M)")
     parser.add_argument("--json", default=None, help="write the rows and the machine to this file")

@@ -195,6 +195,6 @@ def dense_min(lines: Lines, row_mass: Array, row_cost: Array, limit: Array) -> t
     values = lines.dense(row_mass, row_cost)
     cols = jax.lax.broadcasted_iota(jnp.int32, values.shape, 1)
     values = jnp.where(cols <= limit[:, None], values, jnp.inf)
-    best, best_col = jax.lax.reduce((values, cols), (jnp.array(jnp.inf, values.dtype), jnp.int32(columns)),
-                                    _leftmost_min, (1,))
+    start = (jnp.array(jnp.inf, values.dtype), jnp.int32(columns))
+    best, best_col = jax.lax.reduce((values, cols), start, _leftmost_min, (1,))
     return best, jnp.where(limit >= 0, best_col, -1).astype(jnp.int32)
