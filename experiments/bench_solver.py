@@ -107,7 +107,7 @@ def format_row(row: dict) -> str:
 # Instructions that launch nothing: data plumbing, and control flow (counted through its callees).
 _NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call",
               "conditional", "after-all", "opt-barrier", "partition-id", "replica-id", "iota"}
-_COMPUTATION = re.compile(r"^(ENTRY )?%(\S+) .*\{$")
+_COMPUTATION = re.compile(r"^(ENTRY )?%?(\S+) .*\{$")  # names print with or without %
 _OPCODE = re.compile(r" = .*? ([a-z][a-z0-9-]*)\(")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
@@ -130,12 +130,12 @@ def _computations(text: str) -> tuple[dict[str, list[tuple[str, str]]], str]:
 def _callees(opcode: str, line: str) -> list[str]:
     """The computations a control-flow instruction runs (while: body then condition)."""
     if opcode == "while":
-        return [re.search(rf"{key}=%([^,\s}}]+)", line).group(1) for key in ("body", "condition")]
+        return [re.search(rf"{key}=%?([^,\s}}]+)", line).group(1) for key in ("body", "condition")]
     if opcode == "call":
-        return re.findall(r"to_apply=%([^,\s}]+)", line)
+        return re.findall(r"to_apply=%?([^,\s}]+)", line)
     if opcode == "conditional":
         branches = re.search(r"branch_computations=\{([^}]*)\}", line)
-        return re.findall(r"%([^,\s}]+)", branches.group(1)) if branches else []
+        return re.findall(r"%?([^,\s}]+)", branches.group(1)) if branches else []
     return []
 
 

@@ -222,6 +222,52 @@ def test_static_backtrack_loop_above_the_paths_limit_finds_the_same_positions(mo
     assert profile["trip_counts"] == [3, 3]  # the layers, then the walk: both of static length
 
 
+HLO = """
+%fused (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %a = f32[8]{0} add(%p, %p)
+}
+
+%command_buffer.2 (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  %f1 = f32[8]{0} fusion(%p), kind=kLoop, calls=%fused
+  ROOT %f2 = f32[8]{0} fusion(%f1), kind=kLoop, calls=%fused
+}
+
+%body (t: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %t = (s32[], f32[8]{0}) parameter(0)
+  %x = f32[8]{0} get-tuple-element(%t), index=1
+  %y = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused
+  %c = f32[8]{0} copy(%y)
+  ROOT %r = (s32[], f32[8]{0}) tuple(%x, %c)
+}
+
+%cond (t: (s32[], f32[8])) -> pred[] {
+  %t = (s32[], f32[8]{0}) parameter(0)
+  ROOT %lt = pred[] fusion(%t), kind=kLoop, calls=%fused
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  %cb = f32[8]{0} call(%a), to_apply=%command_buffer.2
+  %w = (s32[], f32[8]{0}) while(%u), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"31"}}
+  %v = (s32[], f32[8]{0}) while(%u), condition=%cond, body=%body
+  ROOT %o = f32[8]{0} fusion(%cb), kind=kLoop, calls=%fused
+}
+"""
+
+
+def test_hlo_profile_counts_known_trips_unknown_loops_and_command_buffers():
+    profile = hlo_profile(HLO)
+    assert profile["trip_counts"] == [31, None] and profile["dynamic_loops"] == 1
+    assert profile["fusions"] == 5 and profile["command_buffers"] == 1
+    # command buffer 2 kernels (1 launch) + 31 x (fusion + copy) + unknown loop: body once and its
+    # condition twice (2 + 2) + the root fusion
+    assert profile["kernels"] == 2 + 62 + 4 + 1
+    assert profile["launches"] == 1 + 62 + 4 + 1
+    assert hlo_profile(HLO.replace("%", "")) == profile  # newer XLA prints names without %
+
+
 def test_auto_schedule_is_a_budget_loop_on_cpu_and_static_layers_on_accelerators():
     assert dp.layer_schedule("auto", 32, 1, "cpu") == "dynamic"
     assert dp.layer_schedule("auto", 32, 1, "gpu") == "unroll"  # dense, up to UNROLL_MAX_HEIGHT
