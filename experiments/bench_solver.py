@@ -258,14 +258,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"device: {device.device_kind} ({device.platform}); jax {jax.__version__}; compiled HLO")
         print(PROFILE_HEADER)
         with jax.default_device(device):
-            return profile_rows(sizes, budgets, args.method, args.grid, args.schedule)
-    print(f"device: {device.device_kind} ({device.platform}); jax {jax.__version__}; "
-          f"JAX: median of {args.repeats} warm runs; reference: median of "
-          f"{args.reference_repeats if args.reference_repeats is not None else '5 / 3 / 1 (N <= 256 / 4096 / more)'} runs")
-    print(HEADER)
-    with jax.default_device(device):
-        rows = run(sizes, budgets, args.method, args.repeats, args.reference_repeats, args.reference_max,
-                   args.grid, args.schedule)
+            rows = profile_rows(sizes, budgets, args.method, args.grid, args.schedule)
+    else:
+        print(f"device: {device.device_kind} ({device.platform}); jax {jax.__version__}; "
+              f"JAX: median of {args.repeats} warm runs; reference: median of "
+              f"{args.reference_repeats if args.reference_repeats is not None else '5 / 3 / 1 (N <= 256 / 4096 / more)'} runs")
+        print(HEADER)
+        with jax.default_device(device):
+            rows = run(sizes, budgets, args.method, args.repeats, args.reference_repeats,
+                       args.reference_max, args.grid, args.schedule)
     if args.json:
         meta = dict(device=device.device_kind, platform=device.platform, jax=jax.__version__,
                     machine=platform.machine(), python=platform.python_version(),
