@@ -18,6 +18,10 @@ Policy specs (parsed strictly by `parse_policy`; anything else raises ValueError
   pooled (dp) solution, which rides in the same batch as its last row.
 * ``+fork`` adds ``overlap`` (the divergence point from the resume entry), ``+hints`` the caller's
   positions, ``+end`` the request length; these come on top of the budget M.
+* ``+fill`` (dp / ldp only): the DP places fewer than M positions when the observed histogram has no
+  mass left to gain from (beyond its support, or in a request shorter than the observed depths); fill
+  spends that idle budget on depths never observed, by `fill_gaps`: the largest gaps between 0, the
+  solved positions and L are split evenly, so the result still has at most M positions.
 
 Every position is snapped DOWN to a multiple of ``grid`` (the model's exactness grid); zeros are
 dropped. Histograms hold bins whose mass sits at the bin's lower edge, so when ``grid`` divides
@@ -63,6 +67,44 @@ def default_bin_size(max_length: int, grid: int = 1) -> int:
     never more than max_length, so a tiny model needs no setting."""
     max_length, grid = check_int("max_length", max_length, minimum=1), check_int("grid", grid, minimum=1)
     return max(1, min(64, max(grid, (max_length // 16) // grid * grid), max_length))
+
+
+def fill_gaps(positions: np.ndarray, length: int, budget: int, grid: int = 1) -> np.ndarray:
+    """Tops `positions` up to `budget` positions by splitting the largest uncovered gaps (host side).
+
+    The gaps are the intervals between consecutive points of {0} + positions + {length}, on the grid
+    lattice. Each new position goes to the gap whose even split currently leaves the longest piece
+    (ties: the earliest gap); each gap is then split evenly. This minimises the longest uncovered stretch,
+    the hedge for overlap depths the histogram never saw. New positions lie strictly inside gaps, so
+    fewer than `budget` come back only when every lattice point of 1..L-1 is taken.
+
+    Args:
+      positions: int[k], positions in 1..length (any order; snapped down to the grid, zeros dropped).
+      length: L >= 1, the request length.
+      budget: M >= 0, the total number of positions wanted.
+      grid: positions are multiples of this (>= 1).
+
+    Returns:
+      int64[max(k', min(M, k' + free))]: sorted, unique multiples of `grid` in 1..L, a superset of
+      the k' snapped `positions` (free = lattice points strictly inside the gaps).
+    """
+    length = check_int("length", length, minimum=1)
+    budget = check_int("budget", budget, minimum=0)
+    grid = check_int("grid", grid, minimum=1)
+    lattice = snap_positions(positions, grid) // grid
+    top = length // grid
+    if lattice.size and lattice[-1] > top:
+        raise ValueError(f"positions: {int(lattice[-1]) * grid} is beyond the length {length}")
+    edges = np.concatenate([[0], lattice, [top]])
+    gaps = np.diff(edges)
+    added = np.zeros(gaps.size, dtype=np.int64)
+    room = np.maximum(gaps - 1, 0)  # distinct lattice points strictly inside each gap
+    for _ in range(max(0, min(budget - lattice.size, int(room.sum())))):
+        piece = np.where(added < room, gaps / (added + 1.0), -1.0)  # its longest piece now
+        added[int(np.argmax(piece))] += 1
+    new = [edges[i] + (j * gaps[i]) // (added[i] + 1)
+           for i in np.flatnonzero(added) for j in range(1, added[i] + 1)]
+    return np.unique(np.concatenate([lattice, np.asarray(new, dtype=np.int64)])) * grid
 
 
 def _check_hints(hints: Iterable[int], length: int) -> np.ndarray:
@@ -324,9 +366,11 @@ class Planner:
             return np.asarray(placement.balanced_positions(length, spec.param, grid=grid))
         depth, scale = (length // self.bin_size, self.bin_size) if self.solve_binned else (length, 1)
         if solution.rows is None:
-            return scale * np.asarray(solution.placement.positions_for(depth), dtype=np.int64)
-        row = int(solution.rows[self._hist.bucket_of(length)])
-        return scale * np.asarray(solution.placement.positions_for(row, depth), dtype=np.int64)
+            solved = scale * np.asarray(solution.placement.positions_for(depth), dtype=np.int64)
+        else:
+            row = int(solution.rows[self._hist.bucket_of(length)])
+            solved = scale * np.asarray(solution.placement.positions_for(row, depth), dtype=np.int64)
+        return fill_gaps(solved, length, spec.param, grid) if spec.fill else solved
 
     # ------------------------------------------------------------------ state export
 

@@ -1,7 +1,8 @@
 """Checkpoint policy specs (public): the grammar the Planner, the simulator and the CLI share.
 
-    none | block:B | balanced:k | log | sqrt | end | dp:M | ldp:M     then any of  +fork  +hints  +end
+    none | block:B | balanced:k | log | sqrt | end | dp:M | ldp:M     then any of  +fork  +hints  +end  +fill
 
+(``+fill`` only after dp:M / ldp:M: budget the DP leaves idle is spent on the largest uncovered gaps.)
 `parse_policy` parses a spec string strictly into a `PolicySpec`; `snap_positions` snaps positions down
 to a grid. See `sparse_prefix.planner` for what each policy places.
 """
@@ -16,7 +17,8 @@ import numpy as np
 
 _BUDGETED = ("block", "balanced", "dp", "ldp")
 _PLAIN = ("none", "log", "sqrt", "end")
-MODIFIERS = ("fork", "hints", "end")
+MODIFIERS = ("fork", "hints", "end", "fill")
+_FILLABLE = ("dp", "ldp")
 _NUMBER = r"(?:0|[1-9][0-9]*)"
 _SPEC_RE = re.compile(
     rf"(?P<kind>{'|'.join(_BUDGETED + _PLAIN)})(?::(?P<param>{_NUMBER}))?(?P<mods>(?:\+[a-z]+)*)")
@@ -29,7 +31,9 @@ class PolicySpec:
     Attributes:
       kind: one of none, block, balanced, log, sqrt, end, dp, ldp.
       param: B for block (>= 1), k / M for balanced, dp, ldp (>= 0); None for the others.
-      fork, hints, end: the modifiers.
+      fork, hints, end: the modifiers that add positions on top of the base policy.
+      fill: dp / ldp only: top the solved positions up to the budget M by splitting the largest
+        uncovered gaps (see `sparse_prefix.planner.fill_gaps`); adds nothing beyond M.
     """
 
     kind: str
@@ -37,6 +41,7 @@ class PolicySpec:
     fork: bool = False
     hints: bool = False
     end: bool = False
+    fill: bool = False
 
     def __str__(self) -> str:
         base = self.kind if self.param is None else f"{self.kind}:{self.param}"
@@ -54,7 +59,7 @@ class PolicySpec:
     @property
     def budget(self) -> int | None:
         """Positions the base policy places when fixed (none 0, end 1, balanced/dp/ldp their count);
-        None when it depends on the length (block, log, sqrt). Modifiers add on top."""
+        None when it depends on the length (block, log, sqrt). +fork, +hints, +end add on top."""
         if self.kind in ("balanced", "dp", "ldp"):
             return self.param
         return {"none": 0, "end": 1}.get(self.kind)
@@ -79,7 +84,7 @@ def parse_policy(spec: str) -> PolicySpec:
     if match is None:
         raise ValueError(
             f"malformed policy spec {spec!r}: expected one of none, block:B, balanced:k, log, sqrt, "
-            "end, dp:M, ldp:M, optionally followed by +fork, +hints, +end")
+            "end, dp:M, ldp:M, optionally followed by +fork, +hints, +end, +fill")
     kind, param = match["kind"], match["param"]
     if kind in _BUDGETED and param is None:
         raise ValueError(f"malformed policy spec {spec!r}: {kind} needs a number, e.g. {kind}:8")
@@ -95,6 +100,9 @@ def parse_policy(spec: str) -> PolicySpec:
                              f"(known: {', '.join('+' + m for m in MODIFIERS)})")
     if len(set(mods)) != len(mods):
         raise ValueError(f"malformed policy spec {spec!r}: a modifier is repeated")
+    if "fill" in mods and kind not in _FILLABLE:
+        raise ValueError(f"malformed policy spec {spec!r}: +fill needs dp:M or ldp:M (it tops up "
+                         f"the DP's idle budget), not {kind}")
     return PolicySpec(kind, value, *(m in mods for m in MODIFIERS))
 
 

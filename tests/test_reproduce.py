@@ -120,6 +120,19 @@ def test_acceptance_passes_when_dp_and_ldp_dominate_and_fails_when_a_baseline_wi
     assert worse["ldp_dominates_block"]["margins"]["block:1024"] == pytest.approx(-1.0)
 
 
+def test_ldp_frontier_counts_fill_runs_but_not_fork_or_hints_runs():
+    values = {"block:64": (100.0, 40.5), "block:1024": (5.0, 39.0), "ldp:8": (4.0, 40.0),
+              "ldp:30+fill": (30.0, 40.5), "ldp:3+fork+hints": (4.0, 45.0)}
+    checks = _acceptance(values)
+    assert checks["ldp_dominates_block"]["passed"]
+    assert checks["ldp_dominates_block"]["margins"] == {"block:64": pytest.approx(0.0),
+                                                        "block:1024": pytest.approx(1.0)}
+    without_fill = _acceptance({k: v for k, v in values.items() if k != "ldp:30+fill"})
+    assert without_fill["ldp_dominates_block"]["margins"]["block:64"] == pytest.approx(-0.5)
+    assert [r.label for r in reproduce.our_runs() if r.family == "ldp+fill"] == [
+        f"ldp:{m}+fill" for m in reproduce.PAPER_DP_BUDGETS]
+
+
 def test_acceptance_fails_when_no_dp_point_has_so_few_checkpoints():
     checks = _acceptance({"dp:1": (1.2, 30.0), "balanced:1": (1.0, 20.0)})
     assert not checks["dp_dominates_heuristics"]["passed"]
