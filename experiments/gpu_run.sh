@@ -2,7 +2,10 @@
 # One device call of issue 7 (Mamba2 prefill on the GPU): install, then the named phases, each under
 # its own `timeout`; full logs go to $OUT (when set). Run from the repository root on the device machine:
 #   bash experiments/gpu_run.sh probe      # breakdown + per-kernel profile + command-buffer A/B
-#   bash experiments/gpu_run.sh final      # the tables of record (ours, the peer, emission, resume)
+#   bash experiments/gpu_run.sh solver     # placement solver: HLO loop/kernel counts, then timings
+#   bash experiments/gpu_run.sh hybrid     # qwen3.5 prefill table, emission, bitwise resume, resume speed
+#   bash experiments/gpu_run.sh mamba      # Mamba2 table of record with the peer, emission, bitwise resume
+#   bash experiments/gpu_run.sh replays PRESET SECONDS  # timed replays of both data sets (traces/*.xz)
 # The machine's own jax / flax are used; only the peer's wheel (carried in wheels/) is installed.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -25,7 +28,8 @@ step() {  # step NAME SECONDS command...: run with a timeout, log to $OUT/NAME.l
   grep -v "^WARNING\|^I0000\|^W0000" "$OUT/$name.log" | tail -n "${TAIL:-40}"
 }
 
-case "${1:-probe}" in
+for phase in ${PHASES:-$1}; do
+case "$phase" in
   probe)
     DUMP="--xla_dump_to=/tmp/dump --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*prefill.*"
     XLA_FLAGS="$DUMP" TAIL=12 step bench13b 130 $BENCH --presets mamba2-1.3b --lengths 8192 \
@@ -44,6 +48,34 @@ case "${1:-probe}" in
     XLA_FLAGS="--xla_gpu_enable_command_buffer=" TAIL=6 step nocmdbuf130m 30 $BENCH \
       --presets mamba2-130m --lengths 2048 --repeats 5
     ;;
+  solver)
+    SOLVER="python3 -m sparse_prefix.experiments.bench_solver --device gpu"
+    TAIL=30 step solver_hlo 120 $SOLVER --profile-hlo --sizes 256,16384,131072 --budgets 30,32,64
+    TAIL=30 step solver 150 $SOLVER --sizes 256,16384,131072 --budgets 30,32,64 --reference-max 4096 \
+      --json "$OUT/solver.json"
+    TAIL=12 step solver_scan 60 $SOLVER --sizes 256 --budgets 30,64 --schedule scan --reference-max 0
+    ;;
+  hybrid)
+    TAIL=40 step hybrid 330 $BENCH --presets qwen3.5-0.8b-group,qwen3.5-0.8b --lengths 2048,8192,16384 \
+      --emit 1,8,32 --repeats 5 --check-resume --out "$OUT/hybrid.json"
+    TAIL=40 step resume 200 python3 -m sparse_prefix.experiments.bench_resume \
+      --presets qwen3.5-0.8b-group,qwen3.5-0.8b --length 8192 --repeats 10 --out "$OUT/resume.json"
+    ;;
+  mamba)
+    TAIL=40 step mamba 420 $BENCH --presets mamba2-130m,mamba2-1.3b --lengths 2048,8192,16384 \
+      --emit 1,8,32 --repeats 5 --peer --peer-dtypes float32 --check-resume ${BACKENDS:+--backend $BACKENDS} \
+      --out "$OUT/mamba.json"
+    ;;
+  replays)
+    preset=${2:-qwen3.5-0.8b-group} budget=${3:-200}
+    for dataset in system-prompts quality; do
+      groups=""; [ "$dataset" = system-prompts ] && groups="--sample-groups 34"
+      TAIL=25 step "timed-$dataset-$preset" $((budget + 90)) python3 -m sparse_prefix.experiments.timed \
+        --dataset "$dataset" --trace "traces/$dataset.jsonl.xz" $groups --preset "$preset" \
+        --budget-s "$budget" --out "$OUT/timed-$dataset-$preset"
+    done
+    ;;
   *)
     echo "unknown phase $1"; exit 2 ;;
 esac
+done
