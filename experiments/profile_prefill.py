@@ -170,7 +170,9 @@ def profile(model, params, length: int, emit: int, calls: int, top: int, trace_d
             call()
     wall = time.perf_counter() - start
     device, host, names = split_events(load_trace(trace_dir))
-    print(f"\n=== profile {model.config.n_layer}-layer d={model.config.d_model} L={length} "
+    cfg = model.config
+    layers = getattr(cfg, "n_layer", None) or len(getattr(cfg, "pattern", ""))
+    print(f"\n=== profile {layers}-layer d={cfg.d_model} L={length} "
           f"K={len(checkpoints)} C={model.chunk_size} G={getattr(model, 'chunks_per_step', 1)} "
           f"device={jax.devices()[0].device_kind}")
     print(f"trace processes: {names['processes']}; kernel threads: {names['kernel_threads']}")
