@@ -12,7 +12,9 @@ two answers' expected costs are checked to agree.
 --profile-hlo compiles instead of timing: per (N, M), the program `solve` would run, with its while
 loops (and whether XLA knows their trip count: an unknown one reads a predicate back to the host every
 iteration on a GPU), fusions, command buffers and the kernels one call launches. --schedule picks the
-layer schedule (`dp.layer_schedule`) for either mode.
+layer schedule (`dp.layer_schedule`) for either mode; --host-backtrack-max sets
+`dp.HOST_BACKTRACK_MAX_ELEMENTS` (0: always backtrack on the device, the A/B switch of the host
+backtrack that small tables get by default).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 
 from sparse_prefix.placement import reference_solve, solve
 from sparse_prefix.placement.costs import LINEAR
+from sparse_prefix.placement import dp
 from sparse_prefix.placement.dp import search_levels
 from sparse_prefix.placement.result import normalized
 from sparse_prefix.placement.solver import bucket, device_call
@@ -210,6 +213,7 @@ def profile_rows(sizes: list[int], budgets: list[int], method: str, grid: int, s
             with jax.enable_x64(True):
                 text = function.lower(*args, **static).compile().as_text()
             row = dict(n=n, budget=budget, grid=grid, schedule=static["schedule"],
+                       backtrack=static["backtrack"],
                        levels=list(static["levels"]), height=static["height"],
                        compile_s=time.perf_counter() - start, **hlo_profile(text))
             rows.append(row)
@@ -217,7 +221,8 @@ def profile_rows(sizes: list[int], budgets: list[int], method: str, grid: int, s
     return rows
 
 
-PROFILE_HEADER = (f"{'N':>7} {'M':>3} {'schedule':>8} {'passes':>6} {'compile':>8} {'whiles':>6} "
+PROFILE_HEADER = (f"{'N':>7} {'M':>3} {'schedule':>8} {'walk':>6} {'passes':>6} {'compile':>8} "
+                  f"{'whiles':>6} "
                   f"{'trip counts':>14} {'fusions':>7} {'cmd bufs':>8} {'kernels/call':>12} "
                   f"{'launches/call':>13}")
 
@@ -226,7 +231,8 @@ def format_profile(row: dict) -> str:
     """One --profile-hlo table line ("?" = a loop of unknown trip count, counted once)."""
     trips = ",".join("?" if n is None else str(n) for n in row["trip_counts"]) or "-"
     passes = "/".join(str(level) for level in row["levels"])
-    return (f"{row['n']:>7} {row['budget']:>3} {row['schedule']:>8} {passes:>6} "
+    return (f"{row['n']:>7} {row['budget']:>3} {row['schedule']:>8} {row['backtrack']:>6} "
+            f"{passes:>6} "
             f"{row['compile_s']:7.2f}s {row['while_loops']:>6} {trips:>14} {row['fusions']:>7} "
             f"{row['command_buffers']:>8} {row['kernels']:>12} {row['launches']:>13}")
 
@@ -245,6 +251,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--reference-max", type=int, default=16384, help="skip the reference above this N")
     parser.add_argument("--schedule", default="auto",
                         help="layer schedule: auto, dynamic, scan or unroll")
+    parser.add_argument("--host-backtrack-max", type=int, default=dp.HOST_BACKTRACK_MAX_ELEMENTS,
+                        help="tables up to this many entries are fetched and backtracked on the host "
+                             "(0: always on the device)")
     parser.add_argument("--profile-hlo", action="store_true",
                         help="compile only: print loops / trip counts / fusions / launches per (N, M)")
     parser.add_argument("--json", default=None, help="write the rows and the machine to this file")
@@ -254,6 +263,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sizes = [int(x) for x in args.sizes.split(",")]
     budgets = [int(x) for x in args.budgets.split(",")]
     device = jax.devices(args.device)[0] if args.device else jax.devices()[0]
+    dp.HOST_BACKTRACK_MAX_ELEMENTS = args.host_backtrack_max
     if args.profile_hlo:
         print(f"device: {device.device_kind} ({device.platform}); jax {jax.__version__}; compiled HLO")
         print(PROFILE_HEADER)

@@ -20,6 +20,7 @@ from sparse_prefix.placement import (brute_force, expected_cost, hybrid, referen
 from sparse_prefix.placement import dp
 from sparse_prefix.placement.costs import LINEAR
 from sparse_prefix.placement.solver import device_call
+from sparse_prefix.placement.result import backtrack as backtrack_tables
 from sparse_prefix.placement.result import drop_idle
 from sparse_prefix.placement.search import Lines, padded_rows, radices, row_argmin
 
@@ -147,21 +148,29 @@ def test_vmapped_batch_path_matches_the_reference(schedule):
     pmfs[:, 0] += 1
     prefix_mass, prefix_cost = np.cumsum(pmfs, axis=1), np.cumsum(pmfs * np.arange(17), axis=1)
     g = np.broadcast_to(np.arange(17.0), pmfs.shape)
-    sums = np.stack([prefix_mass, prefix_cost, g], axis=1)
-    with jax.enable_x64(True):
-        _, _, found, optima = jax.device_get(dp.solve_many(
-            sums, np.array([3, 16], np.int32), grid=2, height=4, levels=(1, 2), schedule=schedule,
-            batching="vmap"))
-    for pmf, row, optimum in zip(pmfs, found, optima):
+    buffer = dp.pack(np.stack([prefix_mass, prefix_cost, g], axis=1), 3, 16)
+    solved = {}
+    for backtrack in ("device", "host"):  # positions backtracked there, or the tables fetched flat
+        with jax.enable_x64(True):
+            solved[backtrack] = jax.device_get(dp.solve_many(
+                buffer, grid=2, height=4, levels=(1, 2), schedule=schedule, backtrack=backtrack,
+                batching="vmap"))
+    found, _, optima = solved["device"]
+    coarse, final = dp.split_tables(solved["host"][0], 4, 17)
+    for i, (pmf, row, optimum) in enumerate(zip(pmfs, found, optima)):
         positions = drop_idle(np.sort(row[row > 0]).astype(np.int64), pmf, 16)
         reference = reference_solve(pmf, 3, "linear", 2)
         assert positions.tolist() == reference.positions.tolist()
+        assert backtrack_tables((coarse[i], final[i]), 3, 2, 16).tolist() == positions.tolist()
         assert close(optimum / pmf.sum(), reference.expected_cost)  # the DP's own F_M(N)
 
 
-@pytest.mark.parametrize("schedule", ["scan", "unroll"])
-def test_static_layer_schedules_match_the_dynamic_loop_for_every_budget_of_a_height(schedule):
-    # Height 4 serves budgets 0..4; below 3 coarse layers, the static schedules mask the rest.
+@pytest.mark.parametrize("schedule, host_tables", [("scan", 0), ("unroll", 0), ("unroll", 1 << 16)])
+def test_static_layer_schedules_match_the_dynamic_loop_for_every_budget_of_a_height(
+        schedule, host_tables, monkeypatch):
+    # Height 4 serves budgets 0..4; below 3 coarse layers, the static schedules mask the rest. The
+    # positions come from the device backtrack (carried paths), or from the tables on the host.
+    monkeypatch.setattr(dp, "HOST_BACKTRACK_MAX_ELEMENTS", host_tables)
     rng = np.random.default_rng(7)
     for trial, grid in enumerate([1, 1, 2, 2]):
         n = int(rng.integers(9, 17))
@@ -195,13 +204,17 @@ def test_static_schedules_compile_without_a_loop_of_unknown_trip_count():
     pmf = np.ones((1, 13))
     profiles = {}
     for schedule in ("dynamic", "scan", "unroll"):
-        function, args, static = device_call(pmf, LINEAR, 3, 1, "dense", False, schedule)
+        function, args, static = device_call(pmf, LINEAR, 3, 1, "dense", False, schedule, "device")
         with jax.enable_x64(True):
             profiles[schedule] = hlo_profile(function.lower(*args, **static).compile().as_text())
     assert profiles["dynamic"]["dynamic_loops"] >= 1  # up to the runtime budget: a predicate per layer
     assert profiles["scan"]["trip_counts"] == [3] and profiles["scan"]["dynamic_loops"] == 0
     assert profiles["unroll"]["while_loops"] == 0
     assert profiles["unroll"]["kernels"] < profiles["scan"]["kernels"]
+    function, args, static = device_call(pmf, LINEAR, 3, 1, "dense", False, "unroll", "host")
+    with jax.enable_x64(True):
+        host = hlo_profile(function.lower(*args, **static).compile().as_text())
+    assert host["kernels"] < profiles["unroll"]["kernels"]  # the layers only: no paths carried
 
 
 def test_static_backtrack_loop_above_the_paths_limit_finds_the_same_positions(monkeypatch):

@@ -17,6 +17,10 @@ every budget M <= height (the budget is a runtime value); the coarse layers run 
 schedules (`layer_schedule`): a while loop up to M (CPU), or all height - 1 layers with those past M
 masked to identities, as a loop of static trip count or unrolled (GPU: no device-to-host predicate
 per layer). All arithmetic is float64: call inside `jax.enable_x64(True)`.
+
+A call takes one `pack`ed float64 buffer and returns one array to fetch: the optimum's positions
+(backtracked on the device: carried paths or a walk), or, for small tables (`host_backtrack`), the
+tables themselves, flat, for the host to backtrack (then the device runs the layers and nothing else).
 """
 
 from __future__ import annotations
@@ -42,6 +46,10 @@ UNROLL_MAX_HEIGHT = 32  # "auto" unrolls dense coarse layers up to this table he
 # Static schedules carry every coarse row's path ([C, height-1] int32, read and written per layer) up
 # to this size; above it they walk the tables back in a loop of static trip count height - 1.
 PATHS_MAX_ELEMENTS = 1 << 22
+# Up to this many table entries ((height-1) C + R), the tables come back to the host in the one
+# array a call fetches and the backtrack runs there (M scalar steps of NumPy): the device then runs
+# the layers only (no path carried per layer, no walk), the fewest kernels a call can launch.
+HOST_BACKTRACK_MAX_ELEMENTS = 1 << 16
 
 CoarseLayer = Callable[[Array], tuple[Array, Array]]
 
@@ -210,8 +218,8 @@ def _walk_back(tables: Array, start: Array, layers: Array, grid: int, height: in
 
 
 def solve_tables(prefix_mass: Array, prefix_cost: Array, g: Array, layers: Array, row: Array, *,
-                 grid: int, height: int, levels: tuple[int, int], schedule: str
-                 ) -> tuple[Array, Array, Array, Array]:
+                 grid: int, height: int, levels: tuple[int, int], schedule: str,
+                 backtrack: str = "device") -> tuple[Array, Array, Array | None, Array]:
     """All layers of one pmf and the backtrack from `row` (vmap or map it for a batch).
 
     Args:
@@ -219,18 +227,20 @@ def solve_tables(prefix_mass: Array, prefix_cost: Array, g: Array, layers: Array
       layers: int32 [], the budget M (capped at N // grid; <= height).
       row: int32 [], N, the row to backtrack from.
       grid, height, levels, schedule: static -- the grid, the table height bucket (>= M, >= 2), the
-        search passes of the coarse layers and of the final layer (`search_levels`), and
-        "dynamic", "scan" or "unroll" (`layer_schedule`).
+        search passes of the coarse layers and of the final layer (`search_levels`),
+        "dynamic", "scan" or "unroll" (`layer_schedule`), and "device" (backtrack here) or "host"
+        (the caller backtracks the tables: no paths carried, no walk; positions come back None).
 
     Returns:
       (coarse int32 [height-1, C], final int32 [R], positions int32 [height] -- the optimum's
-      positions in no particular order, 0 = none, F_M(row) float64 []).
+      positions in no particular order, 0 = none -- or None, F_M(row) float64 []).
     """
     rows = prefix_mass.shape[0]
     columns = (rows - 1) // grid
     if columns == 0:
-        return (jnp.zeros((height - 1, 0), jnp.int32), jnp.zeros((rows,), jnp.int32),
-                jnp.zeros((height,), jnp.int32), prefix_cost[row])
+        found = jnp.zeros((height,), jnp.int32) if backtrack == "device" else None
+        return (jnp.zeros((height - 1, 0), jnp.int32), jnp.zeros((rows,), jnp.int32), found,
+                prefix_cost[row])
     coarse = slice(grid - 1, grid * columns, grid)  # rows s - 1 for s = grid, 2 grid, ..., C grid
     lines_data = (prefix_cost[coarse], prefix_mass[coarse], g[grid: grid * columns + 1: grid])
     coarse_limit = jnp.arange(columns, dtype=jnp.int32) - 1
@@ -246,7 +256,7 @@ def solve_tables(prefix_mass: Array, prefix_cost: Array, g: Array, layers: Array
     else:
         values, tables, paths = _static_layers(
             coarse_layer, lines_data[0], layers, height, grid, unroll=schedule == "unroll",
-            carry_paths=columns * (height - 1) <= PATHS_MAX_ELEMENTS)
+            carry_paths=backtrack == "device" and columns * (height - 1) <= PATHS_MAX_ELEMENTS)
     searched = slice(1, rows)  # row 0 never has a candidate
     limit = jnp.arange(1, rows, dtype=jnp.int32) // grid - 1
     best, final = _layer(values, lines_data, prefix_mass[searched], prefix_cost[searched], limit,
@@ -255,7 +265,9 @@ def solve_tables(prefix_mass: Array, prefix_cost: Array, g: Array, layers: Array
     best = jnp.concatenate([prefix_cost[:1], best])
     optimum = jnp.where(layers > 0, best[row], prefix_cost[row])
     start = final[row]
-    if paths is None:
+    if backtrack == "host":
+        found = None
+    elif paths is None:
         found = _walk_back(tables, start, layers, grid, height, static=schedule != "dynamic")
     else:
         earlier = jnp.where(start > 0, paths[jnp.maximum(start // grid - 1, 0)], 0)
@@ -263,31 +275,82 @@ def solve_tables(prefix_mass: Array, prefix_cost: Array, g: Array, layers: Array
     return tables, final, found, optimum
 
 
-def _unpack(sums: Array, scalars: Array) -> tuple[Array, Array, Array, Array, Array]:
-    """(P, G, g) from sums [..., 3, R] and (M, row) from scalars int32 [2]."""
+def pack(sums: np.ndarray, layers: int, row: int) -> np.ndarray:
+    """The one host-to-device array of a call: float64 [..., 3 R + 2] = (P, G, g, M, row).
+
+    M and row are small integers, exact in float64, so one copy carries every input.
+
+    Args:
+      sums: float64 [..., 3, R], (P, G, g) per pmf.
+      layers, row: the budget M (capped) and the row N to backtrack from.
+    """
+    lead, rows = sums.shape[:-2], sums.shape[-1]
+    buffer = np.empty(lead + (3 * rows + 2,))
+    buffer[..., : 3 * rows] = sums.reshape(lead + (3 * rows,))
+    buffer[..., -2], buffer[..., -1] = layers, row
+    return buffer
+
+
+def unpack(buffer: Array) -> tuple[Array, Array, Array, Array, Array]:
+    """(P, G, g) float64 [..., R] and (M, row) int32 [] from a `pack`ed buffer [..., 3 R + 2]."""
+    rows = (buffer.shape[-1] - 2) // 3
+    sums = buffer[..., : 3 * rows].reshape(buffer.shape[:-1] + (3, rows))
+    scalars = buffer.reshape(-1, buffer.shape[-1])[0, -2:].astype(jnp.int32)
     return sums[..., 0, :], sums[..., 1, :], sums[..., 2, :], scalars[0], scalars[1]
 
 
-@functools.partial(jax.jit, static_argnames=("grid", "height", "levels", "schedule"))
-def solve_one(sums, scalars, *, grid, height, levels, schedule):
-    """Jitted `solve_tables` for one pmf: sums float64 [3, R] = (P, G, g), scalars int32 [2] = (M, row).
+def host_backtrack(rows: int, columns: int, height: int) -> bool:
+    """Whether a call returns its tables for a host backtrack (`HOST_BACKTRACK_MAX_ELEMENTS`)."""
+    return (height - 1) * columns + rows <= HOST_BACKTRACK_MAX_ELEMENTS
 
-    Two arrays in (one host-to-device copy each), so a small solve pays few transfers.
+
+def _fetched(coarse: Array, final: Array, found: Array | None) -> Array:
+    """The array a call fetches: positions [..., height], or the tables flat [..., (height-1) C + R]."""
+    if found is not None:
+        return found
+    lead = coarse.shape[:-2]
+    return jnp.concatenate([coarse.reshape(lead + (-1,)), final], axis=-1)
+
+
+def split_tables(fetched: np.ndarray, height: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(coarse [..., height-1, C], final [..., R]) views of a host-backtrack call's fetched array."""
+    columns = (fetched.shape[-1] - rows) // (height - 1)
+    lead = fetched.shape[:-1]
+    coarse = fetched[..., : (height - 1) * columns].reshape(lead + (height - 1, columns))
+    return coarse, fetched[..., (height - 1) * columns:]
+
+
+STATIC = ("grid", "height", "levels", "schedule", "backtrack")
+
+
+@functools.partial(jax.jit, static_argnames=STATIC)
+def solve_one(buffer, *, grid, height, levels, schedule, backtrack):
+    """Jitted `solve_tables` for one pmf from a `pack`ed buffer float64 [3 R + 2].
+
+    One array in, one array to fetch: a small solve pays one transfer each way.
+
+    Returns:
+      (fetched -- positions int32 [height] for backtrack "device", else the tables flat
+      (`split_tables`) --, (coarse, final) tables, F_M(row) float64 []).
     """
-    return solve_tables(*_unpack(sums, scalars), grid=grid, height=height, levels=levels,
-                        schedule=schedule)
+    coarse, final, found, optimum = solve_tables(*unpack(buffer), grid=grid, height=height,
+                                                 levels=levels, schedule=schedule, backtrack=backtrack)
+    return _fetched(coarse, final, found), (coarse, final), optimum
 
 
-@functools.partial(jax.jit, static_argnames=("grid", "height", "levels", "schedule", "batching"))
-def solve_many(sums, scalars, *, grid, height, levels, schedule, batching):
-    """Jitted `solve_tables` over a leading batch axis: sums float64 [B, 3, R], scalars int32 [2].
+@functools.partial(jax.jit, static_argnames=STATIC + ("batching",))
+def solve_many(buffer, *, grid, height, levels, schedule, backtrack, batching):
+    """`solve_one` over a leading batch axis: buffer float64 [B, 3 R + 2] (every row's M, row alike).
 
     `batching` "vmap" runs the rows in parallel (accelerators); "map" runs them one after the other
     with the unbatched kernels (faster on CPU, where batched scatters are slow).
     """
-    prefix_mass, prefix_cost, g, layers, row = _unpack(sums, scalars)
+    prefix_mass, prefix_cost, g, layers, row = unpack(buffer)
     one = functools.partial(solve_tables, layers=layers, row=row, grid=grid, height=height,
-                            levels=levels, schedule=schedule)
+                            levels=levels, schedule=schedule, backtrack=backtrack)
     if batching == "vmap":
-        return jax.vmap(one)(prefix_mass, prefix_cost, g)
-    return jax.lax.map(lambda args: one(*args), (prefix_mass, prefix_cost, g))
+        coarse, final, found, optimum = jax.vmap(one)(prefix_mass, prefix_cost, g)
+    else:
+        coarse, final, found, optimum = jax.lax.map(lambda args: one(*args),
+                                                    (prefix_mass, prefix_cost, g))
+    return _fetched(coarse, final, found), (coarse, final), optimum
