@@ -217,14 +217,24 @@ class HybridStack:
             outputs = (tuple(recurrent), tuple(bounds) if want_boundaries else None)
             return (x, tuple(kv), repeat + 1), outputs
 
-        recurrent = jax.tree_util.tree_map(lambda leaf: jnp.moveaxis(leaf, 1, 0), state.recurrent)
-        carry = (x, state.kv or (), jnp.zeros((), jnp.int32))
-        (x, kv, _), (recurrent, bounds) = jax.lax.scan(
-            unit, carry, (params["layers"], recurrent),
-            unroll=1 if cfg.scan_layers else self.repeats)
-        recurrent = jax.tree_util.tree_map(lambda leaf: jnp.moveaxis(leaf, 0, 1), recurrent)
-        if want_boundaries:
-            bounds = jax.tree_util.tree_map(lambda leaf: jnp.moveaxis(leaf, 0, 2), bounds)
+        if cfg.scan_layers:
+            recurrent = jax.tree_util.tree_map(lambda leaf: jnp.moveaxis(leaf, 1, 0), state.recurrent)
+            carry = (x, state.kv or (), jnp.zeros((), jnp.int32))
+            (x, kv, _), (recurrent, bounds) = jax.lax.scan(unit, carry, (params["layers"], recurrent))
+            recurrent = jax.tree_util.tree_map(lambda leaf: jnp.moveaxis(leaf, 0, 1), recurrent)
+            if want_boundaries:
+                bounds = jax.tree_util.tree_map(lambda leaf: jnp.moveaxis(leaf, 0, 2), bounds)
+        else:  # unrolled in Python: static slices of the stacked weights, states and KV (no loop)
+            kv, per_repeat = state.kv or (), []
+            for r in range(self.repeats):
+                layers = jax.tree_util.tree_map(lambda leaf: leaf[r], params["layers"])
+                recurrent = jax.tree_util.tree_map(lambda leaf: leaf[:, r], state.recurrent)
+                (x, kv, _), outputs = unit((x, kv, r), (layers, recurrent))
+                per_repeat.append(outputs)
+            recurrent = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves, axis=1),
+                                               *[out[0] for out in per_repeat])
+            bounds = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves, axis=2),
+                                            *[out[1] for out in per_repeat]) if want_boundaries else None
         state = state._replace(recurrent=recurrent, kv=kv or None)
         return state, self._norm(x, params["final_norm"]), bounds
 
