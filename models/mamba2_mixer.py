@@ -40,9 +40,7 @@ from sparse_prefix.protocol import RecurrentState
 
 from .group_conv import causal_conv_group
 from .layers import causal_conv_step
-from . import ssd_pallas
 from .ssd import full_precision, ssd_chunks, ssd_scan_chunks, ssd_step
-from .ssd_pallas import ssd_chunks_pallas
 
 Array = jax.Array
 BACKENDS = ("chunked", "pallas", "sequential")
@@ -238,9 +236,12 @@ def _mixer_output(params: MixerParams, cfg: Mamba2MixerConfig, y: Array, x: Arra
 
 
 def _use_pallas(cfg: Mamba2MixerConfig, chunks: int, length: int) -> bool:
-    """The "pallas" backend on shapes its kernels take."""
-    return cfg.backend == "pallas" and ssd_pallas.supported(
-        chunks, length, cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state, cfg.d_inner)
+    """The "pallas" backend on shapes its kernels take (Pallas is imported only for this backend:
+    its import costs ~1 s)."""
+    if cfg.backend != "pallas":
+        return False
+    from .ssd_pallas import supported
+    return supported(chunks, length, cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state, cfg.d_inner)
 
 
 def mamba2_mixer_group(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, state: RecurrentState,
@@ -277,6 +278,7 @@ def mamba2_mixer_group(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, st
     a = -jnp.exp(params.A_log.astype(jnp.float32))
     per_chunk = want_boundaries or emit is not None
     if _use_pallas(cfg, x.shape[1], x.shape[2]):
+        from .ssd_pallas import ssd_chunks_pallas
         y, exits, final = ssd_chunks_pallas(
             activated, dt, a, state.ssm, params.D.astype(jnp.float32), heads=cfg.nheads,
             head_dim=cfg.headdim, groups=cfg.ngroups, state_size=cfg.d_state, matmul_dtype=x.dtype,
