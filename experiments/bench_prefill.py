@@ -17,7 +17,9 @@ Chunking sweep (models with `with_chunking`, i.e. Mamba2): ``--chunk-size 128,25
 --chunks-per-step 4,8,16`` times every (C, G) pair (empty = the preset's own); ``--check-resume``
 also checks, per (preset, C, G), that a prefill resumed at a multiple of C that is not a multiple
 of G C reproduces the uncached final state and logits bitwise (same compiled program: no extra
-compilation).
+compilation). ``--backend chunked,pallas`` repeats every timing, breakdown and resume check per Mamba2
+SSD backend (`Mamba2MixerConfig.backend`; "pallas" falls back to "chunked" on shapes its kernels do
+not take, see `models.ssd_pallas.supported`).
 """
 
 from __future__ import annotations
@@ -66,13 +68,25 @@ def non_embedding_params(params) -> int:
     return total
 
 
-def _model(preset: str, dtype, chunking: tuple[int | None, int | None] = (None, None)):
-    """(model, params) of `preset`, re-chunked to (C, G) where given and the model supports it."""
+def _model(preset: str, dtype, chunking: tuple[int | None, int | None] = (None, None),
+           backend: str | None = None):
+    """(model, params) of `preset`, re-chunked to (C, G) where given and the model supports it, and
+    with its Mamba2 SSD `backend` replaced where given."""
     from sparse_prefix.models import create
     model, params = create(preset, dtype=dtype)
     if any(value is not None for value in chunking) and hasattr(model, "with_chunking"):
         model = model.with_chunking(*chunking)
+    if backend:
+        if getattr(model, "family", None) == "hybrid":
+            raise ValueError(f"--backend applies to Mamba2 presets; {preset} is a hybrid")
+        model = type(model)(model.config.replace(backend=backend))
     return model, params
+
+
+def _backend_of(model) -> str:
+    """The Mamba2 SSD backend of a Mamba2 model, "-" for other families."""
+    mixer = getattr(model.config, "mixer", None)
+    return mixer.backend if mixer is not None else "-"
 
 
 def _chunking_of(model) -> dict:
@@ -80,10 +94,10 @@ def _chunking_of(model) -> dict:
             "chunks_per_step": int(getattr(model, "chunks_per_step", 1))}
 
 
-def check_resume(preset: str, length: int, dtype, chunking=(None, None)) -> dict:
+def check_resume(preset: str, length: int, dtype, chunking=(None, None), backend=None) -> dict:
     """Bitwise check on this device: prefill(all) vs prefill(prefix) + prefill(rest, from its state),
     split at a multiple of C that is not a multiple of G C (every chunk changes its group slot)."""
-    model, params = _model(preset, dtype, chunking)
+    model, params = _model(preset, dtype, chunking, backend)
     chunk, group = model.chunk_size, getattr(model, "chunks_per_step", 1)
     split = (length // (2 * chunk)) * chunk + chunk
     if group > 1 and split % (group * chunk) == 0:
@@ -102,16 +116,18 @@ def check_resume(preset: str, length: int, dtype, chunking=(None, None)) -> dict
     worst = max(float(np.max(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))))
                 for got, want in pairs)
     return {"preset": preset, "length": length, "split": split, **_chunking_of(model),
-            "bitwise": worst == 0.0, "max_abs_diff": worst}
+            "backend": _backend_of(model), "bitwise": worst == 0.0, "max_abs_diff": worst}
 
 
-def breakdown(preset: str, length: int, repeats: int, dtype, chunking=(None, None)) -> dict:
+def breakdown(preset: str, length: int, repeats: int, dtype, chunking=(None, None),
+              backend: str | None = None) -> dict:
     """Where a Mamba2 prefill's time goes (ms, warm medians): `init_state`, `prefill` with a state made
     beforehand, one jitted group step (all layers, G chunks), one layer's group mixer, its in_proj
     matmul alone. prefill(L) - steps x step = the per-call overhead; step - layers x layer = the
-    per-step overhead of the layer loop. Hybrid presets: `hybrid_breakdown`."""
-    from sparse_prefix.models.mamba2 import mamba2_group_step, mamba2_mixer_group, stack_layers
-    model, params = _model(preset, dtype, chunking)
+    per-step overhead of the layer loop. Hybrid presets: `hybrid_breakdown` (`backend` must be None).
+    """
+    from sparse_prefix.models.mamba2 import mamba2_group_step, mamba2_mixer_group
+    model, params = _model(preset, dtype, chunking, backend)
     if getattr(model, "family", None) == "hybrid":
         return hybrid_breakdown(model, params, preset, length, repeats)
     cfg = model.config
@@ -126,7 +142,6 @@ def breakdown(preset: str, length: int, repeats: int, dtype, chunking=(None, Non
     step = jax.jit(lambda p, state, toks, valid: mamba2_group_step(p, cfg, state, toks, toks, valid,
                                                                    False)[:2], donate_argnums=1)
     carry = {"state": model.init_state(1)}
-    carry["state"] = carry["state"]._replace(recurrent=(stack_layers(carry["state"].recurrent),))
     step_tokens = jnp.asarray(tokens[:, :group * chunk].reshape(1, group, chunk)) \
         if length >= group * chunk else jnp.zeros((1, group, chunk), jnp.int32)
     all_valid = jnp.ones((1, group, chunk), bool)
@@ -137,7 +152,7 @@ def breakdown(preset: str, length: int, repeats: int, dtype, chunking=(None, Non
 
     out["step_ms"] = ms(timed(one_step, repeats))
     layer = jax.tree_util.tree_map(lambda leaf: leaf[0], params.layers.mixer)
-    x = jnp.zeros((1, group, chunk, cfg.d_model), cfg.compute_dtype)
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, group, chunk, cfg.d_model), cfg.compute_dtype)
     layer_state = model.init_state(1).recurrent[0]
     mixer = jax.jit(lambda p, x, s, v: mamba2_mixer_group(p, cfg.mixer, x, s, v)[:2])
     out["layer_ms"] = ms(timed(lambda: jax.block_until_ready(mixer(layer, x, layer_state, all_valid)),
@@ -205,10 +220,10 @@ def hybrid_breakdown(model, params, preset: str, length: int, repeats: int) -> d
 
 
 def bench_ours(preset: str, length: int, emit: int, repeats: int, dtype,
-               chunking: tuple[int | None, int | None] = (None, None)) -> dict:
+               chunking: tuple[int | None, int | None] = (None, None), backend=None) -> dict:
     """Time `model.prefill` of `length` tokens with `emit` evenly spaced on-grid checkpoints,
     with the preset re-chunked to `chunking` = (C, G) where given (None keeps the preset's)."""
-    model, params = _model(preset, dtype, chunking)
+    model, params = _model(preset, dtype, chunking, backend)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model.vocab_size, size=(1, length), dtype=np.int32)
     if emit:
@@ -228,7 +243,10 @@ def bench_ours(preset: str, length: int, emit: int, repeats: int, dtype,
 
     times = timed(call, repeats, warmup)
     init_times = timed(lambda: jax.block_until_ready(model.init_state(1)), repeats)
-    return {"impl": "sparse-prefix", "preset": preset, "length": length, "checkpoints": len(checkpoints),
+    backend = _backend_of(model)
+    return {"impl": "sparse-prefix" + (f" {backend}" if backend != "-" else ""), "preset": preset,
+            "length": length,
+            "checkpoints": len(checkpoints),
             "median_s": statistics.median(times), "min_s": min(times),
             "init_state_s": statistics.median(init_times),
             "non_embedding_params": non_embedding_params(params), **_chunking_of(model)}
@@ -276,6 +294,8 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk-size", default="", help="comma list of C to sweep (empty: preset's)")
     parser.add_argument("--chunks-per-step", default="",
                         help="comma list of G to sweep (empty: preset's)")
+    parser.add_argument("--backend", default="", help="Mamba2 SSD backends to compare, comma list of "
+                        "chunked / pallas / sequential (empty: the preset's; Mamba2 presets only)")
     parser.add_argument("--breakdown", action="store_true",
                         help="time init_state / prefill / one step / one layer / a projection "
                              "(Mamba2 and hybrid presets)")
@@ -285,6 +305,7 @@ def main(argv=None) -> int:
     sizes = [int(x) for x in args.chunk_size.split(",") if x] or [None]
     groups = [int(x) for x in args.chunks_per_step.split(",") if x] or [None]
     chunkings = [(size, group) for size in sizes for group in groups]
+    backends = [x for x in args.backend.split(",") if x] or [None]
 
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0]
@@ -295,26 +316,26 @@ def main(argv=None) -> int:
     lengths = [int(x) for x in args.lengths.split(",")]
     peer_lengths = [int(x) for x in args.peer_lengths.split(",") if x]
     for preset in args.presets.split(","):
-        for chunking in chunkings:
+        for variant, (backend, chunking) in enumerate((b, c) for b in backends for c in chunkings):
             for length in lengths:
-                row = bench_ours(preset, length, 0, args.repeats, dtype, chunking)
+                row = bench_ours(preset, length, 0, args.repeats, dtype, chunking, backend)
                 rows.append(row)
-                if args.peer and chunking == chunkings[0] and (not peer_lengths
-                                                               or length in peer_lengths):
+                if args.peer and variant == 0 and (not peer_lengths or length in peer_lengths):
                     for name in args.peer_dtypes.split(","):
                         peer = bench_peer(preset, length, args.repeats, jnp.dtype(name))
                         if peer:
                             peer["non_embedding_params"] = row["non_embedding_params"]
                             rows.append(peer)
             for emit in [int(x) for x in args.emit.split(",") if x]:
-                rows.append(bench_ours(preset, args.emit_length, emit, args.repeats, dtype, chunking))
+                rows.append(bench_ours(preset, args.emit_length, emit, args.repeats, dtype, chunking,
+                                       backend))
             if args.breakdown:
                 for length in lengths:
-                    row = breakdown(preset, length, args.repeats, dtype, chunking)
+                    row = breakdown(preset, length, args.repeats, dtype, chunking, backend)
                     print("breakdown: " + " ".join(f"{k}={v:.2f}" if isinstance(v, float) else
                                                    f"{k}={v}" for k, v in row.items()))
             if args.check_resume:
-                checks.append(check_resume(preset, max(lengths), dtype, chunking))
+                checks.append(check_resume(preset, max(lengths), dtype, chunking, backend))
                 print(f"resume check: {checks[-1]}")
     print(f"\n{'impl':34s} {'preset':14s} {'C':>4s} {'G':>3s} {'L':>6s} {'K':>3s} {'ms':>9s} "
           f"{'tok/s':>10s} {'MFU':>6s} {'init ms':>8s}")
@@ -328,6 +349,7 @@ def main(argv=None) -> int:
               f"{row['median_s'] * 1e3:9.2f} {row['tokens_per_s']:10.0f} {row['mfu']:6.1%} {init}")
     for check in checks:
         print(f"resume bitwise {'OK  ' if check['bitwise'] else 'FAIL'} {check['preset']} "
+              f"{check['backend']} "
               f"C={check['chunk_size']} G={check['chunks_per_step']} L={check['length']} "
               f"split={check['split']} max|diff|={check['max_abs_diff']:.3g}")
     if args.out:

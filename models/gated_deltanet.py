@@ -29,6 +29,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sparse_prefix.protocol import RecurrentState
 
@@ -144,8 +145,9 @@ def unit_lower_inverse(lower: Array, precision=jax.lax.Precision.HIGHEST) -> Arr
 
     Exact block forward substitution in log2(n) batched levels: the inverses of the diagonal blocks
     of size b give those of size 2b by [[X11, 0], [-X22 T21 X11, X22]] (T21 the block below the
-    diagonal). Two batched matmuls per level instead of a `triangular_solve` over many tiny matrices
-    (slow on GPUs). n need not be a power of two (the matrix is padded with an identity block).
+    diagonal, gathered by static indices: every entry of `lower` is read once over all levels).
+    Two batched matmuls per level instead of a `triangular_solve` over many tiny matrices (slow on
+    GPUs). n need not be a power of two (the matrix is padded with an identity block).
 
     Args:
       lower: float32[..., n, n]; only its strictly lower triangle is read.
@@ -165,9 +167,10 @@ def unit_lower_inverse(lower: Array, precision=jax.lax.Precision.HIGHEST) -> Arr
     block = 1
     while block < size:
         pairs = size // (2 * block)
-        grid = lower.reshape(lead + (pairs, 2 * block, pairs, 2 * block))
-        diagonal = jnp.moveaxis(jnp.diagonal(grid, axis1=-4, axis2=-2), -1, -3)  # [..., m, 2b, 2b]
-        below = diagonal[..., block:, :block]                                       # T21
+        start = 2 * block * np.arange(pairs)[:, None, None]              # static block origins
+        rows = start + block + np.arange(block)[None, :, None]
+        cols = start + np.arange(block)[None, None, :]
+        below = lower[..., rows, cols]                  # T21 of every 2b block: [..., m, b, b]
         halves = inverse.reshape(lead + (pairs, 2, block, block))
         upper_inv, lower_inv = halves[..., 0, :, :], halves[..., 1, :, :]
         corner = -jnp.matmul(jnp.matmul(lower_inv, below, precision=precision), upper_inv,

@@ -11,10 +11,11 @@ programs. The per-layer mixer lives in `mamba2_mixer` (re-exported here) for hyb
 Prefill runs G = `chunks_per_step` chunks of C tokens per loop step (`mamba2_group_step`): every
 layer on all G chunks at once -- [B G C, d] projections, per-chunk conv windows and SSD batched over
 the chunks, the state passed chunk to chunk in order -- so a chunk's numbers do not depend on its
-place in the group and resuming at any multiple of C stays bitwise. Inside prefill the state is
-carried layer-stacked (one `RecurrentState` with leaves [B, n_layer, ...]): the layer scan reads
-and writes it without restacking per step; the protocol's per-layer tuple is restored once at the
-end of the call.
+place in the group and resuming at any multiple of C stays bitwise. The layers are unrolled inside
+the step (static weight slices, read in place by the GEMMs; the state stays in the protocol's
+per-layer layout), and checkpoints are written by each layer straight into per-layer [B, K, ...]
+buffers carried in the loop, only for the emitted chunks (`mamba2_emitting_step`, the opt-in
+emission of `run_chunks`).
 
 Numerics follow state-spaces/mamba and HF `Mamba2ForCausalLM`: weights and activations in the compute
 dtype (bf16 by default); the residual stream (residual_in_fp32), norms, SSD and the recurrent state in
@@ -34,8 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_prefix.chunking import (bucket_length, check_decode_args, check_prefill_args, check_state,
-                                    checkpoint_bucket, run_chunks, scan_chunks)
+from sparse_prefix.chunking import (EmittingGroupStep, bucket_length, check_decode_args,
+                                    check_prefill_args, check_state, checkpoint_bucket, run_chunks,
+                                    scan_chunks)
 from sparse_prefix.protocol import Checkpoints, MemoryProfile, RecurrentState, State, restore_state
 
 from .checkpoint_io import register_family
@@ -48,9 +50,9 @@ from .registry import register
 Array = jax.Array
 __all__ = ["BACKENDS", "LayerParams", "Mamba2Config", "Mamba2LM", "Mamba2MixerConfig", "Mamba2Params",
            "MixerParams", "gated_rms_norm", "init_mamba2_mixer", "init_mamba2_params",
-           "init_mamba2_state", "mamba2_chunk_step", "mamba2_group_step", "mamba2_logits",
-           "mamba2_mixer_chunk", "mamba2_mixer_decode", "mamba2_mixer_group", "mamba2_mixer_state",
-           "stack_layers", "unstack_layers"]
+           "init_mamba2_state", "mamba2_chunk_step", "mamba2_emitting_step", "mamba2_group_step",
+           "mamba2_logits", "mamba2_mixer_chunk", "mamba2_mixer_decode", "mamba2_mixer_group",
+           "mamba2_mixer_state"]
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -170,17 +172,6 @@ def _unstack(stacked: Any, count: int) -> tuple:
     return tuple(jax.tree_util.tree_map(lambda leaf: leaf[i], stacked) for i in range(count))
 
 
-def stack_layers(recurrent: tuple) -> RecurrentState:
-    """Per-layer states (leaves [B, ...]) -> one `RecurrentState` with leaves [B, n_layer, ...]."""
-    return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves, axis=1), *recurrent)
-
-
-def unstack_layers(stacked: RecurrentState, count: int, axis: int = 1) -> tuple:
-    """Inverse of `stack_layers`: split the layer axis `axis` into a per-layer tuple."""
-    return tuple(jax.tree_util.tree_map(
-        lambda leaf: jax.lax.index_in_dim(leaf, i, axis, keepdims=False), stacked) for i in range(count))
-
-
 def _layers(params: Mamba2Params, cfg: Mamba2Config, hidden: Array, recurrent: tuple, mixer_fn
             ) -> tuple[Array, tuple]:
     """Run every block (scan over the stacked layers): hidden float32 residual [B, ..., d]."""
@@ -195,61 +186,80 @@ def _layers(params: Mamba2Params, cfg: Mamba2Config, hidden: Array, recurrent: t
     return rms_norm(hidden, params.norm_f, cfg.norm_eps), _unstack(stacked, cfg.n_layer)
 
 
+def _layer(params: Mamba2Params, index: int) -> LayerParams:
+    """Layer `index`'s parameters: static slices of the stacked leaves (read in place by the GEMMs,
+    not copied out per step as a loop's dynamic slices are)."""
+    return jax.tree_util.tree_map(lambda leaf: leaf[index], params.layers)
+
+
+def _group_layers(params: Mamba2Params, cfg: Mamba2Config, state: State, tokens: Array, valid: Array,
+                  want_boundaries: bool, emission) -> tuple[State, Array, tuple | None]:
+    """Every layer on G chunks, unrolled (see `mamba2_group_step`); `emission` is None or
+    (per-layer buffers, slot int32[B, G]) and the third result then the updated buffers."""
+    hidden = jnp.take(params.embedding, tokens, axis=0).astype(jnp.float32)
+    recurrent, thirds = [], []
+    for index, layer_state in enumerate(state.recurrent):
+        layer = _layer(params, index)
+        x = rms_norm(hidden, layer.norm, cfg.norm_eps).astype(cfg.compute_dtype)
+        emit = None if emission is None else (emission[0][index], emission[1])
+        y, layer_state, third = mamba2_mixer_group(layer.mixer, cfg.mixer, x, layer_state, valid,
+                                                   want_boundaries, emit=emit)
+        hidden = hidden + y.astype(jnp.float32)
+        recurrent.append(layer_state)
+        thirds.append(third)
+    hidden = rms_norm(hidden, params.norm_f, cfg.norm_eps)
+    third = tuple(thirds) if want_boundaries or emission is not None else None
+    return state._replace(recurrent=tuple(recurrent)), hidden, third
+
+
 def mamba2_group_step(params: Mamba2Params, cfg: Mamba2Config, state: State, tokens: Array,
                       positions: Array, valid: Array, want_boundaries: bool
                       ) -> tuple[State, Array, tuple | None]:
-    """The group step of `sparse_prefix.chunking` on a layer-stacked state: all layers on G chunks.
+    """The group step of `sparse_prefix.chunking`: all layers on G chunks.
+
+    The layers are unrolled (a Python loop, not a scan): each layer's weights are static slices of
+    the stacked parameters, which the GEMMs read in place, and the state stays in the protocol's
+    per-layer layout (nothing stacked or unstacked per call or step).
 
     Args:
-      params, cfg: the model. state: a `State` whose recurrent part is ONE `RecurrentState` with
-        leaves [B, n_layer, ...] (`stack_layers`). tokens: int32[B, G, C]. positions: unused
-        (Mamba2 has no positional encoding). valid: bool[B, G, C], a prefix of each chunk.
+      params, cfg: the model. state: a `State` (one `RecurrentState` per layer).
+      tokens: int32[B, G, C]. positions: unused (Mamba2 has no positional encoding).
+      valid: bool[B, G, C], a prefix of each chunk.
       want_boundaries: also return the state after each chunk (static).
 
     Returns:
-      (state, final-normed hidden float32[B, G, C, d], boundaries: a 1-tuple holding a
-      `RecurrentState` with leaves [B, G, n_layer, ...] when `want_boundaries`, else None).
+      (state, final-normed hidden float32[B, G, C, d], boundaries: per layer a `RecurrentState`
+      with leaves [B, G, ...] when `want_boundaries`, else None).
     """
     del positions
-    (stacked,) = state.recurrent
-    group = tokens.shape[1]
-    hidden = jnp.take(params.embedding, tokens, axis=0).astype(jnp.float32)
-    layer_major = jax.tree_util.tree_map(lambda leaf: jnp.swapaxes(leaf, 0, 1), stacked)
-    bounds = jax.tree_util.tree_map(
-        lambda leaf: jnp.zeros(leaf.shape[:1] + (group,) + leaf.shape[1:], leaf.dtype),
-        stacked) if want_boundaries else None
+    return _group_layers(params, cfg, state, tokens, valid, want_boundaries, None)
 
-    def block(carry, inputs):
-        residual, bounds = carry
-        layer, layer_state, index = inputs
-        x = rms_norm(residual, layer.norm, cfg.norm_eps).astype(cfg.compute_dtype)
-        y, layer_state, layer_bounds = mamba2_mixer_group(layer.mixer, cfg.mixer, x, layer_state,
-                                                          valid, want_boundaries)
-        if want_boundaries:  # written in place at this layer's index: [B, G, n_layer, ...]
-            bounds = jax.tree_util.tree_map(
-                lambda buffer, new: jax.lax.dynamic_update_index_in_dim(buffer, new, index, 2),
-                bounds, layer_bounds)
-        return (residual + y.astype(jnp.float32), bounds), layer_state
 
-    (hidden, bounds), layer_major = jax.lax.scan(
-        block, (hidden, bounds), (params.layers, layer_major, jnp.arange(cfg.n_layer)))
-    stacked = jax.tree_util.tree_map(lambda leaf: jnp.swapaxes(leaf, 0, 1), layer_major)
-    hidden = rms_norm(hidden, params.norm_f, cfg.norm_eps)
-    return state._replace(recurrent=(stacked,)), hidden, (bounds,) if want_boundaries else None
+def mamba2_emitting_step(params: Mamba2Params, cfg: Mamba2Config) -> EmittingGroupStep:
+    """`mamba2_group_step` as an `EmittingGroupStep` of `run_chunks`: each layer writes its emitted
+    states (only those) into per-layer checkpoint buffers [B, K, ...] carried in the loop -- the
+    protocol layout, so nothing is converted at the end of the call."""
+
+    def step(state, tokens, positions, valid, buffers, slot):
+        del positions
+        emission = None if buffers is None else (buffers, slot)
+        return _group_layers(params, cfg, state, tokens, valid, False, emission)
+
+    def init_buffers(state, slots):
+        return jax.tree_util.tree_map(
+            lambda leaf: jnp.zeros((leaf.shape[0], slots) + leaf.shape[1:], leaf.dtype),
+            state.recurrent)
+
+    return EmittingGroupStep(step, init_buffers, lambda buffers: buffers)
 
 
 def mamba2_chunk_step(params: Mamba2Params, cfg: Mamba2Config, state: State, tokens: Array,
                       positions: Array, valid: Array) -> tuple[State, Array]:
-    """The one-chunk step of `sparse_prefix.chunking` on the protocol's per-layer state:
-    tokens int32[B, C] -> (state, hidden f32[B, C, d]) (`mamba2_group_step` with G = 1).
-
-    `positions` is unused: Mamba2 has no positional encoding.
-    """
-    stacked = state._replace(recurrent=(stack_layers(state.recurrent),))
-    stacked, hidden, _ = mamba2_group_step(params, cfg, stacked, tokens[:, None], positions[:, None],
-                                           valid[:, None], False)
-    recurrent = unstack_layers(stacked.recurrent[0], cfg.n_layer)
-    return state._replace(recurrent=recurrent), hidden[:, 0]
+    """The one-chunk step of `sparse_prefix.chunking`: tokens int32[B, C] -> (state, hidden
+    f32[B, C, d]) (`mamba2_group_step` with G = 1). `positions` is unused."""
+    state, hidden, _ = mamba2_group_step(params, cfg, state, tokens[:, None], positions[:, None],
+                                         valid[:, None], False)
+    return state, hidden[:, 0]
 
 
 def mamba2_logits(params: Mamba2Params, cfg: Mamba2Config, hidden: Array) -> Array:
@@ -287,13 +297,10 @@ class _Programs:
 
     def _prefill(self, cfg, params, state, tokens, lengths, checkpoints):
         self.traces += 1
-        step = functools.partial(mamba2_group_step, params, cfg)
-        stacked = state._replace(recurrent=(stack_layers(state.recurrent),))
-        hidden, final, emitted = run_chunks(step, stacked, tokens, lengths, checkpoints,
-                                            chunk_size=cfg.chunk_size, hidden_size=cfg.d_model,
+        hidden, final, emitted = run_chunks(mamba2_emitting_step(params, cfg), state, tokens, lengths,
+                                            checkpoints, chunk_size=cfg.chunk_size,
+                                            hidden_size=cfg.d_model,
                                             chunks_per_step=cfg.chunks_per_step)
-        final = final._replace(recurrent=unstack_layers(final.recurrent[0], cfg.n_layer))
-        emitted = emitted._replace(recurrent=unstack_layers(emitted.recurrent[0], cfg.n_layer, axis=2))
         return mamba2_logits(params, cfg, hidden), final, emitted
 
     def _decode(self, cfg, params, state, token):
@@ -306,7 +313,6 @@ class _Programs:
 
     def _forward(self, cfg, params, tokens):
         state = init_mamba2_state(cfg, tokens.shape[0])
-        state = state._replace(recurrent=(stack_layers(state.recurrent),))
         step = functools.partial(mamba2_group_step, params, cfg)
         hidden, _ = scan_chunks(step, state, tokens, chunk_size=cfg.chunk_size,
                                 chunks_per_step=cfg.chunks_per_step)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_prefix.chunking import write_emitted
 from sparse_prefix.protocol import RecurrentState
 
 from .group_conv import causal_conv_group
@@ -42,7 +43,7 @@ from .layers import causal_conv_step
 from .ssd import full_precision, ssd_chunks, ssd_scan_chunks, ssd_step
 
 Array = jax.Array
-BACKENDS = ("chunked", "sequential")
+BACKENDS = ("chunked", "pallas", "sequential")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,9 @@ class Mamba2MixerConfig:
       d_model: d. d_state: N. d_conv: W. expand: E / d. headdim: P. ngroups: G.
       norm_eps: epsilon of the gated RMSNorm. dt_limit: (min, max) clamp of dt after softplus.
       use_bias: biases on in_proj / out_proj. conv_bias: bias on the depthwise conv.
-      backend: "chunked" (quadratic SSD form per chunk) or "sequential" (token scan reference).
+      backend: "chunked" (quadratic SSD form per chunk, pure JAX), "pallas" (the same on the GPU
+        with the Pallas kernels of `ssd_pallas` where the shapes qualify -- else "chunked" -- and
+        Pallas' interpreter off the GPU) or "sequential" (token scan reference).
     """
 
     d_model: int
@@ -217,17 +220,32 @@ def _time_step(params: MixerParams, cfg: Mamba2MixerConfig, dt_raw: Array) -> Ar
     return jnp.clip(dt, low, high)
 
 
-def _mixer_output(params: MixerParams, cfg: Mamba2MixerConfig, y: Array, x: Array, z: Array,
-                  dtype) -> Array:
-    """D skip, gated norm and out_proj: y float32 and x [..., H, P], z [..., E] -> [..., d] in dtype."""
-    y = y + params.D.astype(jnp.float32)[:, None] * x
-    y = y.reshape(y.shape[:-2] + (cfg.d_inner,))
+def _gated_output(params: MixerParams, cfg: Mamba2MixerConfig, y: Array, z: Array, dtype) -> Array:
+    """Gated norm and out_proj: y [..., E] (SSD output with the D skip), z [..., E] -> [..., d]."""
     normed = gated_rms_norm(y, z, params.norm, cfg.ngroups, cfg.norm_eps)
     return _linear(normed.astype(dtype), params.out_proj, params.out_proj_bias)
 
 
+def _mixer_output(params: MixerParams, cfg: Mamba2MixerConfig, y: Array, x: Array, z: Array,
+                  dtype) -> Array:
+    """D skip, gated norm and out_proj: y float32 and x [..., H, P], z [..., E] -> [..., d] in dtype.
+
+    y + D x is rounded to `dtype` before the gated norm, as state-spaces' SSD kernels return it."""
+    y = (y + params.D.astype(jnp.float32)[:, None] * x).astype(dtype)
+    return _gated_output(params, cfg, y.reshape(y.shape[:-2] + (cfg.d_inner,)), z, dtype)
+
+
+def _use_pallas(cfg: Mamba2MixerConfig, chunks: int, length: int) -> bool:
+    """The "pallas" backend on shapes its kernels take (Pallas is imported only for this backend:
+    its import costs ~1 s)."""
+    if cfg.backend != "pallas":
+        return False
+    from .ssd_pallas import supported
+    return supported(chunks, length, cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state, cfg.d_inner)
+
+
 def mamba2_mixer_group(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, state: RecurrentState,
-                       valid: Array, want_boundaries: bool = False
+                       valid: Array, want_boundaries: bool = False, *, emit=None
                        ) -> tuple[Array, RecurrentState, RecurrentState | None]:
     """Q consecutive chunks through one mixer (the prefill path).
 
@@ -239,25 +257,48 @@ def mamba2_mixer_group(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, st
       valid: bool[B, Q, C]; each chunk's valid slots are a prefix of it (a chunk may be all
         padding); padded slots leave the state exactly unchanged.
       want_boundaries: also return the state after each chunk (a static Python bool).
+      emit: None, or (buffers, slot): this layer's checkpoint buffers (a `RecurrentState` with
+        leaves [B, K, ...]) and int32[B, Q], the slot the state after chunk q is written to (K: not
+        emitted) -- the opt-in emission of `sparse_prefix.chunking.run_chunks`; exclusive with
+        `want_boundaries`.
 
     Returns:
       (y [B, Q, C, d] in x.dtype -- garbage on padded slots --, the state after the last chunk,
-      boundaries: a `RecurrentState` with leaves [B, Q, ...] (the state after each chunk) when
-      `want_boundaries`, else None).
+      third: with `want_boundaries` a `RecurrentState` with leaves [B, Q, ...] (the state after
+      each chunk); with `emit` the buffers with the emitted states written in; else None).
     """
+    if want_boundaries and emit is not None:
+        raise ValueError("want_boundaries and emit are exclusive")
     z, xbc, dt_raw = _split_projection(cfg, _linear(x, params.in_proj, params.in_proj_bias))
     n_valid = jnp.sum(valid, axis=2, dtype=jnp.int32)                                 # [B, Q]
     conv, windows = causal_conv_group(xbc, state.conv, params.conv_weight, params.conv_bias, n_valid)
-    xs, b, c = _split_conv(cfg, jax.nn.silu(conv).astype(x.dtype))
+    activated = jax.nn.silu(conv).astype(x.dtype)
+    xs, b, c = _split_conv(cfg, activated)
     dt = jnp.where(valid[..., None], _time_step(params, cfg, dt_raw), 0.0)
     a = -jnp.exp(params.A_log.astype(jnp.float32))
-    if cfg.backend == "chunked":
-        y, exits = ssd_chunks(xs, dt, a, b, c, state.ssm, matmul_dtype=x.dtype)
+    per_chunk = want_boundaries or emit is not None
+    if _use_pallas(cfg, x.shape[1], x.shape[2]):
+        from .ssd_pallas import ssd_chunks_pallas
+        y, exits, final = ssd_chunks_pallas(
+            activated, dt, a, state.ssm, params.D.astype(jnp.float32), heads=cfg.nheads,
+            head_dim=cfg.headdim, groups=cfg.ngroups, state_size=cfg.d_state, matmul_dtype=x.dtype,
+            want_exits=per_chunk)
+        out = _gated_output(params, cfg, y, z, x.dtype)
     else:
-        y, exits = ssd_scan_chunks(xs, dt, a, b, c, state.ssm)
-    final = RecurrentState(ssm=exits[:, -1], conv=windows[:, -1])
-    boundaries = RecurrentState(ssm=exits, conv=windows) if want_boundaries else None
-    return _mixer_output(params, cfg, y, xs, z, x.dtype), final, boundaries
+        if cfg.backend == "sequential":
+            y, exits, final = ssd_scan_chunks(xs, dt, a, b, c, state.ssm)
+        else:
+            y, exits, final = ssd_chunks(xs, dt, a, b, c, state.ssm, matmul_dtype=x.dtype,
+                                         want_exits=per_chunk)
+        out = _mixer_output(params, cfg, y, xs, z, x.dtype)
+    final = RecurrentState(ssm=final, conv=windows[:, -1])
+    third = None
+    if want_boundaries:
+        third = RecurrentState(ssm=exits, conv=windows)
+    elif emit is not None:
+        buffers, slot = emit
+        third = write_emitted(buffers, RecurrentState(ssm=exits, conv=windows), slot)
+    return out, final, third
 
 
 def mamba2_mixer_chunk(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, state: RecurrentState,

@@ -44,48 +44,68 @@ def _matmul(spec: str, left: Array, right: Array, dtype) -> Array:
                       preferred_element_type=jnp.float32)
 
 
-def _chunk_terms(x: Array, dt: Array, a: Array, b: Array, c: Array, mm) -> tuple:
-    """The parts of SSD that each chunk computes alone, batched over every leading axis.
+def pass_states(state: Array, decay: Array, contrib: Array, entering_dtype, want_exits: bool
+                ) -> tuple[Array, Array | None, Array]:
+    """The inter-chunk recurrence s_{q+1} = decay_q s_q + contrib_q, chunk after chunk IN ORDER.
+
+    One elementwise update per chunk (never a matmul over the chunk axis), so a chunk's numbers do
+    not depend on where it sits in the group. Each update is materialised once (an optimisation
+    barrier per chunk): fused into one loop kernel, XLA recomputes the whole chain for every chunk
+    it outputs (O(Q^2) reads of the contributions).
 
     Args:
-      x: float32[..., L, H, P]. dt: float32[..., L, H]. a: float32[H]. b, c: float32[..., L, G, N].
-      mm: the matmul (operand dtype, float32 accumulation).
+      state: float32[B, H, P, N] the state before chunk 0. decay: float32[B, Q, H] exp of each
+        chunk's total log decay. contrib: float32[B, Q, H, P, N] each chunk's contribution from a
+        zero state. entering_dtype: dtype of the returned entering states (the matmul operand
+        dtype). want_exits: also return the state after every chunk.
 
     Returns:
-      (y_diag float32[..., L, G, J, P] the intra-chunk output, contrib float32[..., G, J, P, N] the
-      chunk's state contribution from a zero state, log_decay float32[..., L, G, J] the within-chunk
-      cumulative log decay; J = H / G heads per group).
+      (entering [B, Q, H, P, N] in entering_dtype: the state before each chunk, exits
+      float32[B, Q, H, P, N] or None, final float32[B, H, P, N]).
     """
-    lead, (length, heads, head_dim) = x.shape[:-3], x.shape[-3:]
+    current, entering, exits = state, [], []
+    for q in range(contrib.shape[1]):
+        entering.append(current.astype(entering_dtype))
+        current = jax.lax.optimization_barrier(decay[:, q, :, None, None] * current + contrib[:, q])
+        exits.append(current)
+    return (jnp.stack(entering, axis=1), jnp.stack(exits, axis=1) if want_exits else None, current)
+
+
+def state_contributions(x: Array, dt: Array, cum: Array, b: Array, mm) -> Array:
+    """Each chunk's state contribution from a zero state, sum_s exp(cum_last - cum_s) dt_s x_s B_s^T.
+
+    Args:
+      x: [B, Q, L, H, P]. dt, cum: float32[B, Q, L, H] (cum: the within-chunk cumulative sum of
+        dt A). b: [B, Q, L, G, N]. mm: the matmul (`_matmul` with its operand dtype bound).
+
+    Returns:
+      float32[B, Q, H, P, N].
+    """
+    batch, chunks, length, heads, head_dim = x.shape
     groups = b.shape[-2]
-    per_group = heads // groups
-    log_decay = jnp.cumsum(dt * a, axis=-2).reshape(lead + (length, groups, per_group))
-    x_dt = (x * dt[..., None]).reshape(lead + (length, groups, per_group, head_dim))
+    lead = (batch, chunks, length, groups, heads // groups)
+    to_end = (jnp.exp(cum[:, :, -1:] - cum) * dt).reshape(lead)                     # [B,Q,L,G,J]
+    contrib = mm("bqsgn,bqsgjp->bqgjpn", b, x.reshape(lead + (head_dim,)) * to_end[..., None])
+    return contrib.reshape(batch, chunks, heads, head_dim, -1)
 
-    # Intra-chunk: y_l += sum_{s<=l} (C_l . B_s) exp(cum_l - cum_s) dt_s x_s.
-    cum = jnp.moveaxis(log_decay, -3, -1)                                          # [...,G,J,L]
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    decay = jnp.exp(jnp.where(causal, cum[..., :, None] - cum[..., None, :], -jnp.inf))
-    scores = mm("...lgn,...sgn->...gls", c, b)                                     # [...,G,L,S]
-    y_diag = mm("...gjls,...sgjp->...lgjp", scores[..., :, None, :, :] * decay, x_dt)
 
-    # The chunk's own contribution: sum_s exp(cum_last - cum_s) dt_s x_s B_s^T.
-    to_end = jnp.exp(log_decay[..., -1:, :, :] - log_decay)                        # [...,L,G,J]
-    contrib = mm("...sgn,...sgjp->...gjpn", b, x_dt * to_end[..., None])
-    return y_diag, contrib, log_decay
+def matmul_fn(dtype):
+    """The SSD matmul with operands cast to `dtype` and float32 accumulation (`mm` above)."""
+    return functools.partial(_matmul, dtype=jnp.dtype(dtype))
 
 
 def ssd_chunks(x: Array, dt: Array, a: Array, b: Array, c: Array, state: Array, *,
-               matmul_dtype=jnp.float32) -> tuple[Array, Array]:
+               matmul_dtype=jnp.float32, want_exits: bool = True
+               ) -> tuple[Array, Array | None, Array]:
     """Q consecutive chunks of SSD in quadratic form, starting from `state`.
 
-    Each chunk's intra-chunk output, state contribution and total decay are batched over the Q
-    chunks; the state then passes from chunk to chunk IN ORDER, s_{g+1} = exp(last_g) s_g +
-    contrib_g, by Q elementwise updates (never a matmul over the chunk axis), and each chunk reads
-    its entering state in one batched matmul. So a chunk's numbers do not depend on where it sits
-    in the group: a resume at any chunk boundary is bitwise. The decays, the state and every
-    accumulation are float32; only matmul operands are cast to `matmul_dtype` (bf16 for a bf16
-    model, as the state-spaces kernels do).
+    Each chunk's intra-chunk output and state contribution are batched over the Q chunks; the state
+    then passes from chunk to chunk IN ORDER (`pass_states`), and each chunk reads its entering
+    state in one batched matmul. So a chunk's numbers do not depend on where it sits in the group:
+    a resume at any chunk boundary is bitwise. As in state-spaces' kernels, dt is folded into the
+    decayed C B^T weights (intra-chunk) and into x's chunk-end decay (state contribution), so x, B
+    and C enter the matmuls as they come; decays, the state and every accumulation are float32;
+    matmul operands are cast to `matmul_dtype` (bf16 for a bf16 model).
 
     Args:
       x: [B, Q, L, H, P] inputs (after the conv and SiLU; float32 or the compute dtype).
@@ -95,31 +115,37 @@ def ssd_chunks(x: Array, dt: Array, a: Array, b: Array, c: Array, state: Array, 
       b, c: [B, Q, L, G, N] input and output projections of the state (like x).
       state: float32[B, H, P, N] the state before the first chunk.
       matmul_dtype: the operand dtype of the matmuls.
+      want_exits: return the state after every chunk (else None in its place).
 
     Returns:
-      (y float32[B, Q, L, H, P] without the D skip, exits float32[B, Q, H, P, N]: the state after
-      each chunk; exits[:, -1] is the final state).
+      (y float32[B, Q, L, H, P] without the D skip, exits float32[B, Q, H, P, N] or None,
+      final float32[B, H, P, N] the state after the last chunk).
     """
-    mm = functools.partial(_matmul, dtype=jnp.dtype(matmul_dtype))
+    mm = matmul_fn(matmul_dtype)
     batch, chunks, length, heads, head_dim = x.shape
-    groups, size = b.shape[-2], b.shape[-1]
+    groups = b.shape[-2]
     per_group = heads // groups
-    y_diag, contrib, log_decay = _chunk_terms(x, dt, a, b, c, mm)
-    chunk_decay = jnp.exp(log_decay[:, :, -1])[..., None, None]                     # [B,Q,G,J,1,1]
+    cum = jnp.cumsum(dt * a, axis=2)                                                 # [B,Q,L,H]
+    lead = (batch, chunks, length, groups, per_group)
 
-    # Inter-chunk: the state entering each chunk, passed in order by elementwise updates only.
-    current = state.reshape(batch, groups, per_group, head_dim, size)
-    entering, exits = [], []
-    for q in range(chunks):
-        entering.append(current)
-        current = chunk_decay[:, q] * current + contrib[:, q]
-        exits.append(current)
-    entering = jnp.stack(entering, axis=1)                                          # [B,Q,G,J,P,N]
+    # Intra-chunk: y_l += sum_{s<=l} (C_l . B_s) exp(cum_l - cum_s) dt_s x_s.
+    cum_t = jnp.moveaxis(cum.reshape(lead), 2, -1)                                   # [B,Q,G,J,L]
+    dt_t = jnp.moveaxis(dt.reshape(lead), 2, -1)                                     # [B,Q,G,J,S]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    decay = jnp.exp(jnp.where(causal, cum_t[..., :, None] - cum_t[..., None, :], -jnp.inf))
+    scores = mm("bqlgn,bqsgn->bqgls", c, b)                                         # [B,Q,G,L,S]
+    weights = scores[:, :, :, None] * decay * dt_t[..., None, :]                     # [B,Q,G,J,L,S]
+    xg = x.reshape(lead + (head_dim,))
+    y_diag = mm("bqgjls,bqsgjp->bqlgjp", weights, xg)
+
+    contrib = state_contributions(x, dt, cum, b, mm)
+    entering, exits, final = pass_states(state, jnp.exp(cum[:, :, -1]), contrib,
+                                         jnp.dtype(matmul_dtype), want_exits)
 
     # Off-diagonal: y_l += exp(cum_l) C_l . entering state, batched over the chunks.
-    y_off = mm("bclgn,bcgjpn->bclgjp", c, entering) * jnp.exp(log_decay)[..., None]
-    y = (y_diag + y_off).reshape(batch, chunks, length, heads, head_dim)
-    return y, jnp.stack(exits, axis=1).reshape(batch, chunks, heads, head_dim, size)
+    entering = entering.reshape(batch, chunks, groups, per_group, head_dim, -1)
+    y_off = mm("bqlgn,bqgjpn->bqlgjp", c, entering) * jnp.exp(cum).reshape(lead)[..., None]
+    return (y_diag + y_off).reshape(x.shape), exits, final
 
 
 def ssd_chunk(x: Array, dt: Array, a: Array, b: Array, c: Array, state: Array, *,
@@ -133,9 +159,9 @@ def ssd_chunk(x: Array, dt: Array, a: Array, b: Array, c: Array, state: Array, *
     Returns:
       (y float32[B, L, H, P] without the D skip, state float32[B, H, P, N] after the chunk).
     """
-    y, exits = ssd_chunks(x[:, None], dt[:, None], a, b[:, None], c[:, None], state,
-                          matmul_dtype=matmul_dtype)
-    return y[:, 0], exits[:, 0]
+    y, _, final = ssd_chunks(x[:, None], dt[:, None], a, b[:, None], c[:, None], state,
+                             matmul_dtype=matmul_dtype, want_exits=False)
+    return y[:, 0], final
 
 
 def _per_head(groups_array: Array, heads: int) -> Array:
@@ -176,9 +202,9 @@ def ssd_scan(x: Array, dt: Array, a: Array, b: Array, c: Array, state: Array) ->
 
 
 def ssd_scan_chunks(x: Array, dt: Array, a: Array, b: Array, c: Array, state: Array
-                    ) -> tuple[Array, Array]:
+                    ) -> tuple[Array, Array, Array]:
     """The sequential reference over Q chunks: `ssd_scan` chunk after chunk. Same contract as
-    `ssd_chunks` (x [B, Q, L, H, P] ... -> y [B, Q, L, H, P], exits [B, Q, H, P, N])."""
+    `ssd_chunks` (x [B, Q, L, H, P] ... -> y [B, Q, L, H, P], exits [B, Q, H, P, N], final)."""
 
     def chunk(current, inputs):
         x_g, dt_g, b_g, c_g = inputs
@@ -186,5 +212,5 @@ def ssd_scan_chunks(x: Array, dt: Array, a: Array, b: Array, c: Array, state: Ar
         return current, (y_g, current)
 
     inputs = tuple(jnp.moveaxis(t, 1, 0) for t in (x, dt, b, c))
-    _, (ys, exits) = jax.lax.scan(chunk, state, inputs)
-    return jnp.moveaxis(ys, 0, 1), jnp.moveaxis(exits, 0, 1)
+    final, (ys, exits) = jax.lax.scan(chunk, state, inputs)
+    return jnp.moveaxis(ys, 0, 1), jnp.moveaxis(exits, 0, 1), final

@@ -81,6 +81,45 @@ def chunk_slots(plan: ChunkPlan, chunk: Array, chunk_size: int) -> tuple[Array, 
     return jnp.where(valid, src, 0), valid
 
 
+class EmittingGroupStep(NamedTuple):
+    """A group step that writes the emitted states itself: the opt-in emission of `run_chunks`.
+
+    Attributes:
+      step: ``step(state, tokens[B, G, C], positions[B, G, C], valid[B, G, C], buffers, slot)
+        -> (state, hidden[B, G, C, d], buffers)``. In a call without checkpoint slots (K = 0)
+        `buffers` and `slot` are None and nothing is emitted (no emission code compiled).
+        Otherwise slot int32[B, G] is the checkpoint slot that the state after chunk g of the group
+        goes to, K (out of range) where that state is not emitted; the step writes exactly those
+        states into `buffers`, in place (`write_emitted` does it with one dropping scatter).
+      init_buffers: ``init_buffers(state, slots) -> buffers``: zeroed checkpoint buffers for K =
+        slots, in any layout the step likes (layer-stacked, per layer, ...); carried in the loop.
+      to_recurrent: ``to_recurrent(buffers) -> tuple``: the buffers in the protocol layout (the
+        structure of `State.recurrent`, leaves [B, K, ...]), called once per call.
+    """
+
+    step: Callable
+    init_buffers: Callable
+    to_recurrent: Callable
+
+
+def write_emitted(buffers, states, slot: Array):
+    """Write per-chunk states into checkpoint buffers where a chunk is emitted (one scatter per leaf).
+
+    Args:
+      buffers: a pytree of leaves [B, K, ...]. states: the same structure with leaves [B, G, ...]
+        (the state after each of G chunks). slot: int32[B, G], the slot of each chunk's state,
+        K (out of range: dropped) for a chunk that is not emitted.
+
+    Returns:
+      the buffers with states[b, g] at [b, slot[b, g]] for every emitted chunk; only those bytes
+      are written.
+    """
+    rows = jnp.arange(slot.shape[0])[:, None]
+    return jax.tree_util.tree_map(
+        lambda buffer, value: buffer.at[rows, slot].set(value.astype(buffer.dtype), mode="drop"),
+        buffers, states)
+
+
 def single_chunk_group_step(step: ChunkStep) -> GroupStep:
     """Adapt a one-chunk step to the group-step signature (G = 1)."""
 
@@ -95,10 +134,30 @@ def single_chunk_group_step(step: ChunkStep) -> GroupStep:
 
 def _group_step(step, chunks_per_step: int | None) -> tuple[GroupStep, int]:
     if chunks_per_step is None:
+        if isinstance(step, EmittingGroupStep):
+            raise ValueError("an EmittingGroupStep needs chunks_per_step (its G)")
         return single_chunk_group_step(step), 1
     if not isinstance(chunks_per_step, int) or chunks_per_step < 1:
         raise ValueError(f"chunks_per_step must be a positive int or None, got {chunks_per_step!r}")
     return step, chunks_per_step
+
+
+def _boundary_emission(group_step) -> EmittingGroupStep:
+    """The classic protocol as an emitting step: the step returns every chunk's state
+    (`want_boundaries`) and the driver scatters the emitted ones into [B, K, ...] buffers."""
+
+    def step(current, tokens, positions, valid, buffers, slot):
+        current, hidden, boundaries = group_step(current, tokens, positions, valid, buffers is not None)
+        if buffers is not None:
+            buffers = write_emitted(buffers, boundaries, slot)
+        return current, hidden, buffers
+
+    def init_buffers(current, count):
+        return jax.tree_util.tree_map(
+            lambda leaf: jnp.zeros((leaf.shape[0], count) + leaf.shape[1:], leaf.dtype),
+            current.recurrent)
+
+    return EmittingGroupStep(step, init_buffers, lambda buffers: buffers)
 
 
 def run_chunks(step, state: State, tokens: Array, lengths: Array, checkpoints: Array,
@@ -111,7 +170,8 @@ def run_chunks(step, state: State, tokens: Array, lengths: Array, checkpoints: A
         a `GroupStep` ``step(state, tokens[B, G, C], positions[B, G, C], valid[B, G, C],
         want_boundaries) -> (state, hidden[B, G, C, d], boundaries)`` that runs G consecutive chunks
         of the layout at once, where `boundaries` (only when `want_boundaries`, else None) has the
-        structure of `state.recurrent` with leaves [B, G, ...]: the state after each of the G chunks.
+        structure of `state.recurrent` with leaves [B, G, ...]: the state after each of the G chunks;
+        or an `EmittingGroupStep` (with an int G), which writes the emitted states itself.
         Each chunk's valid slots are a prefix of it; a chunk may be all padding (identity).
       state: the state to resume from; its `length` int32[B] is the absolute offset of tokens[:, 0].
       tokens: int32[B, T]. lengths: int32[B] (>= 1). checkpoints: int32[B, K] (<= 0: padding).
@@ -126,44 +186,39 @@ def run_chunks(step, state: State, tokens: Array, lengths: Array, checkpoints: A
     group_step, group = _group_step(step, chunks_per_step)
     batch = tokens.shape[0]
     slots = checkpoints.shape[1]
+    emitting = (group_step if isinstance(group_step, EmittingGroupStep)
+                else _boundary_emission(group_step))
     plan = plan_chunks(lengths, checkpoints, chunk_size)
     base = state.length.astype(jnp.int32)
     rows = jnp.arange(batch)
-    ckpt_buffers = jax.tree_util.tree_map(
-        lambda leaf: jnp.zeros((leaf.shape[0], slots) + leaf.shape[1:], leaf.dtype), state.recurrent)
+    buffers = emitting.init_buffers(state, slots) if slots else None
     last_hidden = jnp.zeros((batch, hidden_size), hidden_dtype)
     slots_of = jax.vmap(lambda chunk: chunk_slots(plan, chunk, chunk_size), out_axes=1)
-
-    def write(buffers, boundaries, slot):
-        return jax.tree_util.tree_map(
-            lambda buffer, value: buffer.at[rows[:, None], slot].set(value.astype(buffer.dtype),
-                                                                     mode="drop"),
-            buffers, boundaries)
 
     def body(carry):
         index, current, buffers, last = carry
         chunk_ids = index * group + jnp.arange(group, dtype=jnp.int32)
         src, valid = slots_of(chunk_ids)                                   # [B, G, C]
         group_tokens = jnp.take_along_axis(tokens, src.reshape(batch, -1), axis=1).reshape(src.shape)
-        current, hidden, boundaries = group_step(current, group_tokens, base[:, None, None] + src,
-                                                 valid, slots > 0)
+        slot = None
+        if slots:
+            match = plan.emit_chunk[:, None, :] == chunk_ids[None, :, None]  # [B, G, K]
+            slot = jnp.where(jnp.any(match, axis=2), jnp.argmax(match, axis=2), slots)
+        current, hidden, buffers = emitting.step(current, group_tokens, base[:, None, None] + src,
+                                                 valid, buffers, slot)
         flat_src, flat_valid = src.reshape(batch, -1), valid.reshape(batch, -1)
         is_last = flat_valid & (flat_src == (lengths - 1)[:, None])
         picked = hidden.reshape(batch, flat_src.shape[1], -1)[rows, jnp.argmax(is_last, axis=1)]
         last = jnp.where(jnp.any(is_last, axis=1)[:, None], picked.astype(hidden_dtype), last)
-        if slots:
-            match = plan.emit_chunk[:, None, :] == chunk_ids[None, :, None]  # [B, G, K]
-            slot = jnp.where(jnp.any(match, axis=2), jnp.argmax(match, axis=2), slots)
-            buffers = jax.lax.cond(jnp.any(match), lambda b: write(b, boundaries, slot),
-                                   lambda b: b, buffers)
         return index + 1, current, buffers, last
 
     steps = (plan.num_chunks + group - 1) // group
-    init = (jnp.zeros((), jnp.int32), state, ckpt_buffers, last_hidden)
+    init = (jnp.zeros((), jnp.int32), state, buffers, last_hidden)
     _, final, buffers, last_hidden = jax.lax.while_loop(lambda carry: carry[0] < steps, body, init)
+    recurrent = emitting.to_recurrent(buffers if slots else emitting.init_buffers(state, 0))
     ckpt_lengths = jnp.where(checkpoints > 0, base[:, None] + checkpoints, 0).astype(jnp.int32)
     final = final._replace(length=base + lengths.astype(jnp.int32))
-    return last_hidden, final, Checkpoints(recurrent=buffers, lengths=ckpt_lengths)
+    return last_hidden, final, Checkpoints(recurrent=recurrent, lengths=ckpt_lengths)
 
 
 def scan_chunks(step, state: State, tokens: Array, *, chunk_size: int,

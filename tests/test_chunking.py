@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_prefix.chunking import check_prefill_args, plan_chunks, run_chunks, scan_chunks
+from sparse_prefix.chunking import (EmittingGroupStep, check_prefill_args, plan_chunks, run_chunks,
+                                    scan_chunks, write_emitted)
 from sparse_prefix.protocol import RecurrentState, State
 
 C = 4
@@ -138,3 +139,45 @@ def test_grouped_scan_matches_the_single_chunk_scan():
                                                chunks_per_step=2))(fresh(2), tokens)
     for want, have in zip(jax.tree_util.tree_leaves(single), jax.tree_util.tree_leaves(grouped)):
         np.testing.assert_array_equal(np.asarray(have), np.asarray(want))
+
+
+def toy_emitting_step(calls):
+    """`toy_group_step` as an `EmittingGroupStep` that writes its own states; `calls` records
+    whether each trace got buffers."""
+
+    def step(state, tokens, positions, valid, buffers, slot):
+        calls.append(buffers is not None)
+        state, hidden, bounds = toy_group_step(state, tokens, positions, valid, buffers is not None)
+        if buffers is not None:
+            buffers = write_emitted(buffers, bounds, slot)
+        return state, hidden, buffers
+
+    def init_buffers(state, slots):
+        return jax.tree_util.tree_map(
+            lambda leaf: jnp.zeros((leaf.shape[0], slots) + leaf.shape[1:], leaf.dtype), state.recurrent)
+
+    return EmittingGroupStep(step, init_buffers, lambda buffers: buffers)
+
+
+@pytest.mark.parametrize("slots", [0, 4])
+def test_an_emitting_step_emits_what_the_boundary_protocol_emits_and_nothing_at_k0(slots):
+    calls = []
+    run = jax.jit(lambda state, tokens, lengths, ckpts, step: run_chunks(
+        step, state, tokens, lengths, ckpts, chunk_size=C, hidden_size=1, chunks_per_step=2),
+        static_argnums=4)
+    rng = np.random.default_rng(11)
+    tokens = rng.integers(0, 5, size=(2, 16)).astype(np.int32)
+    lengths = np.array([13, 9], np.int32)
+    ckpts = np.array([[1, 5, 0, 13], [0, 4, 8, 9]], np.int32)[:, :slots]
+    expected = run(fresh(2), tokens, lengths, ckpts, toy_group_step)
+    got = run(fresh(2), tokens, lengths, ckpts, toy_emitting_step(calls))
+    assert calls == [slots > 0]                       # K = 0: traced without buffers or slots
+    assert got[2].recurrent[0].ssm.shape == (2, slots, 1, 1, 1)
+    for want, have in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(got)):
+        np.testing.assert_array_equal(np.asarray(have), np.asarray(want))
+
+
+def test_an_emitting_step_needs_its_group_size():
+    with pytest.raises(ValueError, match="chunks_per_step"):
+        run_chunks(toy_emitting_step([]), fresh(1), np.zeros((1, 4), np.int32), np.array([4]),
+                   np.zeros((1, 0), np.int32), chunk_size=C, hidden_size=1)

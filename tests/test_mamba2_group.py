@@ -1,21 +1,25 @@
 """Mamba2 group steps (G chunks per prefill step): exactness across group positions, agreement with
-G = 1, the group mixer API, padding chunks, compilation bound and configuration."""
+G = 1, the group mixer API, padding chunks, in-place checkpoint emission, compilation bound and
+configuration."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sparse_prefix.chunking import run_chunks, write_emitted
 from sparse_prefix.models import build, create
 from sparse_prefix.models.group_conv import causal_conv_group
-from sparse_prefix.models.mamba2 import Mamba2LM
+from sparse_prefix.models.mamba2 import Mamba2LM, mamba2_emitting_step, mamba2_group_step
 from sparse_prefix.models.mamba2_mixer import mamba2_mixer_chunk, mamba2_mixer_group, mamba2_mixer_state
 from sparse_prefix.protocol import RecurrentState
 from sparse_prefix.testing import check_model
 
 B, T = 2, 59  # check_model's shapes on mamba2-tiny (C = 16): token bucket 64, checkpoint bucket 4
+group_mixer = jax.jit(mamba2_mixer_group, static_argnums=(1, 5))
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +94,7 @@ def test_group_mixer_matches_the_sequential_reference_chunk_after_chunk_with_eac
     valid = np.arange(chunk)[None, None] < n_valid[..., None]
     shapes = jax.eval_shape(lambda: mamba2_mixer_state(cfg, B, jnp.float32))
     state = RecurrentState(*(rng.standard_normal(leaf.shape).astype(np.float32) for leaf in shapes))
-    y, final, bounds = jax.jit(mamba2_mixer_group, static_argnums=(1, 5))(
-        params, cfg, x, state, valid, True)
+    y, final, bounds = group_mixer(params, cfg, x, state, valid, True)
     one_chunk = jax.jit(mamba2_mixer_chunk, static_argnums=1)
     current = state
     for g in range(groups):
@@ -165,3 +168,53 @@ def test_chunking_is_a_validated_config_field_with_gpu_minded_presets(tiny):
         with pytest.raises(ValueError, match="chunks_per_step"):
             model.config.replace(chunks_per_step=bad)
     assert isinstance(other, Mamba2LM) and other.donate_state == model.donate_state
+
+
+def _driver(cfg):
+    """run_chunks on the Mamba2 group step, jitted: the emitting step or the boundary protocol."""
+
+    def prefill(params, state, tokens, lengths, ckpts, emitting):
+        step = (mamba2_emitting_step(params, cfg) if emitting
+                else functools.partial(mamba2_group_step, params, cfg))
+        return run_chunks(step, state, tokens, lengths, ckpts, chunk_size=cfg.chunk_size,
+                          hidden_size=cfg.d_model, chunks_per_step=cfg.chunks_per_step)
+
+    return prefill
+
+
+def test_in_place_emission_writes_the_checkpoints_of_the_boundary_protocol(tiny):
+    model, model_params = tiny
+    cfg = model.config.mixer
+    params = jax.tree_util.tree_map(lambda leaf: np.asarray(leaf)[0], model_params.layers.mixer)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((B, 3, 8, cfg.d_model)).astype(np.float32)  # the shapes of the test above
+    valid = np.arange(8)[None, None] < np.array([[8, 3, 8], [0, 8, 8]])[..., None]
+    shapes = jax.eval_shape(lambda: mamba2_mixer_state(cfg, B, jnp.float32))
+    state = RecurrentState(*(rng.standard_normal(leaf.shape).astype(np.float32) for leaf in shapes))
+    slots = 3
+    buffers = jax.tree_util.tree_map(
+        lambda leaf: jnp.full((B, slots) + leaf.shape[1:], 7.0, leaf.dtype), state)
+    slot = np.array([[2, slots, slots], [slots, 0, slots]], np.int32)  # chunk -> slot (K: none)
+    y, final, written = group_mixer(params, cfg, x, state, valid, False, emit=(buffers, slot))
+    want_y, want_final, bounds = group_mixer(params, cfg, x, state, valid, True)
+    expected = write_emitted(buffers, bounds, slot)
+    for got, want in zip(jax.tree_util.tree_leaves((y, final, written)),
+                         jax.tree_util.tree_leaves((want_y, want_final, expected))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for got, bound in zip(written, bounds):  # exactly the emitted chunks landed, nothing else
+        np.testing.assert_array_equal(np.asarray(got[0, 2]), np.asarray(bound[0, 0]))
+        np.testing.assert_array_equal(np.asarray(got[1, 0]), np.asarray(bound[1, 1]))
+        assert np.all(np.asarray(got[0, :2]) == 7.0) and np.all(np.asarray(got[1, 1:]) == 7.0)
+    with pytest.raises(ValueError, match="exclusive"):
+        mamba2_mixer_group(params, cfg, x, state, valid, True, emit=(buffers, slot))
+
+
+def test_a_call_without_checkpoints_traces_no_emission(tiny):
+    model, params = tiny
+    model = model.with_chunking(chunks_per_step=2)
+    prefill = _driver(model.config)
+    tokens, lengths = _tokens(5, B, 48), np.array([48, 40], np.int32)
+    for slots in (0, 4):
+        jaxpr = str(jax.make_jaxpr(prefill, static_argnums=5)(
+            params, model.init_state(B), tokens, lengths, np.zeros((B, slots), np.int32), True))
+        assert ("scatter" in jaxpr) == (slots > 0)

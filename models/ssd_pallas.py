@@ -1,0 +1,241 @@
+"""Pallas (Triton) kernels for the GPU path of Mamba2's SSD, beside the pure-JAX `ssd.ssd_chunks`.
+
+Two kernels replace the memory-bound parts of the XLA path (issue 7's profile: per 2048-token step
+and layer of mamba2-1.3b, XLA materialises the decayed C B^T weights [Q, H, L, S] (67 MB), a
+transposed copy of x, the float32 y_diag and y_off, and recomputes the inter-chunk chain per chunk):
+
+  * `pass_states_pallas` -- the inter-chunk recurrence s_{q+1} = decay_q s_q + contrib_q, one pass
+    over the chunks per block of state elements (each contribution read once, each entering state
+    written once in the matmul dtype, the exits only when asked);
+  * `chunk_scan_pallas` -- each chunk's output y = (intra-chunk decayed C B^T weights) x +
+    exp(cum) C . entering + D x, computed per (chunk, head, block of L rows) with the weights
+    built in registers from C, B, the cumulative log decay and dt (never in memory), written once
+    in the compute dtype (what state-spaces' `_chunk_scan_fwd` computes).
+
+Both compute every chunk from its own inputs and its entering state with the same operations
+wherever the chunk sits in the group, so a resume on the chunk grid stays bitwise (one program per
+chunk and head; the loops run in a fixed order). On a machine without a GPU they run in Pallas'
+interpreter (the tests compare them there with the pure-JAX path). Block dimensions must be powers
+of two for Triton: `supported` tells whether a shape qualifies.
+
+Shape legend: see `ssd.py` (B, Q chunks, L chunk length, H heads, P head dim, G groups, N state).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from .ssd import matmul_fn, state_contributions
+
+Array = jax.Array
+
+
+def _interpret() -> bool:
+    """Pallas' interpreter unless the default backend is a GPU."""
+    return jax.default_backend() != "gpu"
+
+
+def _pow2(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+def supported(chunks: int, length: int, heads: int, head_dim: int, groups: int, state_size: int,
+              d_inner: int) -> bool:
+    """Whether the kernels take these shapes (power-of-two blocks, B and C on N-aligned channels)."""
+    return (all(_pow2(v) for v in (chunks, length, head_dim, state_size))
+            and heads % groups == 0 and d_inner % state_size == 0 and length >= 16
+            and head_dim >= 16 and state_size >= 16)
+
+
+def _dot(a: Array, b: Array, precision, trans_b: bool = False) -> Array:
+    """a [M, K] @ b [K, N] (b [N, K] with trans_b) with float32 accumulation."""
+    contract = 1 if trans_b else 0
+    return jax.lax.dot_general(a, b, (((1,), (contract,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
+def _precision(dtype):
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+# ----------------------------------------------------------------------------- the chain
+
+
+def _chain_kernel(decay_ref, state_ref, contrib_ref, *out_refs, chunks: int, want_exits: bool):
+    entering_ref, final_ref = out_refs[0], out_refs[-1]
+    current = state_ref[...]
+    for q in range(chunks):
+        entering_ref[q, :] = current.astype(entering_ref.dtype)
+        current = decay_ref[q] * current + contrib_ref[q, :]
+        if want_exits:
+            out_refs[1][q, :] = current
+    final_ref[...] = current
+
+
+def pass_states_pallas(state: Array, decay: Array, contrib: Array, entering_dtype,
+                       want_exits: bool, block: int = 1024) -> tuple[Array, Array | None, Array]:
+    """`ssd.pass_states` as one kernel (same contract).
+
+    Args:
+      state: float32[B, H, P, N]. decay: float32[B, Q, H]. contrib: float32[B, Q, H, P, N].
+      entering_dtype: dtype of the entering states. want_exits: also return every chunk's exit.
+      block: state elements per program (a power of two; clipped to P N).
+
+    Returns:
+      (entering [B, Q, H, P, N], exits float32[B, Q, H, P, N] or None, final float32[B, H, P, N]).
+    """
+    batch, chunks, heads, head_dim, size = contrib.shape
+    flat = head_dim * size
+    block = min(block, flat)
+    padded = 1 << (chunks - 1).bit_length()
+    decay_t = jnp.pad(jnp.swapaxes(decay, 1, 2), ((0, 0), (0, 0), (0, padded - chunks)),
+                      constant_values=1.0)                                           # [B, H, Qp]
+    per_chunk = pl.BlockSpec((None, chunks, None, block), lambda b, h, i: (b, 0, h, i))
+    per_state = pl.BlockSpec((None, None, block), lambda b, h, i: (b, h, i))
+    out_shape = [jax.ShapeDtypeStruct((batch, chunks, heads, flat), entering_dtype)]
+    out_specs = [per_chunk]
+    if want_exits:
+        out_shape.append(jax.ShapeDtypeStruct((batch, chunks, heads, flat), jnp.float32))
+        out_specs.append(per_chunk)
+    out_shape.append(jax.ShapeDtypeStruct((batch, heads, flat), jnp.float32))
+    out_specs.append(per_state)
+    outs = pl.pallas_call(
+        functools.partial(_chain_kernel, chunks=chunks, want_exits=want_exits),
+        out_shape=out_shape, grid=(batch, heads, flat // block),
+        in_specs=[pl.BlockSpec((None, None, padded), lambda b, h, i: (b, h, 0)), per_state, per_chunk],
+        out_specs=out_specs, interpret=_interpret(),
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        name="ssd_pass_states",
+    )(decay_t, state.reshape(batch, heads, flat), contrib.reshape(batch, chunks, heads, flat))
+    shape = (batch, chunks, heads, head_dim, size)
+    exits = outs[1].reshape(shape) if want_exits else None
+    return outs[0].reshape(shape), exits, outs[-1].reshape(state.shape)
+
+
+# ----------------------------------------------------------------------------- the chunk scan
+
+
+def _scan_kernel(x_ref, b_ref, c_ref, cum_ref, dt_ref, entering_ref, d_ref, y_ref, *, block: int,
+                 matmul_dtype, precision):
+    row_block = pl.program_id(2)
+    start = pl.multiple_of(row_block * block, block)
+    rows = pl.ds(start, block)
+    c = c_ref[rows, :].astype(matmul_dtype)                                          # [BL, N]
+    cum_rows = cum_ref[rows]                                                         # [BL]
+    entering = entering_ref[...].astype(matmul_dtype)                                # [P, N]
+    acc = _dot(c, entering, precision, trans_b=True) * jnp.exp(cum_rows)[:, None]    # [BL, P]
+    row_ids = start + jax.lax.broadcasted_iota(jnp.int32, (block, block), 0)
+
+    def column_block(index, acc):
+        first = pl.multiple_of(index * block, block)
+        cols = pl.ds(first, block)
+        scores = _dot(c, b_ref[cols, :].astype(matmul_dtype), precision, trans_b=True)  # [BL, BS]
+        col_ids = first + jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)
+        log_decay = jnp.where(row_ids >= col_ids, cum_rows[:, None] - cum_ref[cols][None, :],
+                              -jnp.inf)
+        weights = scores * jnp.exp(log_decay) * dt_ref[cols][None, :]
+        return acc + _dot(weights.astype(matmul_dtype), x_ref[cols, :].astype(matmul_dtype),
+                          precision)
+
+    acc = jax.lax.fori_loop(0, row_block + 1, column_block, acc)
+    skip = x_ref[rows, :].astype(jnp.float32) * d_ref[...][None, :]
+    y_ref[...] = (acc + skip).astype(y_ref.dtype)
+
+
+def chunk_scan_pallas(xbc: Array, cum: Array, dt: Array, entering: Array, d_skip: Array, *,
+                      heads: int, head_dim: int, groups: int, state_size: int, out_dtype,
+                      block: int = 64) -> Array:
+    """Every chunk's SSD output with the D skip, from the conv output and the entering states.
+
+    Args:
+      xbc: [B, Q, L, Dc] the activated conv output (x | B | C channels, Dc = H P + 2 G N).
+      cum: float32[B, Q, L, H] the within-chunk cumulative log decay (cumsum of dt A).
+      dt: float32[B, Q, L, H] step sizes (0 on padded slots).
+      entering: [B, Q, H, P, N] the state before each chunk (matmul dtype).
+      d_skip: float32[H] the D skip. heads, head_dim, groups, state_size: H, P, G, N.
+      out_dtype: dtype of y (the matmul operand dtype too). block: rows per program (<= L).
+
+    Returns:
+      y [B, Q, L, H P] in out_dtype: y_diag + y_off + D x for every slot (garbage on padding).
+    """
+    batch, chunks, length, _ = xbc.shape
+    block = min(block, length)
+    inner, per_group = heads * head_dim, heads // groups
+    b_first, c_first = inner // state_size, inner // state_size + groups
+    precision = _precision(out_dtype)
+    cum_t = jnp.swapaxes(cum, 2, 3)                                                  # [B,Q,H,L]
+    dt_t = jnp.swapaxes(dt, 2, 3)
+    d_rows = jnp.broadcast_to(d_skip.astype(jnp.float32)[:, None], (heads, head_dim))
+
+    def chunk_of(bq):
+        return bq // chunks, bq % chunks
+
+    def x_map(bq, h, i):
+        return chunk_of(bq) + (0, h)
+
+    def b_map(bq, h, i):
+        return chunk_of(bq) + (0, b_first + h // per_group)
+
+    def c_map(bq, h, i):
+        return chunk_of(bq) + (0, c_first + h // per_group)
+
+    def per_head_row(bq, h, i):
+        return chunk_of(bq) + (h, 0)
+
+    def state_map(bq, h, i):
+        return chunk_of(bq) + (h, 0, 0)
+
+    kernel = functools.partial(_scan_kernel, block=block, matmul_dtype=jnp.dtype(out_dtype),
+                               precision=precision)
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((batch, chunks, length, inner), out_dtype),
+        grid=(batch * chunks, heads, length // block),
+        in_specs=[pl.BlockSpec((None, None, length, head_dim), x_map),
+                  pl.BlockSpec((None, None, length, state_size), b_map),
+                  pl.BlockSpec((None, None, length, state_size), c_map),
+                  pl.BlockSpec((None, None, None, length), per_head_row),
+                  pl.BlockSpec((None, None, None, length), per_head_row),
+                  pl.BlockSpec((None, None, None, head_dim, state_size), state_map),
+                  pl.BlockSpec((None, head_dim), lambda bq, h, i: (h, 0))],
+        out_specs=pl.BlockSpec((None, None, block, head_dim),
+                               lambda bq, h, i: chunk_of(bq) + (i, h)),
+        interpret=_interpret(),
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+        name="ssd_chunk_scan",
+    )(xbc, xbc, xbc, cum_t, dt_t, entering, d_rows)
+
+
+def ssd_chunks_pallas(xbc: Array, dt: Array, a: Array, state: Array, d_skip: Array, *, heads: int,
+                      head_dim: int, groups: int, state_size: int, matmul_dtype,
+                      want_exits: bool) -> tuple[Array, Array | None, Array]:
+    """Q chunks of SSD with the kernels: the GPU counterpart of `ssd.ssd_chunks` plus the D skip.
+
+    The chunk contributions stay one batched XLA matmul (`ssd.state_contributions`); the chain and
+    the chunk outputs are the kernels above.
+
+    Args:
+      xbc: [B, Q, L, Dc] the activated conv output (x | B | C). dt: float32[B, Q, L, H] (0 on
+        padded slots). a: float32[H]. state: float32[B, H, P, N]. d_skip: float32[H].
+      heads, head_dim, groups, state_size: H, P, G, N. matmul_dtype: operand dtype (and y's).
+      want_exits: return every chunk's exit state.
+
+    Returns:
+      (y [B, Q, L, H P] in matmul_dtype with the D skip, exits float32[B, Q, H, P, N] or None,
+      final float32[B, H, P, N]).
+    """
+    batch, chunks, length, _ = xbc.shape
+    inner = heads * head_dim
+    x = xbc[..., :inner].reshape(batch, chunks, length, heads, head_dim)
+    b = xbc[..., inner:inner + groups * state_size].reshape(batch, chunks, length, groups, state_size)
+    cum = jnp.cumsum(dt * a, axis=2)
+    contrib = state_contributions(x, dt, cum, b, matmul_fn(matmul_dtype))
+    entering, exits, final = pass_states_pallas(state, jnp.exp(cum[:, :, -1]), contrib, matmul_dtype,
+                                                want_exits)
+    y = chunk_scan_pallas(xbc, cum, dt, entering, d_skip, heads=heads, head_dim=head_dim,
+                          groups=groups, state_size=state_size, out_dtype=matmul_dtype)
+    return y, exits, final
