@@ -25,6 +25,7 @@ not take, see `models.ssd_pallas.supported`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -71,22 +72,30 @@ def non_embedding_params(params) -> int:
 def _model(preset: str, dtype, chunking: tuple[int | None, int | None] = (None, None),
            backend: str | None = None):
     """(model, params) of `preset`, re-chunked to (C, G) where given and the model supports it, and
-    with its Mamba2 SSD `backend` replaced where given."""
+    with its `backend` replaced where given: the SSD backend of a Mamba2 preset, or for a hybrid
+    preset its layer loop ("scan": `scan_layers=True`, "unroll": False)."""
     from sparse_prefix.models import create
     model, params = create(preset, dtype=dtype)
     if any(value is not None for value in chunking) and hasattr(model, "with_chunking"):
         model = model.with_chunking(*chunking)
     if backend:
         if getattr(model, "family", None) == "hybrid":
-            raise ValueError(f"--backend applies to Mamba2 presets; {preset} is a hybrid")
-        model = type(model)(model.config.replace(backend=backend))
+            if backend not in ("scan", "unroll"):
+                raise ValueError(f"--backend for the hybrid {preset} is scan or unroll, got {backend!r}")
+            model = type(model)(dataclasses.replace(model.config, scan_layers=backend == "scan"),
+                                backend=model.backend, min_checkpoint_slots=model.min_checkpoint_slots)
+        else:
+            model = type(model)(model.config.replace(backend=backend))
     return model, params
 
 
 def _backend_of(model) -> str:
-    """The Mamba2 SSD backend of a Mamba2 model, "-" for other families."""
+    """The Mamba2 SSD backend of a Mamba2 model; a hybrid's layer loop (scan / unroll)."""
     mixer = getattr(model.config, "mixer", None)
-    return mixer.backend if mixer is not None else "-"
+    if mixer is not None:
+        return mixer.backend
+    scan = getattr(model.config, "scan_layers", None)
+    return "-" if scan is None else ("scan" if scan else "unroll")
 
 
 def _chunking_of(model) -> dict:
@@ -295,7 +304,8 @@ def main(argv=None) -> int:
     parser.add_argument("--chunks-per-step", default="",
                         help="comma list of G to sweep (empty: preset's)")
     parser.add_argument("--backend", default="", help="Mamba2 SSD backends to compare, comma list of "
-                        "chunked / pallas / sequential (empty: the preset's; Mamba2 presets only)")
+                        "chunked / pallas / sequential (Mamba2) or scan / unroll (hybrid layer loop); empty: "
+                        "the preset's")
     parser.add_argument("--breakdown", action="store_true",
                         help="time init_state / prefill / one step / one layer / a projection "
                              "(Mamba2 and hybrid presets)")
