@@ -54,10 +54,12 @@ case "$phase" in
     TAIL=30 step solver 150 $SOLVER --sizes 256,16384,131072 --budgets 30,32,64 --reference-max 4096 \
       --json "$OUT/solver.json"
     TAIL=12 step solver_scan 60 $SOLVER --sizes 256 --budgets 30,64 --schedule scan --reference-max 0
+    TAIL=12 step solver_devback 60 $SOLVER --sizes 256 --budgets 30,32,64 --reference-max 0 \
+      --host-backtrack-max 0
     ;;
   hybrid)
     TAIL=40 step hybrid 330 $BENCH --presets qwen3.5-0.8b-group,qwen3.5-0.8b --lengths 2048,8192,16384 \
-      --emit 1,8,32 --repeats 5 --check-resume --out "$OUT/hybrid.json"
+      --emit 1,8,32 --repeats 5 --check-resume ${BACKENDS:+--backend $BACKENDS} --out "$OUT/hybrid.json"
     TAIL=40 step resume 200 python3 -m sparse_prefix.experiments.bench_resume \
       --presets qwen3.5-0.8b-group,qwen3.5-0.8b --length 8192 --repeats 10 --out "$OUT/resume.json"
     ;;
