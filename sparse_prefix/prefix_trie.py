@@ -97,11 +97,15 @@ class PrefixTrie:
         self._roots: dict[Hashable, _Node] = {}
         self._paths: dict[int, tuple[Hashable, list[_Node], tuple[tuple[int, int], ...]]] = {}
 
-    def _key(self, tokens: np.ndarray, start: int) -> tuple[Hashable, bytes]:
-        """(dict key, token bytes) of the block starting at ``start``."""
-        block = tokens[start:start + self.block_size]
-        raw = block.tobytes()
-        return (raw if self._hash is None else self._hash(block)), raw
+    def _keys(self, tokens: np.ndarray) -> Iterable[tuple[int, Hashable, bytes]]:
+        """(start, dict key, token bytes) of every block of int32[L] ``tokens``, in order, lazily.
+
+        The request's bytes are taken once and sliced per block (no NumPy call per block unless a
+        ``hash_fn`` needs the block's array)."""
+        data, size, item = tokens.tobytes(), self.block_size, tokens.itemsize
+        for start in range(0, tokens.size, size):
+            raw = data[start * item:(start + size) * item]
+            yield start, (raw if self._hash is None else self._hash(tokens[start:start + size])), raw
 
     def insert(self, entry_id: int, group: Hashable, tokens: np.ndarray,
                checkpoints: tuple[tuple[int, int], ...]) -> None:
@@ -110,8 +114,7 @@ class PrefixTrie:
         if node is None:
             node = self._roots[group] = _Node(None, None, b"", 0)
         nodes = []
-        for start in range(0, tokens.size, self.block_size):
-            key, raw = self._key(tokens, start)
+        for start, key, raw in self._keys(tokens):
             child = node.child(key, raw)
             if child is None:
                 child = _Node(node, key, raw, min(start + self.block_size, tokens.size))
@@ -180,9 +183,9 @@ class PrefixTrie:
     def _walk(self, tokens: np.ndarray, group: Hashable):
         """(fully matched nodes, depth matched, {child of the last node: its partial LCP > 0})."""
         node, depth, path = self._roots[group], 0, []
-        size, length = self.block_size, tokens.size
-        while depth < length:
-            child = node.child(*self._key(tokens, depth))
+        size = self.block_size
+        for _, key, raw in self._keys(tokens):
+            child = node.child(key, raw)
             if child is None:
                 break
             path.append(child)

@@ -59,6 +59,18 @@ def move_bucket(count: int) -> int:
     return max(MIN_BUCKET, 1 << max(0, int(count) - 1).bit_length())
 
 
+def pack_moves(columns: tuple, drop: int, drop_column: int = 2) -> np.ndarray:
+    """int32[3, move_bucket(n)]: three index columns of n moves (rows of the result), padded with moves
+    that are 0 except `drop` in row `drop_column`: an out-of-range index the scatter drops, so padding
+    moves change nothing."""
+    count = columns[0].size
+    packed = np.zeros((3, move_bucket(count)), np.int32)
+    for row, column in enumerate(columns):
+        packed[row, :count] = column
+    packed[drop_column, count:] = drop
+    return packed
+
+
 def _leaf_bytes(leaf: Any) -> int:
     """Bytes of one batch row of an abstract leaf [1, ...]."""
     return math.prod(leaf.shape[1:]) * jnp.dtype(leaf.dtype).itemsize
@@ -68,8 +80,11 @@ def _leaf_bytes(leaf: Any) -> int:
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _insert_rows(slabs: tuple, recurrent: tuple, rows: Array, ks: Array, slots: Array) -> tuple:
-    """slabs[slots[i]] = recurrent[rows[i], ks[i]] (leaves [N, ...] and [B, K, ...]; slots >= N dropped)."""
+def _insert_rows(slabs: tuple, recurrent: tuple, moves: Array) -> tuple:
+    """slabs[slots[i]] = recurrent[rows[i], ks[i]] where (rows, ks, slots) = moves int32[3, n]
+    (leaves [N, ...] and [B, K, ...]; slots >= N dropped). One index array: one host-to-device copy."""
+    rows, ks, slots = moves[0], moves[1], moves[2]
+
     def put(slab, leaf):
         return slab.at[slots].set(leaf[rows, ks].astype(slab.dtype), mode="drop")
 
@@ -82,11 +97,14 @@ def _page_positions(seq_pages: Array, page_size: int) -> Array:
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _write_pages(pools: tuple, kv: tuple, rows: Array, seq_pages: Array, pages: Array) -> tuple:
-    """pools[pages[i]] = page seq_pages[i] of kv row rows[i] (pools [M, C, ...], kv [B, S, ...]).
+def _write_pages(pools: tuple, kv: tuple, moves: Array) -> tuple:
+    """pools[pages[i]] = page seq_pages[i] of kv row rows[i], (rows, seq_pages, pages) = moves int32[3, n]
+    (pools [M, C, ...], kv [B, S, ...]).
 
     Reads only the n moved pages (positions past S, in a partial last page, repeat position S - 1:
     nobody reads them back). Pages >= M are dropped (padding)."""
+    rows, seq_pages, pages = moves[0], moves[1], moves[2]
+
     def put(pool, buffer):
         positions = jnp.minimum(_page_positions(seq_pages, pool.shape[1]), buffer.shape[1] - 1)
         return pool.at[pages].set(buffer[rows[:, None], positions].astype(pool.dtype), mode="drop")
@@ -94,16 +112,21 @@ def _write_pages(pools: tuple, kv: tuple, rows: Array, seq_pages: Array, pages: 
     return jax.tree_util.tree_map(put, pools, kv)
 
 
-@functools.partial(jax.jit, donate_argnums=2)
-def _gather_state(slabs: tuple, pools: tuple | None, scratch: tuple | None, slots: Array, lengths: Array,
-                  rows: Array, seq_pages: Array, pages: Array) -> State:
-    """The batch State of `slots` int32[B] (-1: the empty state) whose KV is `scratch` with the listed
-    pages written in: scratch[rows[i], page seq_pages[i]] = pools[pages[i]] (rows >= B: padding).
+@functools.partial(jax.jit, donate_argnums=2, static_argnums=4)
+def _gather_state(slabs: tuple, pools: tuple | None, scratch: tuple | None, packed: Array,
+                  batch: int) -> tuple[tuple, tuple | None]:
+    """(recurrent, kv) of a batch State: recurrent rows of `slots` int32[B] (-1: the empty state), KV
+    the `scratch` with the listed pages written in: scratch[rows[i], page seq_pages[i]] = pools[pages[i]]
+    (rows >= B: padding). packed = int32[B + 3 n]: slots, then rows, seq_pages, pages (one index array,
+    one host-to-device copy); batch = B (static).
 
     Work: O(B * slot state + n * page); the scratch buffers [B, S, ...] are donated and updated in place,
     so nothing is O(S) per call. Positions the pages do not cover keep whatever the scratch held.
     (XLA on CPU widens any write into a 16-bit float buffer to f32 over the whole buffer, so there a
-    bf16 KV restore is O(S) after all; f32 on CPU and every dtype on GPU update in place.)"""
+    bf16 KV restore is O(S) after all; f32 on CPU and every dtype on GPU update in place.) The lengths
+    stay on the host (see `StateStore.restore`)."""
+    slots = packed[:batch]
+    rows, seq_pages, pages = packed[batch:].reshape(3, -1)
     present = slots >= 0
     index = jnp.maximum(slots, 0)
 
@@ -120,7 +143,7 @@ def _gather_state(slabs: tuple, pools: tuple | None, scratch: tuple | None, slot
             return buffer.at[rows[:, None], positions].set(pool[pages].astype(buffer.dtype), mode="drop")
 
         kv = jax.tree_util.tree_map(put, scratch, pools)
-    return State(recurrent=recurrent, kv=kv, length=lengths.astype(jnp.int32))
+    return recurrent, kv
 
 
 def _committed(tree: Any) -> Any:
@@ -276,13 +299,9 @@ class StateStore:
             return
         if np.any((slots < 0) | (slots >= self.num_slots)):
             raise ValueError(f"slots must lie in 0..{self.num_slots - 1}, got {slots.tolist()}")
-        size = move_bucket(rows.size)
-        pad = size - rows.size
-        rows_p = np.concatenate([rows, np.zeros(pad, np.int32)])
-        ks_p = np.concatenate([ks, np.zeros(pad, np.int32)])
-        slots_p = np.concatenate([slots, np.full(pad, self.num_slots, np.int32)])
+        moves = pack_moves((rows, ks, slots), self.num_slots)
         with self._lock:
-            slabs = _insert_rows(self._buffers.slabs, checkpoints.recurrent, rows_p, ks_p, slots_p)
+            slabs = _insert_rows(self._buffers.slabs, checkpoints.recurrent, moves)
             self._buffers = self._buffers._replace(slabs=slabs)
 
     def restore(self, slots, lengths, page_table=None) -> State:
@@ -295,9 +314,12 @@ class StateStore:
             hybrids only (None: no pages, e.g. all misses).
 
         Returns:
-          State with recurrent leaves [B, ...], KV [B, S, Hkv, D] (or None), length int32[B]. The KV
-          buffers are scratch the store reuses (`recycle`): the listed pages are written in, other
-          positions hold stale finite values (attention reads positions < length only). The device
+          State with recurrent leaves [B, ...], KV [B, S, Hkv, D] (or None), and `length` a HOST
+          int32[B] array (NumPy): the lengths are the caller's, so a model that checks them on the
+          host (`check_prefill_args`) reads them without waiting for the gather to finish on the
+          device, and the prefill is dispatched while the gather runs. The KV buffers are scratch
+          the store reuses (`recycle`): the listed pages are written in, other positions hold stale
+          finite values (attention reads positions < length only). One device dispatch; the device
           work is O(B * slot state + pages listed), never O(S).
         """
         slots = np.asarray(slots, np.int32).reshape(-1)
@@ -306,12 +328,13 @@ class StateStore:
             raise ValueError(f"slots and lengths must have equal lengths, got {slots.size}, {lengths.size}")
         if np.any(slots >= self.num_slots):
             raise ValueError(f"slots must be < {self.num_slots}, got {slots.tolist()}")
-        rows, seq_pages, pages = self._page_moves(slots.size, page_table)
+        moves = self._page_moves(slots.size, page_table)
         with self._lock:
-            return self._gather(slots, lengths, rows, seq_pages, pages)
+            return self._gather(slots, lengths, moves)
 
-    def _page_moves(self, batch: int, page_table: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(rows, seq_pages, pages) int32[n'] of the table's pages, padded to a bucket (rows = B: dropped)."""
+    def _page_moves(self, batch: int, page_table: Any) -> np.ndarray:
+        """int32[3, n']: (rows, seq_pages, pages) of the table's pages, padded to a bucket with rows = B
+        (dropped)."""
         rows = seq_pages = pages = np.zeros((0,), np.int32)
         if self.has_kv and page_table is not None:
             table = np.asarray(page_table)
@@ -321,23 +344,22 @@ class StateStore:
                                  f"{self.pages_per_sequence}], got {table.dtype} {table.shape}")
             if np.any((table < -1) | (table >= self.num_pages)):
                 raise ValueError(f"page_table entries must lie in -1..{self.num_pages - 1}")
-            rows, seq_pages = (a.astype(np.int32) for a in np.nonzero(table >= 0))
-            pages = table[rows, seq_pages].astype(np.int32)
-        pad = move_bucket(rows.size) - rows.size
-        return (np.concatenate([rows, np.full(pad, batch, np.int32)]),
-                np.concatenate([seq_pages, np.zeros(pad, np.int32)]),
-                np.concatenate([pages, np.zeros(pad, np.int32)]))
+            rows, seq_pages = np.nonzero(table >= 0)
+            pages = table[rows, seq_pages]
+        return pack_moves((rows, seq_pages, pages), batch, drop_column=0)
 
-    def _gather(self, slots, lengths, rows, seq_pages, pages) -> State:
-        """Run `_gather_state` on a scratch KV of this batch size. Holds the lock."""
+    def _gather(self, slots: np.ndarray, lengths: np.ndarray, moves: np.ndarray) -> State:
+        """Run `_gather_state` (one dispatch) on a scratch KV of this batch size. Holds the lock."""
+        batch = slots.size
         scratch = None
         if self.has_kv:
-            free = self._scratch.get(slots.size)
+            free = self._scratch.get(batch)
             scratch = free.pop() if free else _committed(jax.tree_util.tree_map(
-                lambda leaf: jnp.zeros((slots.size,) + tuple(leaf.shape[1:]), leaf.dtype),
+                lambda leaf: jnp.zeros((batch,) + tuple(leaf.shape[1:]), leaf.dtype),
                 tuple(self.abstract.kv)))
-        return _gather_state(self._buffers.slabs, self._buffers.pools, scratch, slots, lengths, rows,
-                             seq_pages, pages)
+        packed = np.concatenate([slots, moves.reshape(-1)]).astype(np.int32)
+        recurrent, kv = _gather_state(self._buffers.slabs, self._buffers.pools, scratch, packed, batch)
+        return State(recurrent=recurrent, kv=kv, length=lengths.astype(np.int32))
 
     def recycle(self, kv: tuple | None) -> None:
         """Hand dense KV buffers (`State.kv`, leaves [B, S, Hkv, D]) back for a later `restore` of B rows.
@@ -369,9 +391,10 @@ class StateStore:
         slots, zeros = np.full(batch, -1, np.int32), np.zeros(batch, np.int32)
         size = MIN_BUCKET
         while size <= top:
-            pad = np.zeros(size, np.int32)
+            moves = np.zeros((3, size), np.int32)
+            moves[0] = batch                                  # every move is padding
             with self._lock:
-                state = self._gather(slots, zeros, np.full(size, batch, np.int32), pad, pad)
+                state = self._gather(slots, zeros, moves)
             self.recycle(state.kv)
             size *= 2
 
@@ -409,26 +432,20 @@ class StateStore:
             return
         if np.any((pages < 0) | (pages >= self.num_pages)):
             raise ValueError(f"pages must lie in 0..{self.num_pages - 1}, got {pages.tolist()}")
-        size = move_bucket(rows.size)
-        pad = size - rows.size
-        rows_p = np.concatenate([rows, np.zeros(pad, np.int32)])
-        seq_p = np.concatenate([seq_pages, np.zeros(pad, np.int32)])
-        pages_p = np.concatenate([pages, np.full(pad, self.num_pages, np.int32)])
+        moves = pack_moves((rows, seq_pages, pages), self.num_pages)
         with self._lock:
-            pools = _write_pages(self._buffers.pools, tuple(kv), rows_p, seq_p, pages_p)
+            pools = _write_pages(self._buffers.pools, tuple(kv), moves)
             self._buffers = self._buffers._replace(pools=pools)
 
     def compile_for(self, checkpoints: Checkpoints, kv: tuple | None) -> None:
         """Compile insert / page writes for these emitted shapes (every row is padding: no change)."""
-        size = MIN_BUCKET
-        zeros = np.zeros(size, np.int32)
+        empty = np.zeros((0,), np.int32)
         with self._lock:
-            slabs = _insert_rows(self._buffers.slabs, checkpoints.recurrent, zeros, zeros,
-                                 np.full(size, self.num_slots, np.int32))
+            slabs = _insert_rows(self._buffers.slabs, checkpoints.recurrent,
+                                 pack_moves((empty,) * 3, self.num_slots))
             self._buffers = self._buffers._replace(slabs=slabs)
             if self.has_kv and kv is not None:
-                pools = _write_pages(self._buffers.pools, tuple(kv), zeros, zeros,
-                                     np.full(size, self.num_pages, np.int32))
+                pools = _write_pages(self._buffers.pools, tuple(kv), pack_moves((empty,) * 3, self.num_pages))
                 self._buffers = self._buffers._replace(pools=pools)
 
     # ------------------------------------------------------------------ whole-store operations

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from sparse_prefix.protocol import Checkpoints, KVCache, RecurrentState, State
-from sparse_prefix.store import PageRefs, PoolExhausted, StateStore, _gather_state, _insert_rows, move_bucket
+from sparse_prefix.store import (PageRefs, PoolExhausted, StateStore, _gather_state, _insert_rows, move_bucket,
+                                 pack_moves)
 
 PAGE = 4
 KV_LEN = 18            # not a multiple of PAGE on purpose: the last page is partial
@@ -136,8 +137,8 @@ def test_bad_arguments_are_refused_naming_the_problem():
 def test_concurrent_inserts_from_threads_all_land():
     store = StateStore(toy_abstract(kv=False), num_slots=32, page_size=PAGE)
     ckpts = [random_checkpoints(10 + i, batch=1, slots=1) for i in range(8)]
-    _insert_rows(store._buffers.slabs, ckpts[0].recurrent, np.zeros(8, np.int32),
-                 np.zeros(8, np.int32), np.full(8, 99, np.int32))     # compile outside the race
+    _insert_rows(store._buffers.slabs, ckpts[0].recurrent,
+                 pack_moves((np.zeros(0, np.int32),) * 3, 99))         # compile outside the race
     store.reset()
 
     def worker(i):
@@ -199,11 +200,21 @@ def test_the_restore_program_moves_pages_in_place_and_builds_nothing_of_max_leng
     abstract = toy_abstract(kv=True)
     long_kv = tuple(KVCache(*(jax.ShapeDtypeStruct((1, 4096, 2, 3), jnp.float32),) * 2) for _ in abstract.kv)
     store = StateStore(abstract._replace(kv=long_kv), num_slots=4, page_size=PAGE, num_pages=8)
-    rows, seq_pages, pages = store._page_moves(1, [[5, 6, 7]])
+    moves = store._page_moves(1, [[5, 6, 7]])
     scratch = jax.tree_util.tree_map(lambda leaf: leaf, long_kv)
-    hlo = _gather_state.lower(store._buffers.slabs, store._buffers.pools, scratch, np.zeros(1, np.int32),
-                              np.full(1, 3 * PAGE, np.int32), rows, seq_pages, pages).compile().as_text()
+    packed = np.concatenate([np.zeros(1, np.int32), moves.reshape(-1)])
+    hlo = _gather_state.lower(store._buffers.slabs, store._buffers.pools, scratch, packed, 1).compile().as_text()
     assert "input_output_alias" in hlo
     producers = [line.split("=", 1)[1].split("(", 1)[0].split()[-1] + " " + line.split("=", 1)[0].strip()
                  for line in hlo.splitlines() if "= f32[1,4096," in line]
     assert producers and all(p.split()[0] == "parameter" or "scatter" in p for p in producers), producers
+
+
+def test_moves_are_packed_into_one_bucketed_array_whose_padding_targets_the_dropped_index():
+    rows, ks, slots = np.array([1, 0, 1]), np.array([2, 2, 0]), np.array([5, 6, 7])
+    packed = pack_moves((rows, ks, slots), drop=99)
+    assert packed.shape == (3, move_bucket(3)) and packed.dtype == np.int32
+    np.testing.assert_array_equal(packed[:, :3], [rows, ks, slots])
+    np.testing.assert_array_equal(packed[:, 3:], [[0] * 5, [0] * 5, [99] * 5])
+    pages = pack_moves((rows, ks, slots), drop=4, drop_column=0)
+    np.testing.assert_array_equal(pages[:, 3:], [[4] * 5, [0] * 5, [0] * 5])
