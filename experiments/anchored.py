@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from sparse_prefix.histogram import OverlapHistogram
-from sparse_prefix.simulate import RECORD_FIELDS, PolicySummary, metrics_from_records
+from sparse_prefix.simulate import PolicySummary, metrics_from_records, replay_records
 from sparse_prefix.traces import Request, protocol_order, warm_count
 
 SPEC_PREFIX = "adp:"
@@ -131,15 +131,7 @@ def replay_with(requests: Sequence[Request], planner: Any, *, warm_fraction: flo
     if not 0 <= n_warm < len(requests):
         raise ValueError(f"warm_fraction={warm_fraction} leaves nothing to measure")
     index = PrefixIndex(capacity_entries=capacity_entries, eviction=eviction, grid=grid, capture=capture)
-    rows = np.zeros((len(requests) - n_warm, len(RECORD_FIELDS)), dtype=np.int64)
-    for i, request in enumerate(requests):
-        plan = index.plan(request.tokens, group=request.group, hints=request.hints, planner=planner)
-        result = index.commit(plan)
-        if i >= n_warm:
-            rows[i - n_warm] = (plan.length, plan.overlap, plan.resume_position, plan.recomputed_tokens,
-                                len(result.slots), plan.hit, index.resident_checkpoints)
-    records = {name: rows[:, j] for j, name in enumerate(RECORD_FIELDS)}
-    return metrics_from_records(records, bytes_per_checkpoint)
+    return metrics_from_records(replay_records(requests, planner, index, n_warm), bytes_per_checkpoint)
 
 
 def replay_anchored(requests: Sequence[Request], spec: str, *, grid: int = 1,

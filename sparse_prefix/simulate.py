@@ -152,6 +152,18 @@ def replay(
     options = {"max_length": max(16384, max(r.length for r in requests))} | dict(planner_options or {})
     planner = Planner(policy, grid=grid, **options)
     index = PrefixIndex(capacity_entries=capacity_entries, eviction=eviction, grid=grid, capture=capture)
+    records = replay_records(requests, planner, index, n_warm)
+    return ReplayResult(str(policy), n_warm, records, metrics_from_records(records, bytes_per_checkpoint))
+
+
+def replay_records(requests: Sequence[Request], planner: Any, index: Any, n_warm: int
+                   ) -> dict[str, np.ndarray]:
+    """The replay loop: plan and commit every request through `index` with `planner` (any object
+    with ``observe`` / ``positions``), recording the requests after the first `n_warm`.
+
+    Returns:
+      {name: int64[len(requests) - n_warm]} for every name of `RECORD_FIELDS`.
+    """
     rows = np.zeros((len(requests) - n_warm, len(RECORD_FIELDS)), dtype=np.int64)
     for i, request in enumerate(requests):
         plan = index.plan(request.tokens, group=request.group, hints=request.hints, planner=planner)
@@ -159,8 +171,7 @@ def replay(
         if i >= n_warm:
             rows[i - n_warm] = (plan.length, plan.overlap, plan.resume_position, plan.recomputed_tokens,
                                 len(result.slots), plan.hit, index.resident_checkpoints)
-    records = {name: rows[:, j] for j, name in enumerate(RECORD_FIELDS)}
-    return ReplayResult(str(policy), n_warm, records, metrics_from_records(records, bytes_per_checkpoint))
+    return {name: rows[:, j] for j, name in enumerate(RECORD_FIELDS)}
 
 
 # ---------------------------------------------------------------------------------------------------
