@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from sparse_prefix.histogram import OverlapHistogram
-from sparse_prefix.simulate import PolicySummary, metrics_from_records, replay_records
+from sparse_prefix.simulate import PolicySummary, metrics_from_records, replay_records, summarise
 from sparse_prefix.traces import Request, protocol_order, warm_count
 
 SPEC_PREFIX = "adp:"
@@ -159,17 +159,4 @@ def sweep_anchored(source, specs: Sequence[str], *, seeds: int, limit: int = 100
         order = protocol_order(trace, seed=seed, limit=limit, max_tokens=max_tokens)
         for spec in specs:
             per_spec[spec].append(replay_anchored(order, spec, **replay_kwargs))
-    return [_summary(spec, list(range(seeds)), values) for spec, values in per_spec.items()]
-
-
-def _summary(spec: str, seeds: list[int], per_seed: list[dict]) -> PolicySummary:
-    mean, sd, values = {}, {}, {}
-    for metric in per_seed[0]:
-        column = [m[metric] for m in per_seed]
-        if any(v is None for v in column):
-            continue
-        array = np.asarray(column, dtype=np.float64)
-        mean[metric] = float(array.mean())
-        sd[metric] = float(array.std(ddof=1)) if array.size > 1 else 0.0
-        values[metric] = tuple(float(v) for v in array)
-    return PolicySummary(spec, tuple(seeds), mean, sd, values)
+    return [summarise(spec, list(range(seeds)), values) for spec, values in per_spec.items()]

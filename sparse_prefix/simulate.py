@@ -197,7 +197,10 @@ def _run_unit(seed: int, policy: str, order_args: tuple[int, int], replay_kwargs
     return dict(result.metrics)
 
 
-def _summarise(policy: str, seeds: Sequence[int], per_seed: Sequence[Mapping[str, float | None]]) -> PolicySummary:
+def summarise(policy: str, seeds: Sequence[int], per_seed: Sequence[Mapping[str, float | None]]
+              ) -> PolicySummary:
+    """Mean, sd (ddof 1) and per-seed values of every `METRICS` entry over seeds (None-valued metrics
+    are left out)."""
     mean, sd, values = {}, {}, {}
     for metric in METRICS:
         column = [m[metric] for m in per_seed]
@@ -291,7 +294,7 @@ def sweep(
                 for future in as_completed(futures):
                     results[futures[future]] = future.result()
                     advance()
-    return [_summarise(p, seeds, [results[(s, p)] for s in seeds]) for p in policies]
+    return [summarise(p, seeds, [results[(s, p)] for s in seeds]) for p in policies]
 
 
 class _progress_bar:
