@@ -26,9 +26,12 @@ import jax.numpy as jnp
 
 from sparse_prefix.protocol import KVCache
 
+from . import attention_pallas
 from .layers import normal_init, rms_norm
 
 Array = jax.Array
+KERNELS = ("xla", "pallas", "auto")
+PALLAS_KEY_BLOCK = 64        # keys per step of the Pallas kernel's loop (head_dim 256 fits 64 x 256 tiles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +47,11 @@ class AttentionConfig:
       qk_norm: RMSNorm q and k per head.  output_gate: q_proj also yields a sigmoid gate per channel.
       key_block: Bk of the blocked buffer read (0 = dense; module docstring). The model's max_length
         must be a multiple of it.
+      kernel: how the buffer is read: "xla" (the dense or blocked read above), "pallas" (one
+        Triton kernel per read that loops over key blocks on the device: no host round trip per key
+        block on a GPU; `attention_pallas`; Pallas' interpreter off the GPU), or "auto" ("pallas"
+        where the default backend is a GPU, else "xla"). "pallas" falls back to "xla" on shapes
+        the kernel does not take (`attention_pallas.supported`).
     """
 
     d_model: int
@@ -57,6 +65,7 @@ class AttentionConfig:
     qk_norm: bool = True
     output_gate: bool = True
     key_block: int = 0
+    kernel: str = "xla"
 
     def __post_init__(self):
         for name in ("d_model", "num_heads", "num_kv_heads", "head_dim"):
@@ -68,6 +77,8 @@ class AttentionConfig:
                              f"num_kv_heads ({self.num_kv_heads})")
         if not isinstance(self.key_block, int) or self.key_block < 0:
             raise ValueError(f"AttentionConfig.key_block must be an int >= 0, got {self.key_block!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"AttentionConfig.kernel must be one of {KERNELS}, got {self.kernel!r}")
         if self.rotary_dim % 2 or not 0 <= self.rotary_dim <= self.head_dim:
             raise ValueError(f"AttentionConfig.rotary_dim must be even and in 0..{self.head_dim}, "
                              f"got {self.rotary_dim}")
@@ -181,17 +192,25 @@ def _grouped_values(weights: Array, v: Array) -> Array:
 
 
 def attend(q: Array, cache: KVCache, positions: Array, key_block: int = 0,
-           layer: Array | None = None) -> Array:
+           layer: Array | None = None, kernel: str = "xla") -> Array:
     """Queries q [B, T, H, D] against the buffer, keys at positions <= the query's own.
 
     `layer` (int32[]) selects one layer of a stacked cache ([R, B, S, Hkv, D] leaves; see `write_kv`).
     Returns [B, T, H*D] in q.dtype. Dense: softmax in float32 (HF's order: scores * D^-1/2, softmax,
-    cast, times V). Blocked (key_block > 0): the same softmax accumulated block by block.
+    cast, times V). Blocked (key_block > 0): the same softmax accumulated block by block. With
+    kernel "pallas" (and a shape `attention_pallas.supported` takes) the blocked read runs as one
+    kernel with blocks of `PALLAS_KEY_BLOCK` keys, whatever key_block is.
     """
     batch, length, heads, dim = q.shape
     kv_heads = cache.k.shape[-2]
     q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)
-    if key_block:
+    max_length = _buffer_shape(cache, layer)[1]
+    if kernel == "auto":
+        kernel = "pallas" if jax.default_backend() == "gpu" else "xla"
+    if kernel == "pallas" and attention_pallas.supported(dim, max_length, PALLAS_KEY_BLOCK):
+        out = attention_pallas.attend_pallas(q, cache.k, cache.v, positions, layer,
+                                             block_k=PALLAS_KEY_BLOCK)
+    elif key_block:
         out = _attend_blocked(q, cache, positions, key_block, layer)
     else:
         out = _attend_dense(q, cache, positions, layer)
@@ -271,7 +290,7 @@ def attention_chunk(params: dict, cfg: AttentionConfig, x: Array, cache: KVCache
     """
     q, k, v, gate = _project(params, cfg, x, positions)
     cache = write_kv(cache, k, v, positions, valid, layer)
-    out = attend(q, cache, positions, cfg.key_block, layer)
+    out = attend(q, cache, positions, cfg.key_block, layer, cfg.kernel)
     return _output(params, cfg, out, gate), cache
 
 

@@ -140,12 +140,14 @@ class _Programs:
 
     def __init__(self, stack: HybridStack, donate: bool):
         self.stack = stack
-        # forward (training, references) reads attention KV densely: reverse-mode AD cannot go
-        # through the blocked read's while loop; forward's logits equal prefill's within tolerance.
+        # forward (training, references) reads attention KV densely with XLA: reverse-mode AD cannot
+        # go through the blocked read's while loop nor the Pallas kernel; forward's logits equal
+        # prefill's within tolerance.
         config = stack.config
-        if config.attention is not None and config.attention.key_block:
-            config = dataclasses.replace(config, attention=dataclasses.replace(config.attention,
-                                                                               key_block=0))
+        if config.attention is not None and (config.attention.key_block
+                                             or config.attention.kernel != "xla"):
+            config = dataclasses.replace(config, attention=dataclasses.replace(
+                config.attention, key_block=0, kernel="xla"))
         self.forward_stack = HybridStack(config, stack.backend)
         self.traces = 0
         self.donate = donate
@@ -356,7 +358,8 @@ register_family(HybridLM.family, lambda config: HybridLM(HybridConfig.from_dict(
 
 def qwen35_config(*, layers: int = 24, max_length: int = 16384, chunk_size: int = 256,
                   chunks_per_step: int = 4, sub_chunk: int | None = None,
-                  vocab_size: int = 248_320, key_block: int = 1024) -> HybridConfig:
+                  vocab_size: int = 248_320, key_block: int = 1024,
+                  attention_kernel: str = "auto") -> HybridConfig:
     """Qwen3.5-0.8B's text stack (`qwen3_5_text`): d 1024, d_ff 3584, groups of 3 GDN + 1 attention,
     attention 8 q / 2 kv heads x 256 (rotary on 64 dims, theta 1e7, q/k norm, output gate),
     GDN 16 key / 16 value heads x 128, conv 4, vocab 248320, tied embeddings, (1 + w) norms, eps 1e-6.
@@ -369,7 +372,9 @@ def qwen35_config(*, layers: int = 24, max_length: int = 16384, chunk_size: int 
       * GDN sub-chunk c = C (default): the state recursion takes one step per chunk (L / 256
         sequential steps per layer; c = 64 would take 4x as many tiny dependent matmuls) at ~c
         intra-chunk FLOPs per token (~6 MFLOP per token and layer at c = 256, 15% of a layer's);
-      * attention reads the KV buffer in blocks of `key_block` (0 = dense).
+      * attention reads the KV buffer with `attention_kernel` "auto": on a GPU one Pallas kernel per
+        read (key blocks looped on the device: no host round trip per block), elsewhere XLA's read
+        in blocks of `key_block` (0 = dense).
     """
     if layers % 4:
         raise ValueError(f"layers must be a multiple of 4 (GGGA groups), got {layers}")
@@ -381,7 +386,7 @@ def qwen35_config(*, layers: int = 24, max_length: int = 16384, chunk_size: int 
                       sub_chunk=chunk_size if sub_chunk is None else sub_chunk),
         attention=AttentionConfig(d_model=1024, num_heads=8, num_kv_heads=2, head_dim=256,
                                   rotary_dim=64, rope_theta=10_000_000.0, norm_eps=1e-6,
-                                  key_block=key_block),
+                                  key_block=key_block, kernel=attention_kernel),
         tie_embeddings=True, norm_eps=1e-6, norm_offset=1.0)
 
 

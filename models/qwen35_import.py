@@ -46,13 +46,13 @@ def text_config_of(config: Any) -> dict:
 
 def config_from_hf(config: Any, *, max_length: int = 16384, chunk_size: int = 256,
                    sub_chunk: int | None = None, key_block: int = 1024,
-                   chunks_per_step: int = 4) -> HybridConfig:
+                   chunks_per_step: int = 4, attention_kernel: str = "auto") -> HybridConfig:
     """A `HybridConfig` from a Qwen3.5 config (the full `qwen3_5` one or its `qwen3_5_text` part).
 
     Raises ValueError for features this implementation does not have (attention bias, activations
     other than SiLU, an ungated attention output, rope scaling other than the default).
     `max_length`, `chunk_size`, `sub_chunk` (default: `chunk_size`), `key_block` (0 = dense
-    attention reads) and `chunks_per_step` are ours (see `hybrid.qwen35_config`).
+    attention reads), `chunks_per_step` and `attention_kernel` are ours (see `hybrid.qwen35_config`).
     """
     text = text_config_of(config)
     if text.get("hidden_act", "silu") != "silu":
@@ -89,7 +89,8 @@ def config_from_hf(config: Any, *, max_length: int = 16384, chunk_size: int = 25
         attention=AttentionConfig(d_model=d_model, num_heads=int(text["num_attention_heads"]),
                                   num_kv_heads=int(text["num_key_value_heads"]), head_dim=head_dim,
                                   rotary_dim=int(head_dim * partial), rope_theta=theta, norm_eps=eps,
-                                  norm_offset=1.0, key_block=key_block),
+                                  norm_offset=1.0, key_block=key_block,
+                                  kernel=attention_kernel),
         tie_embeddings=bool(text.get("tie_word_embeddings", False)), norm_eps=eps, norm_offset=1.0)
 
 
@@ -206,7 +207,7 @@ def params_from_hf(weights: Mapping[str, Any], config: HybridConfig, *, dtype=jn
 
 def load_qwen35(path: str | os.PathLike, *, dtype=jnp.bfloat16, max_length: int = 16384,
                 chunk_size: int = 256, sub_chunk: int | None = None, key_block: int = 1024,
-                chunks_per_step: int = 4) -> tuple[HybridLM, dict]:
+                chunks_per_step: int = 4, attention_kernel: str = "auto") -> tuple[HybridLM, dict]:
     """(model, params) from a local Qwen3.5 checkpoint folder (config.json + *.safetensors)."""
     from safetensors import safe_open
 
@@ -217,7 +218,7 @@ def load_qwen35(path: str | os.PathLike, *, dtype=jnp.bfloat16, max_length: int 
     with open(config_path) as handle:
         config = config_from_hf(json.load(handle), max_length=max_length, chunk_size=chunk_size,
                                 sub_chunk=sub_chunk, key_block=key_block,
-                                chunks_per_step=chunks_per_step)
+                                chunks_per_step=chunks_per_step, attention_kernel=attention_kernel)
     files = sorted(name for name in os.listdir(folder) if name.endswith(".safetensors"))
     if not files:
         raise ValueError(f"no .safetensors files in {folder!r}")

@@ -1,0 +1,97 @@
+"""The "pallas" attention kernel, run in Pallas' interpreter on CPU: it matches the XLA reads, reads
+one layer of a stacked cache, and keeps a prefill resumed on the chunk grid bitwise equal to the
+uncached one (a row's output does not depend on where it sits in the call)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_prefix.models.attention import AttentionConfig, _attend_blocked, _attend_dense
+from sparse_prefix.models.attention_pallas import attend_pallas, supported
+from sparse_prefix.models.hybrid import HybridLM, hybrid_tiny_config
+from sparse_prefix.protocol import KVCache
+
+B, T, HKV, G, D, S = 2, 24, 2, 2, 16, 128
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((B, T, HKV, G, D)).astype(np.float32)
+    k = rng.standard_normal((B, S, HKV, D)).astype(np.float32)
+    v = rng.standard_normal((B, S, HKV, D)).astype(np.float32)
+    # rows at different depths; the second row's queries end past the first key block of 64
+    positions = np.stack([np.arange(5, 5 + T), np.arange(60, 60 + T)]).astype(np.int32)
+    return q, k, v, positions
+
+
+def test_pallas_read_matches_the_dense_and_blocked_xla_reads(inputs):
+    q, k, v, positions = inputs
+    got = np.asarray(attend_pallas(q, k, v, positions, block_k=16, block_q=16))
+    dense = np.asarray(_attend_dense(q, KVCache(k, v), positions, None))
+    blocked = np.asarray(_attend_blocked(q, KVCache(k, v), positions, 32, None))
+    np.testing.assert_allclose(got, dense, atol=2e-6)
+    np.testing.assert_allclose(got, blocked, atol=2e-6)
+
+
+def test_pallas_read_of_a_stacked_cache_reads_only_the_given_layer(inputs):
+    q, k, v, positions = inputs
+    stacked_k = np.stack([np.full_like(k, 7.0), k, -k])
+    stacked_v = np.stack([np.full_like(v, np.inf), v, 2 * v])        # other layers may hold anything
+    got = attend_pallas(q, stacked_k, stacked_v, positions, jnp.int32(1), block_k=16, block_q=16)
+    want = attend_pallas(q, k, v, positions, block_k=16, block_q=16)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_pallas_read_ignores_stale_values_past_every_query(inputs):
+    q, k, v, positions = inputs
+    stale_k, stale_v = k.copy(), v.copy()
+    beyond = positions.max() + 1
+    stale_k[:, beyond:] = 1e30
+    stale_v[:, beyond:] = np.nan
+    got = attend_pallas(q, stale_k, stale_v, positions, block_k=16, block_q=16)
+    want = attend_pallas(q, k, v, positions, block_k=16, block_q=16)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_pallas_shape_support_is_reported_not_guessed():
+    assert supported(256, 16384, 64)
+    assert not supported(8, 128, 16)         # head_dim below Triton's 16
+    assert not supported(16, 100, 16)        # block does not divide the buffer
+
+
+def test_pallas_kernel_is_a_checked_config_choice():
+    with pytest.raises(ValueError, match="kernel"):
+        AttentionConfig(d_model=32, num_heads=2, num_kv_heads=1, head_dim=16, rotary_dim=4,
+                        kernel="flash")
+
+
+def test_prefill_and_decode_with_the_pallas_kernel_resume_bitwise_and_match_the_xla_kernel():
+    base = hybrid_tiny_config()
+    attention = dataclasses.replace(base.attention, head_dim=16, kernel="pallas")
+    config = dataclasses.replace(base, attention=attention, chunks_per_step=2, max_length=128)
+    model = HybridLM(config, dtype=jnp.float32, donate_state=False)
+    reference = HybridLM(dataclasses.replace(config, attention=dataclasses.replace(attention,
+                                                                                   kernel="xla")),
+                         dtype=jnp.float32, donate_state=False)
+    params = model.init_params(jax.random.PRNGKey(0))
+    tokens = np.random.default_rng(1).integers(0, config.vocab_size, (1, 80), dtype=np.int32)
+    none = np.zeros((0,), np.int32)
+    want_logits, want_state, _ = model.prefill(params, tokens, model.init_state(1), none)
+    split = 24                                     # on the grid C = 8, not on G C = 16
+    _, prefix, _ = model.prefill(params, tokens, model.init_state(1), none, np.array([split], np.int32))
+    rest = np.zeros_like(tokens)
+    rest[:, :80 - split] = tokens[:, split:]
+    logits, state, _ = model.prefill(params, rest, prefix, none, np.array([80 - split], np.int32))
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(want_logits))
+    for got, want in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(want_state)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    xla_logits, xla_state, _ = reference.prefill(params, tokens, reference.init_state(1), none)
+    np.testing.assert_allclose(np.asarray(want_logits), np.asarray(xla_logits), atol=1e-4, rtol=1e-4)
+    token = np.array([3], np.int32)                 # one decode step reads through the kernel too
+    step_logits, _ = model.decode(params, token, want_state)
+    xla_step_logits, _ = reference.decode(params, token, xla_state)
+    np.testing.assert_allclose(np.asarray(step_logits), np.asarray(xla_step_logits), atol=1e-4, rtol=1e-4)
