@@ -20,6 +20,12 @@ Positions no page covers hold stale finite values, which is fine: attention read
 only. The scratch (at most `MAX_SCRATCH` sets of B x S KV per batch size in use) is working memory
 outside `allocated_bytes`, like the buffers a model call needs anyway.
 
+Leaves of equal shape and dtype share one array (`Packing`): the slabs of all 18 GDN layers' SSM states
+of qwen3.5-0.8b are one [num_slots, 18, ...] array, all its attention layers' K and V pages one pool.
+A jitted call's host cost grows with the arrays it returns (~10-20 us each), so an insert returns 2
+slab arrays instead of 36 and a page write 1 pool instead of 12; `export` / `load` keep one array per
+logical leaf.
+
 Every device function is jitted once per shape; the number of rows moved per call is padded to a power
 of two (padding rows target index ``num_slots`` / ``num_pages``, which the scatter drops), so the
 compilations stay bounded. Slabs and pools are donated to the scatters (updated in place); state data
@@ -76,19 +82,61 @@ def _leaf_bytes(leaf: Any) -> int:
     return math.prod(leaf.shape[1:]) * jnp.dtype(leaf.dtype).itemsize
 
 
+# ----------------------------------------------------------------------------- packing
+
+
+class Packing(NamedTuple):
+    """Which logical leaves share one stacked array (static: hashable, a jit argument).
+
+    Attributes:
+      groups: per array, the indices of its leaves (in `tree_leaves` order), stacked on axis 1.
+      where: per leaf, (array, position on axis 1).
+      treedef: the structure the leaves unflatten to (State.recurrent, or the tuple of KVCache).
+    """
+
+    groups: tuple
+    where: tuple
+    treedef: Any
+
+
+def make_packing(tree: Any, skip: int) -> Packing:
+    """Group the leaves of `tree` by (shape[skip:], dtype), first occurrence first."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    keys: dict = {}
+    where = []
+    for index, leaf in enumerate(leaves):
+        key = (tuple(leaf.shape[skip:]), jnp.dtype(leaf.dtype).name)
+        members = keys.setdefault(key, [])
+        where.append((list(keys).index(key), len(members)))
+        members.append(index)
+    return Packing(tuple(tuple(m) for m in keys.values()), tuple(where), treedef)
+
+
+def _pack_leaves(leaves: list, packing: Packing) -> tuple:
+    """Stack logical leaves [X, ...] into the packing's arrays [X, n_g, ...]."""
+    return tuple(jnp.stack([leaves[i] for i in members], axis=1) for members in packing.groups)
+
+
+def _unpack_leaves(arrays: tuple, packing: Packing) -> list:
+    """The logical leaves [X, ...] of packed arrays [X, n_g, ...] (axis-1 slices)."""
+    return [arrays[group][:, position] for group, position in packing.where]
+
+
 # ----------------------------------------------------------------------------- device functions
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _insert_rows(slabs: tuple, recurrent: tuple, moves: Array) -> tuple:
-    """slabs[slots[i]] = recurrent[rows[i], ks[i]] where (rows, ks, slots) = moves int32[3, n]
-    (leaves [N, ...] and [B, K, ...]; slots >= N dropped). One index array: one host-to-device copy."""
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=3)
+def _insert_rows(slabs: tuple, recurrent: tuple, moves: Array, packing: Packing) -> tuple:
+    """slab rows[slots[i]] = recurrent[rows[i], ks[i]] where (rows, ks, slots) = moves int32[3, n]
+    (packed slabs [N, n_g, ...], recurrent leaves [B, K, ...]; slots >= N dropped). One index array:
+    one host-to-device copy; one output array per packed slab."""
     rows, ks, slots = moves[0], moves[1], moves[2]
-
-    def put(slab, leaf):
-        return slab.at[slots].set(leaf[rows, ks].astype(slab.dtype), mode="drop")
-
-    return jax.tree_util.tree_map(put, slabs, recurrent)
+    leaves = jax.tree_util.tree_leaves(recurrent)
+    out = []
+    for slab, members in zip(slabs, packing.groups):
+        update = jnp.stack([leaves[i][rows, ks].astype(slab.dtype) for i in members], axis=1)
+        out.append(slab.at[slots].set(update, mode="drop"))
+    return tuple(out)
 
 
 def _page_positions(seq_pages: Array, page_size: int) -> Array:
@@ -96,29 +144,32 @@ def _page_positions(seq_pages: Array, page_size: int) -> Array:
     return seq_pages[:, None] * page_size + jnp.arange(page_size, dtype=seq_pages.dtype)[None, :]
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _write_pages(pools: tuple, kv: tuple, moves: Array) -> tuple:
-    """pools[pages[i]] = page seq_pages[i] of kv row rows[i], (rows, seq_pages, pages) = moves int32[3, n]
-    (pools [M, C, ...], kv [B, S, ...]).
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=3)
+def _write_pages(pools: tuple, kv: tuple, moves: Array, packing: Packing) -> tuple:
+    """pool page pages[i] = page seq_pages[i] of kv row rows[i], (rows, seq_pages, pages) = moves
+    int32[3, n] (packed pools [M, n_g, C, ...], kv leaves [B, S, ...]).
 
     Reads only the n moved pages (positions past S, in a partial last page, repeat position S - 1:
     nobody reads them back). Pages >= M are dropped (padding)."""
     rows, seq_pages, pages = moves[0], moves[1], moves[2]
+    leaves = jax.tree_util.tree_leaves(kv)
+    out = []
+    for pool, members in zip(pools, packing.groups):
+        positions = jnp.minimum(_page_positions(seq_pages, pool.shape[2]), leaves[members[0]].shape[1] - 1)
+        update = jnp.stack([leaves[i][rows[:, None], positions].astype(pool.dtype) for i in members],
+                           axis=1)
+        out.append(pool.at[pages].set(update, mode="drop"))
+    return tuple(out)
 
-    def put(pool, buffer):
-        positions = jnp.minimum(_page_positions(seq_pages, pool.shape[1]), buffer.shape[1] - 1)
-        return pool.at[pages].set(buffer[rows[:, None], positions].astype(pool.dtype), mode="drop")
 
-    return jax.tree_util.tree_map(put, pools, kv)
-
-
-@functools.partial(jax.jit, donate_argnums=2, static_argnums=4)
+@functools.partial(jax.jit, donate_argnums=2, static_argnums=(4, 5, 6))
 def _gather_state(slabs: tuple, pools: tuple | None, scratch: tuple | None, packed: Array,
-                  batch: int) -> tuple[tuple, tuple | None]:
+                  batch: int, slab_packing: Packing, pool_packing: Packing | None
+                  ) -> tuple[tuple, tuple | None]:
     """(recurrent, kv) of a batch State: recurrent rows of `slots` int32[B] (-1: the empty state), KV
     the `scratch` with the listed pages written in: scratch[rows[i], page seq_pages[i]] = pools[pages[i]]
     (rows >= B: padding). packed = int32[B + 3 n]: slots, then rows, seq_pages, pages (one index array,
-    one host-to-device copy); batch = B (static).
+    one host-to-device copy); batch = B (static); the packings map packed arrays to logical leaves.
 
     Work: O(B * slot state + n * page); the scratch buffers [B, S, ...] are donated and updated in place,
     so nothing is O(S) per call. Positions the pages do not cover keep whatever the scratch held.
@@ -135,14 +186,19 @@ def _gather_state(slabs: tuple, pools: tuple | None, scratch: tuple | None, pack
         mask = present.reshape((-1,) + (1,) * (rows_.ndim - 1))
         return jnp.where(mask, rows_, jnp.zeros_like(rows_))
 
-    recurrent = jax.tree_util.tree_map(take, slabs)
+    recurrent = jax.tree_util.tree_unflatten(
+        slab_packing.treedef, _unpack_leaves(tuple(take(slab) for slab in slabs), slab_packing))
     kv = None
     if pools is not None:
-        def put(buffer, pool):
-            positions = _page_positions(seq_pages, pool.shape[1])
-            return buffer.at[rows[:, None], positions].set(pool[pages].astype(buffer.dtype), mode="drop")
+        page_rows = _unpack_leaves(tuple(pool[pages] for pool in pools), pool_packing)
 
-        kv = jax.tree_util.tree_map(put, scratch, pools)
+        def put(buffer, pool_pages):
+            positions = _page_positions(seq_pages, pool_pages.shape[1])
+            return buffer.at[rows[:, None], positions].set(pool_pages.astype(buffer.dtype), mode="drop")
+
+        buffers = jax.tree_util.tree_leaves(scratch)
+        kv = jax.tree_util.tree_unflatten(pool_packing.treedef,
+                                          [put(b, p) for b, p in zip(buffers, page_rows)])
     return recurrent, kv
 
 
@@ -200,8 +256,9 @@ class PageRefs:
 
 
 class StoreBuffers(NamedTuple):
-    """The device buffers of a store: `slabs` like State.recurrent with leaves [num_slots, ...];
-    `pools` one KVCache per attention layer with leaves [num_pages, page_size, Hkv, D], or None."""
+    """The device buffers of a store, packed (`Packing`): `slabs` a tuple of [num_slots, n_g, ...]
+    arrays holding State.recurrent's leaves; `pools` a tuple of [num_pages, n_g, page_size, Hkv, D]
+    arrays holding every attention layer's K and V pages, or None."""
 
     slabs: tuple
     pools: tuple | None
@@ -235,6 +292,8 @@ class StateStore:
         self.page_bytes = self.page_size * sum(
             math.prod(leaf.shape[2:]) * jnp.dtype(leaf.dtype).itemsize
             for leaf in jax.tree_util.tree_leaves(abstract.kv)) if self.has_kv else 0
+        self.slab_packing = make_packing(abstract.recurrent, skip=1)
+        self.pool_packing = make_packing(tuple(abstract.kv), skip=2) if self.has_kv else None
         self._lock = threading.RLock()
         self._refs = PageRefs(self.num_pages)
         self._buffers = self._allocate()
@@ -246,16 +305,30 @@ class StateStore:
         return cls(abstract_state_of(model), num_slots=num_slots, page_size=int(model.chunk_size),
                    num_pages=num_pages)
 
-    def _allocate(self) -> StoreBuffers:
-        slabs = jax.tree_util.tree_map(
-            lambda leaf: jnp.zeros((self.num_slots,) + tuple(leaf.shape[1:]), leaf.dtype),
-            self.abstract.recurrent)
-        pools = None
+    def _logical_shapes(self) -> list[tuple[tuple, Any]]:
+        """(shape, dtype) of every logical buffer leaf: the slabs' [num_slots, ...] then the pools'
+        [num_pages, page_size, Hkv, D] (the `export` layout)."""
+        out = [((self.num_slots,) + tuple(leaf.shape[1:]), jnp.dtype(leaf.dtype))
+               for leaf in jax.tree_util.tree_leaves(self.abstract.recurrent)]
         if self.has_kv:
-            pools = jax.tree_util.tree_map(
-                lambda leaf: jnp.zeros((max(self.num_pages, 1), self.page_size) + tuple(leaf.shape[2:]),
-                                       leaf.dtype),
-                tuple(self.abstract.kv))
+            out += [((max(self.num_pages, 1), self.page_size) + tuple(leaf.shape[2:]), jnp.dtype(leaf.dtype))
+                    for leaf in jax.tree_util.tree_leaves(tuple(self.abstract.kv))]
+        return out
+
+    def _packed_shapes(self) -> tuple[list, list]:
+        shapes = self._logical_shapes()
+        count = len(self.slab_packing.where)
+
+        def packed(packing, offset):
+            return [(shapes[offset + m[0]][0][:1] + (len(m),) + shapes[offset + m[0]][0][1:],
+                     shapes[offset + m[0]][1]) for m in packing.groups]
+
+        return packed(self.slab_packing, 0), (packed(self.pool_packing, count) if self.has_kv else [])
+
+    def _allocate(self) -> StoreBuffers:
+        slab_shapes, pool_shapes = self._packed_shapes()
+        slabs = tuple(jnp.zeros(shape, dtype) for shape, dtype in slab_shapes)
+        pools = tuple(jnp.zeros(shape, dtype) for shape, dtype in pool_shapes) if self.has_kv else None
         return _committed(StoreBuffers(slabs=slabs, pools=pools))
 
     # ------------------------------------------------------------------ sizes
@@ -301,7 +374,7 @@ class StateStore:
             raise ValueError(f"slots must lie in 0..{self.num_slots - 1}, got {slots.tolist()}")
         moves = pack_moves((rows, ks, slots), self.num_slots)
         with self._lock:
-            slabs = _insert_rows(self._buffers.slabs, checkpoints.recurrent, moves)
+            slabs = _insert_rows(self._buffers.slabs, checkpoints.recurrent, moves, self.slab_packing)
             self._buffers = self._buffers._replace(slabs=slabs)
 
     def restore(self, slots, lengths, page_table=None) -> State:
@@ -358,7 +431,8 @@ class StateStore:
                 lambda leaf: jnp.zeros((batch,) + tuple(leaf.shape[1:]), leaf.dtype),
                 tuple(self.abstract.kv)))
         packed = np.concatenate([slots, moves.reshape(-1)]).astype(np.int32)
-        recurrent, kv = _gather_state(self._buffers.slabs, self._buffers.pools, scratch, packed, batch)
+        recurrent, kv = _gather_state(self._buffers.slabs, self._buffers.pools, scratch, packed, batch,
+                                      self.slab_packing, self.pool_packing)
         return State(recurrent=recurrent, kv=kv, length=lengths.astype(np.int32))
 
     def recycle(self, kv: tuple | None) -> None:
@@ -434,7 +508,7 @@ class StateStore:
             raise ValueError(f"pages must lie in 0..{self.num_pages - 1}, got {pages.tolist()}")
         moves = pack_moves((rows, seq_pages, pages), self.num_pages)
         with self._lock:
-            pools = _write_pages(self._buffers.pools, tuple(kv), moves)
+            pools = _write_pages(self._buffers.pools, tuple(kv), moves, self.pool_packing)
             self._buffers = self._buffers._replace(pools=pools)
 
     def compile_for(self, checkpoints: Checkpoints, kv: tuple | None) -> None:
@@ -442,10 +516,11 @@ class StateStore:
         empty = np.zeros((0,), np.int32)
         with self._lock:
             slabs = _insert_rows(self._buffers.slabs, checkpoints.recurrent,
-                                 pack_moves((empty,) * 3, self.num_slots))
+                                 pack_moves((empty,) * 3, self.num_slots), self.slab_packing)
             self._buffers = self._buffers._replace(slabs=slabs)
             if self.has_kv and kv is not None:
-                pools = _write_pages(self._buffers.pools, tuple(kv), pack_moves((empty,) * 3, self.num_pages))
+                pools = _write_pages(self._buffers.pools, tuple(kv), pack_moves((empty,) * 3, self.num_pages),
+                                     self.pool_packing)
                 self._buffers = self._buffers._replace(pools=pools)
 
     # ------------------------------------------------------------------ whole-store operations
@@ -464,28 +539,31 @@ class StateStore:
     def export(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Host copies of every buffer (flattened leaf name -> array) and the page refcounts."""
         with self._lock:
-            leaves = jax.tree_util.tree_leaves(self._buffers)
-            copies = [jnp.copy(leaf) for leaf in leaves]      # never expose a donated buffer
+            leaves = _unpack_leaves(self._buffers.slabs, self.slab_packing)    # slices: copies, never
+            if self.has_kv:                                                   # a donated buffer
+                leaves += _unpack_leaves(self._buffers.pools, self.pool_packing)
             refcount = self._refs.refcount.copy()
-        return {f"leaf_{i:03d}": np.asarray(jax.device_get(c)) for i, c in enumerate(copies)}, refcount
+        return {f"leaf_{i:03d}": np.asarray(jax.device_get(c)) for i, c in enumerate(leaves)}, refcount
 
     def load(self, arrays: dict[str, np.ndarray], refcount: np.ndarray) -> None:
         """Replace every buffer and the page refcounts from `export`-shaped data (validated first)."""
-        template = jax.tree_util.tree_leaves(self._buffers)
-        treedef = jax.tree_util.tree_structure(self._buffers)
+        template = self._logical_shapes()
         if len(arrays) != len(template):
             raise ValueError(f"snapshot has {len(arrays)} buffers, this store has {len(template)}")
         leaves = []
-        for i, want in enumerate(template):
+        for i, (shape, dtype) in enumerate(template):
             got = arrays.get(f"leaf_{i:03d}")
-            if got is None or got.shape != want.shape or got.dtype != want.dtype:
+            if got is None or got.shape != shape or got.dtype != dtype:
                 raise ValueError(f"snapshot buffer {i} is {None if got is None else (got.shape, got.dtype)}"
-                                 f", this store needs {(want.shape, want.dtype)}")
+                                 f", this store needs {(shape, dtype)}")
             leaves.append(got)
         refcount = np.asarray(refcount)
         if refcount.shape != (self.num_pages,) or refcount.dtype.kind not in "iu" or np.any(refcount < 0):
             raise ValueError(f"snapshot page refcounts have shape {refcount.shape}, need ({self.num_pages},)")
-        device_leaves = _committed([jnp.asarray(leaf) for leaf in leaves])
+        count = len(self.slab_packing.where)
+        slabs = _pack_leaves(leaves[:count], self.slab_packing)
+        pools = _pack_leaves(leaves[count:], self.pool_packing) if self.has_kv else None
+        buffers = _committed(StoreBuffers(slabs=slabs, pools=pools))
         with self._lock:
-            self._buffers = jax.tree_util.tree_unflatten(treedef, device_leaves)
+            self._buffers = buffers
             self._refs.load(refcount)

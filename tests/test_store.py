@@ -54,6 +54,24 @@ def test_sizes_are_planned_from_the_abstract_state_alone():
     assert store.pages_per_sequence == 5
 
 
+def test_leaves_of_equal_shape_and_dtype_share_one_device_array_and_stay_apart_in_use(hybrid_store):
+    """Two layers' ssm slabs are one [N, 2, ...] array, their conv slabs another, the layer's K and V
+    pages one pool: an insert returns 2 arrays, a page write 1 (not 4 and 2); the logical leaves the
+    callers see (restore, export) do not change, and each keeps its own values."""
+    assert [len(m) for m in hybrid_store.slab_packing.groups] == [2, 2]
+    assert [len(m) for m in hybrid_store.pool_packing.groups] == [2]
+    assert [a.shape for a in hybrid_store._buffers.slabs] == [(16, 2, 2, 3, 4), (16, 2, 3, 5)]
+    assert hybrid_store._buffers.pools[0].shape == (24, 2, PAGE, 2, 3)
+    ckpt = random_checkpoints(11, batch=1, slots=1)
+    hybrid_store.insert(ckpt, rows=[0], ks=[0], slots=[3])
+    state = hybrid_store.restore(slots=[3], lengths=[4])
+    for layer in range(2):
+        np.testing.assert_array_equal(state.recurrent[layer].ssm[0], ckpt.recurrent[layer].ssm[0, 0])
+        np.testing.assert_array_equal(state.recurrent[layer].conv[0], ckpt.recurrent[layer].conv[0, 0])
+    arrays, _ = hybrid_store.export()
+    assert [arrays[f"leaf_{i:03d}"].shape for i in range(4)] == [(16, 2, 3, 4), (16, 3, 5)] * 2
+
+
 def test_inserted_checkpoints_come_back_bitwise_and_misses_are_zero(hybrid_store):
     ckpt = random_checkpoints(0, batch=2, slots=3)
     hybrid_store.insert(ckpt, rows=[0, 1, 1], ks=[2, 0, 1], slots=[5, 9, 0])
@@ -138,7 +156,7 @@ def test_concurrent_inserts_from_threads_all_land():
     store = StateStore(toy_abstract(kv=False), num_slots=32, page_size=PAGE)
     ckpts = [random_checkpoints(10 + i, batch=1, slots=1) for i in range(8)]
     _insert_rows(store._buffers.slabs, ckpts[0].recurrent,
-                 pack_moves((np.zeros(0, np.int32),) * 3, 99))         # compile outside the race
+                 pack_moves((np.zeros(0, np.int32),) * 3, 99), store.slab_packing)  # compile outside the race
     store.reset()
 
     def worker(i):
@@ -203,7 +221,8 @@ def test_the_restore_program_moves_pages_in_place_and_builds_nothing_of_max_leng
     moves = store._page_moves(1, [[5, 6, 7]])
     scratch = jax.tree_util.tree_map(lambda leaf: leaf, long_kv)
     packed = np.concatenate([np.zeros(1, np.int32), moves.reshape(-1)])
-    hlo = _gather_state.lower(store._buffers.slabs, store._buffers.pools, scratch, packed, 1).compile().as_text()
+    hlo = _gather_state.lower(store._buffers.slabs, store._buffers.pools, scratch, packed, 1,
+                              store.slab_packing, store.pool_packing).compile().as_text()
     assert "input_output_alias" in hlo
     producers = [line.split("=", 1)[1].split("(", 1)[0].split()[-1] + " " + line.split("=", 1)[0].strip()
                  for line in hlo.splitlines() if "= f32[1,4096," in line]
