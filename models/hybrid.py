@@ -152,6 +152,7 @@ class _Programs:
         self.traces = 0
         self.donate = donate
         argnums = (2,) if donate else ()
+        self.program = self._prefill          # one object: engines cache fused programs on it
         self.prefill = jax.jit(self._prefill, donate_argnums=argnums)
         self.decode = jax.jit(self._decode, donate_argnums=argnums)
         self.forward = jax.jit(self._forward)
@@ -296,17 +297,31 @@ class HybridLM:
         batch = np.shape(tokens)[0] if np.ndim(tokens) == 2 else None
         if batch is not None:
             check_state(state, self.abstract_state(batch))
+        tokens_np, ckpt_np, lengths_np = self.prepare_prefill(
+            tokens, checkpoints, lengths, None if batch is None else np.asarray(state.length))
+        slots = np.shape(checkpoints)[-1] if np.ndim(checkpoints) else 0
+        logits, final, emitted = self._programs.prefill(params, tokens_np, state, ckpt_np, lengths_np)
+        if ckpt_np.shape[1] != slots:
+            emitted = _first_slots(emitted, slots)
+        return logits, final, emitted
+
+    @property
+    def prefill_program(self):
+        """`FusablePrefill.prefill_program`: the pure program `prefill` jits (same object each time)."""
+        return self._programs.program
+
+    def prepare_prefill(self, tokens, checkpoints, lengths=None, state_length=None
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`FusablePrefill.prepare_prefill`: validated (tokens, checkpoints, lengths), T padded to
+        C * 2^i and K to 0 or a power of two >= min_checkpoint_slots."""
         tokens_np, lengths_np, ckpt_np = check_prefill_args(
             tokens, lengths, checkpoints, vocab_size=self.vocab_size, max_length=self.max_length,
-            state_length=None if batch is None else np.asarray(state.length))
+            state_length=state_length)
         total, slots = tokens_np.shape[1], ckpt_np.shape[1]
         padded_slots = checkpoint_bucket(slots, self.min_checkpoint_slots) if slots else 0
         tokens_np = np.pad(tokens_np, ((0, 0), (0, bucket_length(total, self.chunk_size) - total)))
         ckpt_np = np.pad(ckpt_np, ((0, 0), (0, padded_slots - slots)))
-        logits, final, emitted = self._programs.prefill(params, tokens_np, state, ckpt_np, lengths_np)
-        if padded_slots != slots:
-            emitted = _first_slots(emitted, slots)
-        return logits, final, emitted
+        return tokens_np, ckpt_np, lengths_np
 
     def decode(self, params: dict, token, state: State) -> tuple[Array, State]:
         """`RecurrentLM.decode`: token int32[B] -> (logits f32[B, V], the state one token longer)."""

@@ -284,6 +284,9 @@ class _Programs:
         self.traces = 0
         donate_state = (1,) if donate else ()
         self.prefill = jax.jit(functools.partial(self._prefill, cfg), donate_argnums=donate_state)
+        # `FusablePrefill.prefill_program` (one object: engines cache fused programs on it)
+        self.program = lambda params, tokens, state, checkpoints, lengths: self._prefill(
+            cfg, params, state, tokens, lengths, checkpoints)
         self.decoder = decoder or self
         self.decode = decoder.decode if decoder else jax.jit(functools.partial(self._decode, cfg),
                                                              donate_argnums=donate_state)
@@ -402,20 +405,36 @@ class Mamba2LM:
         batch = np.shape(tokens)[0] if np.ndim(tokens) == 2 else None
         if batch is not None:
             check_state(state, self.abstract_state(batch))
-        tokens_np, lengths_np, ckpt_np = check_prefill_args(
-            tokens, lengths, checkpoints, vocab_size=self.vocab_size, max_length=self.max_length,
-            state_length=None if batch is None else np.asarray(state.length))
-        total, slots = tokens_np.shape[1], ckpt_np.shape[1]
-        padded_tokens = np.zeros((batch, bucket_length(total, self.chunk_size)), np.int32)
-        padded_tokens[:, :total] = tokens_np
-        width = checkpoint_bucket(slots, self.min_checkpoint_slots) if slots else 0
-        padded_ckpts = np.zeros((batch, width), np.int32)
-        padded_ckpts[:, :slots] = ckpt_np
+        padded_tokens, padded_ckpts, lengths_np = self.prepare_prefill(
+            tokens, checkpoints, lengths, None if batch is None else np.asarray(state.length))
+        slots = np.shape(checkpoints)[-1] if np.ndim(checkpoints) else 0
         logits, final, emitted = self._programs.prefill(params, state, padded_tokens, lengths_np,
                                                         padded_ckpts)
         if padded_ckpts.shape[1] != slots:
             emitted = _first_slots(emitted, slots)
         return logits, final, emitted
+
+    @property
+    def prefill_program(self):
+        """`FusablePrefill.prefill_program`: ``(params, tokens, state, checkpoints, lengths)``, the pure
+        program `prefill` jits (same object each time)."""
+        return self._programs.program
+
+    def prepare_prefill(self, tokens, checkpoints, lengths=None, state_length=None
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`FusablePrefill.prepare_prefill`: validated (tokens, checkpoints, lengths), T padded to
+        C * 2^i and K to 0 or a power of two >= min_checkpoint_slots."""
+        tokens_np, lengths_np, ckpt_np = check_prefill_args(
+            tokens, lengths, checkpoints, vocab_size=self.vocab_size, max_length=self.max_length,
+            state_length=state_length)
+        batch, total = tokens_np.shape
+        slots = ckpt_np.shape[1]
+        padded_tokens = np.zeros((batch, bucket_length(total, self.chunk_size)), np.int32)
+        padded_tokens[:, :total] = tokens_np
+        width = checkpoint_bucket(slots, self.min_checkpoint_slots) if slots else 0
+        padded_ckpts = np.zeros((batch, width), np.int32)
+        padded_ckpts[:, :slots] = ckpt_np
+        return padded_tokens, padded_ckpts, lengths_np
 
     def decode(self, params: Mamba2Params, token, state: State) -> tuple[Array, State]:
         """One token per row: token int32[B] -> (logits float32[B, V], next state)."""

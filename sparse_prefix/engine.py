@@ -46,6 +46,7 @@ be O(max_length) (e.g. attention that reads its whole KV buffer densely).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -56,10 +57,11 @@ import numpy as np
 
 from sparse_prefix.index import PrefixIndex, RequestPlan
 from sparse_prefix.planner import Planner
-from sparse_prefix.protocol import State
+from sparse_prefix.protocol import FusablePrefill, State
 from sparse_prefix.request_checks import split_requests
 from sparse_prefix.sampling import Sampling, sample
-from sparse_prefix.store import CacheLayout, PoolExhausted, StateStore, abstract_state_of, plan_layout
+from sparse_prefix.store import (CacheLayout, Packing, PoolExhausted, StateStore, abstract_state_of,
+                                 gather_state, plan_layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +123,20 @@ class _EndPlanner:
         return np.union1d(planned, [length]).astype(np.int64)
 
 
+@functools.lru_cache(maxsize=64)
+def _fused_program(prefill: Any, slab_packing: Packing, pool_packing: Packing | None, batch: int):
+    """One jitted program per (model program, store layout, batch size), shared by every engine of an
+    equal model: the store's gather, then the model's prefill program (`FusablePrefill`); the scratch
+    KV (argument 3) is donated and comes back as the final KV."""
+
+    def run(params, slabs, pools, scratch, packed, resumed, tokens, checkpoints, lengths):
+        recurrent, kv = gather_state(slabs, pools, scratch, packed, batch, slab_packing, pool_packing)
+        state = State(recurrent=recurrent, kv=kv, length=resumed)
+        return prefill(params, tokens, state, checkpoints, lengths)
+
+    return jax.jit(run, donate_argnums=3)
+
+
 @jax.jit
 def _first_row(logits: jax.Array) -> jax.Array:
     """logits[0] as one compiled dispatch (an eager index costs ~0.5 ms of Python on the hit path)."""
@@ -148,13 +164,18 @@ class Engine:
       min_checkpoint_slots: checkpoint lists are padded to a power of two at least this large, so
         requests storing 1 to that many states share one compilation (and those storing none
         another, with no emission buffers: at most two programs per batch size).
+      fuse_restore: for a model with `FusablePrefill` (the built-in ones), gather the resumed state
+        out of the store inside the prefill's program: one dispatch per request, no restored State
+        returned to Python as one array per leaf (less host time per hit), at the price of one
+        prefill compilation per store shape (engines of other capacities do not share it). Opt-in
+        until measured on a GPU (BENCHMARKS.md). False: `store.restore`, then `model.prefill`.
       planner_options / index_options: extra `Planner` / `PrefixIndex` keyword arguments.
     """
 
     def __init__(self, model: Any, params: Any, *, policy: str = "ldp:8+fork", eviction: str = "lru",
                  capacity_entries: int = 64, capacity_bytes: int | None = None,
                  namespace: str | None = None, max_hints: int = 4, background_resolve: bool = True,
-                 min_checkpoint_slots: int = 8,
+                 min_checkpoint_slots: int = 8, fuse_restore: bool = False,
                  planner_options: Mapping[str, Any] | None = None,
                  index_options: Mapping[str, Any] | None = None):
         _check_namespace(namespace)
@@ -179,6 +200,9 @@ class Engine:
         self._reset_host()                       # validates the policy, eviction and options
         self.store = StateStore(abstract_state_of(model), num_slots=self.layout.num_slots,
                                 page_size=self.chunk_size, num_pages=self.layout.num_pages)
+        if not isinstance(fuse_restore, bool):
+            raise TypeError(f"fuse_restore must be a bool, got {type(fuse_restore).__name__}")
+        self.fused = fuse_restore and isinstance(model, FusablePrefill)
 
     # ------------------------------------------------------------------ sizing
 
@@ -268,14 +292,18 @@ class Engine:
                     plans.append(self.index.plan(row, group=group, hints=row_hints, planner=planner,
                                                  pin=True))
                 planned = time.perf_counter()
-                state = self._restore(plans)
+                state = None if self.fused else self._restore(plans)
             except BaseException:
                 for plan in plans:
                     self.index.abort(plan)
                 raise
         restored = time.perf_counter()
         try:
-            logits, final, emitted = self._prefill(plans, state)
+            if self.fused:                      # the gather runs inside the prefill's program
+                logits, final, emitted = self._fused_call(*self._restore_args(plans),
+                                                          *self._prefill_args(plans))
+            else:
+                logits, final, emitted = self._prefill(plans, state)
         except BaseException:
             with self._lock:
                 for plan in plans:
@@ -307,10 +335,10 @@ class Engine:
                  for plan, (count, size) in zip(plans, stored)]
         return logits, final, stats
 
-    def _restore(self, plans: list[RequestPlan]) -> State:
-        """The batch state to resume from (zero rows for misses), gathered on device."""
-        slots = [plan.resume_slot if plan.resume_position > 0 else -1 for plan in plans]
-        lengths = [plan.resume_position for plan in plans]
+    def _restore_args(self, plans: list[RequestPlan]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(slots int32[B] (-1: a miss), resume lengths int32[B], page table int32[B, P] or None)."""
+        slots = np.array([plan.resume_slot if plan.resume_position > 0 else -1 for plan in plans], np.int32)
+        lengths = np.array([plan.resume_position for plan in plans], np.int32)
         table = None
         if self.store.has_kv:
             table = np.full((len(plans), self.store.pages_per_sequence), -1, np.int32)
@@ -318,10 +346,15 @@ class Engine:
                 used = plan.resume_position // self.chunk_size
                 if used:
                     table[b, :used] = plan.match_payload[:used]
-        return self.store.restore(slots, lengths, table)
+        return slots, lengths, table
 
-    def _prefill(self, plans: list[RequestPlan], state: State):
-        """model.prefill on every row's suffix, emitting at positions relative to its resume point."""
+    def _restore(self, plans: list[RequestPlan]) -> State:
+        """The batch state to resume from (zero rows for misses), gathered on device."""
+        return self.store.restore(*self._restore_args(plans))
+
+    def _prefill_args(self, plans: list[RequestPlan]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens int32[B, max_length], checkpoints int32[B, K], lengths int32[B]) of every row's
+        suffix, checkpoints relative to its resume point."""
         batch = len(plans)
         emits = max(len(plan.emit_positions) for plan in plans)
         tokens = np.zeros((batch, self.model.max_length), np.int32)   # one shape: see __init__
@@ -332,7 +365,21 @@ class Engine:
             tokens[b, :plan.length - start] = plan.tokens[start:]
             lengths[b] = plan.length - start
             checkpoints[b, :len(plan.emit_positions)] = np.asarray(plan.emit_positions) - start
+        return tokens, checkpoints, lengths
+
+    def _prefill(self, plans: list[RequestPlan], state: State):
+        """model.prefill on every row's suffix, emitting at positions relative to its resume point."""
+        tokens, checkpoints, lengths = self._prefill_args(plans)
         return self.model.prefill(self.params, tokens, state, checkpoints, lengths)
+
+    def _fused_call(self, slots, resumed, table, tokens, checkpoints, lengths):
+        """Restore + prefill as one dispatch: (logits, final, emitted) like `model.prefill`, the
+        emitted leaves with the model's padded K (slots past the requested ones are padding)."""
+        tokens, checkpoints, lengths = self.model.prepare_prefill(tokens, checkpoints, lengths, resumed)
+        program = _fused_program(self.model.prefill_program, self.store.slab_packing,
+                                 self.store.pool_packing, len(slots))
+        with self.store.gather_inputs(slots, table) as inputs:
+            return program(self.params, *inputs, resumed, tokens, checkpoints, lengths)
 
     def _checkpoint_width(self, emits: int) -> int:
         """K of a call whose rows emit at most `emits` states: 0 when none does (the model allocates
@@ -495,15 +542,21 @@ class Engine:
         for batch in batch_sizes:
             if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
                 raise ValueError(f"batch_sizes must be ints >= 1, got {batch!r}")
-            self.store.compile_restore(int(batch))
+            if not self.fused:
+                self.store.compile_restore(int(batch))
             first = min(self.chunk_size, self.model.max_length)
             for width in (0, self._k_bucket):
-                state = self.store.restore([-1] * batch, [0] * batch)
                 tokens = np.zeros((batch, self.model.max_length), np.int32)
                 checkpoints = np.zeros((batch, width), np.int32)
                 checkpoints[:, :1] = first
                 lengths = np.full((batch,), first, np.int32)
-                _, final, emitted = self.model.prefill(self.params, tokens, state, checkpoints, lengths)
+                misses, zeros = np.full((batch,), -1, np.int32), np.zeros((batch,), np.int32)
+                if self.fused:     # the page-table bucket of a miss (a hit's may compile later)
+                    _, final, emitted = self._fused_call(misses, zeros, None, tokens, checkpoints, lengths)
+                else:
+                    state = self.store.restore(misses, zeros)
+                    _, final, emitted = self.model.prefill(self.params, tokens, state, checkpoints,
+                                                           lengths)
                 if width:
                     self.store.compile_for(emitted, final.kv)
                 self.store.recycle(final.kv)

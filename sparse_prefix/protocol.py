@@ -144,6 +144,32 @@ class RecurrentLM(Protocol):
         ...
 
 
+@runtime_checkable
+class FusablePrefill(Protocol):
+    """Optional (public): a `RecurrentLM` whose prefill program can be compiled together with the
+    caller's own state assembly -- the Engine gathers a resumed state out of its store inside the
+    prefill's program, one dispatch instead of two (a jitted call's host cost grows with the arrays it
+    returns, and a restored State has one per recurrent and KV leaf).
+
+    Attributes:
+      prefill_program: a pure, traceable ``(params, tokens, state, checkpoints, lengths) -> (logits,
+        final, emitted)`` on arguments `prepare_prefill` returned (the same object on every access,
+        so callers can cache their compilations on it). It computes exactly what `prefill` computes.
+    """
+
+    prefill_program: Any
+
+    def prepare_prefill(self, tokens: Array, checkpoints: Array, lengths: Array | None,
+                        state_length: Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`prefill`'s host side: validate (ValueError / TypeError naming the problem) and pad.
+
+        Args: as `prefill`, with state_length int[B] the host lengths of the state resumed from.
+        Returns: (tokens int32[B, T'], checkpoints int32[B, K'], lengths int32[B]) padded to the
+          shapes `prefill` compiles for.
+        """
+        ...
+
+
 def take_checkpoint(checkpoints: Checkpoints, k: Array) -> tuple[tuple, Array]:
     """Row-wise selection of one slot: returns (recurrent tuple with [B, ...] leaves, lengths int32[B])."""
     k = jnp.asarray(k, jnp.int32)

@@ -37,6 +37,7 @@ ceil(S / page_size) pages per sequence, n rows moved in one call.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
@@ -200,6 +201,9 @@ def _gather_state(slabs: tuple, pools: tuple | None, scratch: tuple | None, pack
         kv = jax.tree_util.tree_unflatten(pool_packing.treedef,
                                           [put(b, p) for b, p in zip(buffers, page_rows)])
     return recurrent, kv
+
+
+gather_state = _gather_state     # public name: traced inside fused programs (`Engine(fuse_restore=)`)
 
 
 def _committed(tree: Any) -> Any:
@@ -421,8 +425,9 @@ class StateStore:
             pages = table[rows, seq_pages]
         return pack_moves((rows, seq_pages, pages), batch, drop_column=0)
 
-    def _gather(self, slots: np.ndarray, lengths: np.ndarray, moves: np.ndarray) -> State:
-        """Run `_gather_state` (one dispatch) on a scratch KV of this batch size. Holds the lock."""
+    def _gather_args(self, slots: np.ndarray, moves: np.ndarray) -> tuple:
+        """(slabs, pools, scratch, packed) of a gather: a scratch KV of this batch size (taken from
+        the recycled sets, else allocated) and the packed indices. Holds the lock."""
         batch = slots.size
         scratch = None
         if self.has_kv:
@@ -431,9 +436,44 @@ class StateStore:
                 lambda leaf: jnp.zeros((batch,) + tuple(leaf.shape[1:]), leaf.dtype),
                 tuple(self.abstract.kv)))
         packed = np.concatenate([slots, moves.reshape(-1)]).astype(np.int32)
-        recurrent, kv = _gather_state(self._buffers.slabs, self._buffers.pools, scratch, packed, batch,
-                                      self.slab_packing, self.pool_packing)
+        return self._buffers.slabs, self._buffers.pools, scratch, packed
+
+    def _gather(self, slots: np.ndarray, lengths: np.ndarray, moves: np.ndarray) -> State:
+        """Run `_gather_state` (one dispatch) on a scratch KV of this batch size. Holds the lock."""
+        slabs, pools, scratch, packed = self._gather_args(slots, moves)
+        recurrent, kv = _gather_state(slabs, pools, scratch, packed, slots.size, self.slab_packing,
+                                      self.pool_packing)
         return State(recurrent=recurrent, kv=kv, length=lengths.astype(np.int32))
+
+    def gather_fn(self, batch: int):
+        """The restore's device function for `batch` rows, to trace inside a caller's program:
+        ``gather(slabs, pools, scratch, packed) -> (recurrent, kv)`` on `gather_inputs`' arrays
+        (`gather_state` with this store's packings)."""
+        slab_packing, pool_packing = self.slab_packing, self.pool_packing
+        return lambda slabs, pools, scratch, packed: gather_state(
+            slabs, pools, scratch, packed, batch, slab_packing, pool_packing)
+
+    @contextlib.contextmanager
+    def gather_inputs(self, slots, page_table=None):
+        """`restore` split for fusion: yields (slabs, pools, scratch, packed), the inputs of
+        `gather_fn(B)`, with the store's lock held -- dispatch the program that reads them inside the
+        `with` (a later insert donates the slabs). The scratch KV set is the caller's: the program
+        must donate it (the prefill's final KV is what goes back through `recycle`).
+
+        Args: slots int[B] (-1: the zero state); page_table int[B, <= P] or None, as `restore`.
+        """
+        slots = np.asarray(slots, np.int32).reshape(-1)
+        if np.any(slots >= self.num_slots):
+            raise ValueError(f"slots must be < {self.num_slots}, got {slots.tolist()}")
+        moves = self._page_moves(slots.size, page_table)
+        # One shape per batch size (the caller's program is big): the page moves padded to the
+        # largest bucket B rows can need, the padding dropped by the scatter.
+        top = move_bucket(slots.size * self.pages_per_sequence) if self.has_kv else moves.shape[1]
+        wide = np.zeros((3, max(top, moves.shape[1])), np.int32)
+        wide[0] = slots.size
+        wide[:, :moves.shape[1]] = moves
+        with self._lock:
+            yield self._gather_args(slots, wide)
 
     def recycle(self, kv: tuple | None) -> None:
         """Hand dense KV buffers (`State.kv`, leaves [B, S, Hkv, D]) back for a later `restore` of B rows.

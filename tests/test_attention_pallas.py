@@ -72,20 +72,20 @@ def test_pallas_kernel_is_a_checked_config_choice():
 def test_prefill_and_decode_with_the_pallas_kernel_resume_bitwise_and_match_the_xla_kernel():
     base = hybrid_tiny_config()
     attention = dataclasses.replace(base.attention, head_dim=16, kernel="pallas")
-    config = dataclasses.replace(base, attention=attention, chunks_per_step=2, max_length=128)
+    config = dataclasses.replace(base, attention=attention, chunks_per_step=2, max_length=64)
     model = HybridLM(config, dtype=jnp.float32, donate_state=False)
     reference = HybridLM(dataclasses.replace(config, attention=dataclasses.replace(attention,
                                                                                    kernel="xla")),
                          dtype=jnp.float32, donate_state=False)
     params = model.init_params(jax.random.PRNGKey(0))
-    tokens = np.random.default_rng(1).integers(0, config.vocab_size, (1, 80), dtype=np.int32)
+    tokens = np.random.default_rng(1).integers(0, config.vocab_size, (1, 48), dtype=np.int32)
     none = np.zeros((0,), np.int32)
     want_logits, want_state, _ = model.prefill(params, tokens, model.init_state(1), none)
     split = 24                                     # on the grid C = 8, not on G C = 16
     _, prefix, _ = model.prefill(params, tokens, model.init_state(1), none, np.array([split], np.int32))
     rest = np.zeros_like(tokens)
-    rest[:, :80 - split] = tokens[:, split:]
-    logits, state, _ = model.prefill(params, rest, prefix, none, np.array([80 - split], np.int32))
+    rest[:, :48 - split] = tokens[:, split:]
+    logits, state, _ = model.prefill(params, rest, prefix, none, np.array([48 - split], np.int32))
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(want_logits))
     for got, want in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(want_state)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -95,6 +95,24 @@ def test_answers_are_bitwise_uncached_and_recompute_matches_the_simulator(name, 
 
 
 @pytest.mark.parametrize("name", ["hybrid-tiny", "mamba2-tiny"])
+def test_the_fused_and_the_separate_restore_serve_the_same_bitwise_answers(name):
+    """`fuse_restore=True` traces the store's gather into the prefill program (one dispatch); it gives
+    the answers and stores of the separate path (store.restore, then model.prefill), bitwise."""
+    requests = trace(name, count=8, seed=2)
+    fused, separate = engine_for(name, "ldp:2+fork", fuse_restore=True), engine_for(name, "ldp:2+fork")
+    assert fused.fused and not separate.fused
+    for request in requests:
+        a, b = (engine.prefill(request.tokens, hints=request.hints) for engine in (fused, separate))
+        np.testing.assert_array_equal(a.last_logits, b.last_logits)
+        np.testing.assert_array_equal(a.last_logits, reference(name, [request.tokens])[0])
+        assert (a.stats.resume_position, a.stats.checkpoints_stored) == \
+            (b.stats.resume_position, b.stats.checkpoints_stored)
+    assert fused.stats()["hits"] > 0
+    with pytest.raises(TypeError, match="fuse_restore"):
+        engine_for(name, "none", fuse_restore=1)
+
+
+@pytest.mark.parametrize("name", ["hybrid-tiny", "mamba2-tiny"])
 def test_a_batch_equals_an_uncached_batch_of_the_same_size(name):
     requests = trace(name, count=10, seed=1)
     engine = engine_for(name, "block:16+fork", capacity=4)
