@@ -107,6 +107,14 @@ def check_resume(preset: str, length: int, dtype, chunking=(None, None), backend
     """Bitwise check on this device: prefill(all) vs prefill(prefix) + prefill(rest, from its state),
     split at a multiple of C that is not a multiple of G C (every chunk changes its group slot)."""
     model, params = _model(preset, dtype, chunking, backend)
+    split, worst = resume_difference(model, params, length)
+    return {"preset": preset, "length": length, "split": split, **_chunking_of(model),
+            "backend": _backend_of(model), "bitwise": worst == 0.0, "max_abs_diff": worst}
+
+
+def resume_difference(model, params, length: int) -> tuple[int, float]:
+    """(split, max |difference|) of `check_resume` for a built model: logits and every final-state
+    leaf of a call resumed at `split` against the uncached call (0.0: bitwise)."""
     chunk, group = model.chunk_size, getattr(model, "chunks_per_step", 1)
     split = (length // (2 * chunk)) * chunk + chunk
     if group > 1 and split % (group * chunk) == 0:
@@ -124,8 +132,7 @@ def check_resume(preset: str, length: int, dtype, chunking=(None, None), backend
                                                jax.tree_util.tree_leaves(want_state)))
     worst = max(float(np.max(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))))
                 for got, want in pairs)
-    return {"preset": preset, "length": length, "split": split, **_chunking_of(model),
-            "backend": _backend_of(model), "bitwise": worst == 0.0, "max_abs_diff": worst}
+    return split, worst
 
 
 def breakdown(preset: str, length: int, repeats: int, dtype, chunking=(None, None),

@@ -24,6 +24,8 @@ import time
 import jax
 import numpy as np
 
+from sparse_prefix.experiments.bench_prefill import resume_difference
+
 
 def parse_variant(text: str) -> dict:
     """``"kb=1024,G=4"`` -> {"kb": 1024, "G": 4}; keys kb, G, C, unroll."""
@@ -71,25 +73,6 @@ def time_prefill(model, params, tokens: np.ndarray, start_state, repeats: int) -
     return statistics.median(times) * 1e3
 
 
-def resume_is_bitwise(model, params, length: int) -> bool:
-    """prefill(all) vs prefill(prefix) + prefill(rest, from its state), split on the grid C but not
-    on G C: logits and every final-state leaf equal bitwise (same compiled program as a length call)."""
-    chunk, group = model.chunk_size, model.chunks_per_step
-    split = (length // (2 * chunk)) * chunk + chunk
-    if group > 1 and split % (group * chunk) == 0:
-        split += chunk
-    tokens = np.random.default_rng(1).integers(0, model.vocab_size, (1, length), dtype=np.int32)
-    none = np.zeros((0,), np.int32)
-    want_logits, want_state, _ = model.prefill(params, tokens, model.init_state(1), none)
-    _, prefix, _ = model.prefill(params, tokens, model.init_state(1), none, np.array([split], np.int32))
-    rest = np.zeros_like(tokens)
-    rest[:, :length - split] = tokens[:, split:]
-    logits, state, _ = model.prefill(params, rest, prefix, none, np.array([length - split], np.int32))
-    pairs = [(logits, want_logits)] + list(zip(jax.tree_util.tree_leaves(state),
-                                               jax.tree_util.tree_leaves(want_state)))
-    return all(np.array_equal(np.asarray(got), np.asarray(want)) for got, want in pairs)
-
-
 def probe(preset: str, variant: dict, lengths: list[int], suffix: tuple[int, int] | None,
           repeats: int, dtype, check: bool = False) -> list[dict]:
     model, params = build(preset, variant, dtype)
@@ -108,7 +91,7 @@ def probe(preset: str, variant: dict, lengths: list[int], suffix: tuple[int, int
         tokens = rng.integers(0, model.vocab_size, (1, count), dtype=np.int32)
         ms = time_prefill(model, params, tokens, state, repeats)
         rows.append({"length": count, "from": resume, "ms": ms, "steps": -(-count // width)})
-    bitwise = resume_is_bitwise(model, params, max(lengths)) if check else None
+    bitwise = resume_difference(model, params, max(lengths))[1] == 0.0 if check else None
     setup_s = time.perf_counter() - begin
     label = ",".join(f"{key}={value}" for key, value in variant.items()) or "preset"
     for row in rows:
