@@ -66,12 +66,12 @@ def move_bucket(count: int) -> int:
     return max(MIN_BUCKET, 1 << max(0, int(count) - 1).bit_length())
 
 
-def pack_moves(columns: tuple, drop: int, drop_column: int = 2) -> np.ndarray:
-    """int32[3, move_bucket(n)]: three index columns of n moves (rows of the result), padded with moves
-    that are 0 except `drop` in row `drop_column`: an out-of-range index the scatter drops, so padding
-    moves change nothing."""
+def pack_moves(columns: tuple, drop: int, drop_column: int = 2, width: int = 0) -> np.ndarray:
+    """int32[3, max(move_bucket(n), width)]: three index columns of n moves (rows of the result), padded
+    with moves that are 0 except `drop` in row `drop_column`: an out-of-range index the scatter drops,
+    so padding moves change nothing."""
     count = columns[0].size
-    packed = np.zeros((3, move_bucket(count)), np.int32)
+    packed = np.zeros((3, max(move_bucket(count), width)), np.int32)
     for row, column in enumerate(columns):
         packed[row, :count] = column
     packed[drop_column, count:] = drop
@@ -403,15 +403,18 @@ class StateStore:
         lengths = np.asarray(lengths, np.int32).reshape(-1)
         if slots.shape != lengths.shape:
             raise ValueError(f"slots and lengths must have equal lengths, got {slots.size}, {lengths.size}")
-        if np.any(slots >= self.num_slots):
-            raise ValueError(f"slots must be < {self.num_slots}, got {slots.tolist()}")
-        moves = self._page_moves(slots.size, page_table)
+        moves = self._page_moves(self._checked_slots(slots).size, page_table)
         with self._lock:
             return self._gather(slots, lengths, moves)
 
-    def _page_moves(self, batch: int, page_table: Any) -> np.ndarray:
+    def _checked_slots(self, slots: np.ndarray) -> np.ndarray:
+        if np.any(slots >= self.num_slots):
+            raise ValueError(f"slots must be < {self.num_slots}, got {slots.tolist()}")
+        return slots
+
+    def _page_moves(self, batch: int, page_table: Any, widest: bool = False) -> np.ndarray:
         """int32[3, n']: (rows, seq_pages, pages) of the table's pages, padded to a bucket with rows = B
-        (dropped)."""
+        (dropped); with `widest`, to the largest bucket B rows can need (one shape per batch size)."""
         rows = seq_pages = pages = np.zeros((0,), np.int32)
         if self.has_kv and page_table is not None:
             table = np.asarray(page_table)
@@ -423,7 +426,8 @@ class StateStore:
                 raise ValueError(f"page_table entries must lie in -1..{self.num_pages - 1}")
             rows, seq_pages = np.nonzero(table >= 0)
             pages = table[rows, seq_pages]
-        return pack_moves((rows, seq_pages, pages), batch, drop_column=0)
+        width = move_bucket(batch * self.pages_per_sequence) if widest and self.has_kv else 0
+        return pack_moves((rows, seq_pages, pages), batch, drop_column=0, width=width)
 
     def _gather_args(self, slots: np.ndarray, moves: np.ndarray) -> tuple:
         """(slabs, pools, scratch, packed) of a gather: a scratch KV of this batch size (taken from
@@ -462,18 +466,11 @@ class StateStore:
 
         Args: slots int[B] (-1: the zero state); page_table int[B, <= P] or None, as `restore`.
         """
-        slots = np.asarray(slots, np.int32).reshape(-1)
-        if np.any(slots >= self.num_slots):
-            raise ValueError(f"slots must be < {self.num_slots}, got {slots.tolist()}")
-        moves = self._page_moves(slots.size, page_table)
-        # One shape per batch size (the caller's program is big): the page moves padded to the
-        # largest bucket B rows can need, the padding dropped by the scatter.
-        top = move_bucket(slots.size * self.pages_per_sequence) if self.has_kv else moves.shape[1]
-        wide = np.zeros((3, max(top, moves.shape[1])), np.int32)
-        wide[0] = slots.size
-        wide[:, :moves.shape[1]] = moves
+        slots = self._checked_slots(np.asarray(slots, np.int32).reshape(-1))
+        # One shape per batch size (the caller's program is big): moves padded to the widest bucket.
+        moves = self._page_moves(slots.size, page_table, widest=True)
         with self._lock:
-            yield self._gather_args(slots, wide)
+            yield self._gather_args(slots, moves)
 
     def recycle(self, kv: tuple | None) -> None:
         """Hand dense KV buffers (`State.kv`, leaves [B, S, Hkv, D]) back for a later `restore` of B rows.
