@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_prefix.chunking import (bucket_length, check_decode_args, check_prefill_args, check_state,
-                                    checkpoint_bucket, run_chunks, scan_chunks)
+from sparse_prefix.chunking import (check_decode_args, check_prefill_args, check_state, checkpoint_bucket,
+                                    padded_width, resolve_step_loop, run_chunks, scan_chunks)
 from sparse_prefix.protocol import Checkpoints, MemoryProfile, State, restore_state
 
 from . import mixers
@@ -138,8 +138,9 @@ class HybridConfig:
 class _Programs:
     """The jitted programs of one (config, backend, donation); `traces` counts compilations."""
 
-    def __init__(self, stack: HybridStack, donate: bool):
+    def __init__(self, stack: HybridStack, donate: bool, static_steps: bool = False):
         self.stack = stack
+        self.static_steps = static_steps
         # forward (training, references) reads attention KV densely with XLA: reverse-mode AD cannot
         # go through the blocked read's while loop nor the Pallas kernel; forward's logits equal
         # prefill's within tolerance.
@@ -167,7 +168,8 @@ class _Programs:
         hidden, final, emitted = run_chunks(step, stack.to_unit_state(state), tokens, lengths,
                                             checkpoints, chunk_size=config.chunk_size,
                                             hidden_size=config.d_model, hidden_dtype=stack.dtype,
-                                            chunks_per_step=config.chunks_per_step)
+                                            chunks_per_step=config.chunks_per_step,
+                                            static_steps=self.static_steps)
         final = stack.from_unit_state(final, state, tokens.shape[1])
         emitted = emitted._replace(recurrent=stack.unstack_recurrent(emitted.recurrent, axis=2))
         return stack.logits(params, hidden), final, emitted
@@ -199,8 +201,8 @@ def _first_slots(emitted: Checkpoints, slots: int) -> Checkpoints:
 
 
 @functools.lru_cache(maxsize=16)
-def _programs(config: HybridConfig, backend: str, donate: bool) -> _Programs:
-    return _Programs(HybridStack(config, backend), donate)
+def _programs(config: HybridConfig, backend: str, donate: bool, static_steps: bool = False) -> _Programs:
+    return _Programs(HybridStack(config, backend), donate, static_steps)
 
 
 class HybridLM:
@@ -215,12 +217,15 @@ class HybridLM:
       backend: the Gated DeltaNet backend, "chunked" (default) or "sequential" (the reference).
       min_checkpoint_slots: checkpoint lists are padded to a power of two at least this large.
       donate_state: donate the state buffers to prefill / decode.
+      step_loop: the prefill's loop over group steps (`chunking.STEP_LOOPS`): "dynamic" (counted on
+        the device, one program per padded width), "static" (counted on the host, one program per
+        step count, no host round trip per step), "auto" (static on a GPU). Same numbers either way.
     """
 
     family = "hybrid"
 
     def __init__(self, config: HybridConfig, *, dtype=None, backend: str = "chunked",
-                 min_checkpoint_slots: int = 4, donate_state: bool = True):
+                 min_checkpoint_slots: int = 4, donate_state: bool = True, step_loop: str = "auto"):
         if not isinstance(config, HybridConfig):
             raise TypeError(f"config must be a HybridConfig, got {type(config).__name__}")
         if backend not in ("chunked", "sequential"):
@@ -230,7 +235,8 @@ class HybridLM:
         self.config = config
         self.backend = backend
         self.min_checkpoint_slots = int(min_checkpoint_slots)
-        self._programs = _programs(config, backend, bool(donate_state))
+        self.step_loop = resolve_step_loop(step_loop)
+        self._programs = _programs(config, backend, bool(donate_state), self.step_loop == "static")
         self._abstract: dict[int, State] = {}
 
     chunk_size = property(lambda self: self.config.chunk_size)
@@ -251,7 +257,7 @@ class HybridLM:
         step G and/or GDN sub-chunk c (`HybridConfig.with_chunking`); the parameters stay valid."""
         return HybridLM(self.config.with_chunking(chunk_size, chunks_per_step, sub_chunk),
                         backend=self.backend, min_checkpoint_slots=self.min_checkpoint_slots,
-                        donate_state=self._programs.donate)
+                        donate_state=self._programs.donate, step_loop=self.step_loop)
 
     def init_params(self, key: Array) -> dict:
         """Random parameters (jitted): embed [V, d], layers, final_norm [d], lm_head [d, V] if untied."""
@@ -313,13 +319,17 @@ class HybridLM:
     def prepare_prefill(self, tokens, checkpoints, lengths=None, state_length=None
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`FusablePrefill.prepare_prefill`: validated (tokens, checkpoints, lengths), T padded to
-        C * 2^i and K to 0 or a power of two >= min_checkpoint_slots."""
+        C * 2^i (static step loop: to the steps the call needs, `chunking.padded_width`) and K to 0
+        or a power of two >= min_checkpoint_slots."""
         tokens_np, lengths_np, ckpt_np = check_prefill_args(
             tokens, lengths, checkpoints, vocab_size=self.vocab_size, max_length=self.max_length,
             state_length=state_length)
         total, slots = tokens_np.shape[1], ckpt_np.shape[1]
         padded_slots = checkpoint_bucket(slots, self.min_checkpoint_slots) if slots else 0
-        tokens_np = np.pad(tokens_np, ((0, 0), (0, bucket_length(total, self.chunk_size) - total)))
+        width = padded_width(total, lengths_np, ckpt_np, chunk_size=self.chunk_size,
+                             chunks_per_step=self.chunks_per_step,
+                             static_steps=self.step_loop == "static")
+        tokens_np = np.pad(tokens_np[:, :width], ((0, 0), (0, max(width - total, 0))))
         ckpt_np = np.pad(ckpt_np, ((0, 0), (0, padded_slots - slots)))
         return tokens_np, ckpt_np, lengths_np
 

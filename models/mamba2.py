@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_prefix.chunking import (EmittingGroupStep, bucket_length, check_decode_args,
-                                    check_prefill_args, check_state, checkpoint_bucket, run_chunks,
+from sparse_prefix.chunking import (EmittingGroupStep, check_decode_args, check_prefill_args, check_state,
+                                    checkpoint_bucket, padded_width, resolve_step_loop, run_chunks,
                                     scan_chunks)
 from sparse_prefix.protocol import Checkpoints, MemoryProfile, RecurrentState, State, restore_state
 
@@ -280,8 +280,10 @@ class _Programs:
     program of the G = 1 config (`decoder`), and count its traces.
     """
 
-    def __init__(self, cfg: Mamba2Config, donate: bool, decoder: "_Programs | None" = None):
+    def __init__(self, cfg: Mamba2Config, donate: bool, decoder: "_Programs | None" = None,
+                 static_steps: bool = False):
         self.traces = 0
+        self.static_steps = static_steps
         donate_state = (1,) if donate else ()
         self.prefill = jax.jit(functools.partial(self._prefill, cfg), donate_argnums=donate_state)
         # `FusablePrefill.prefill_program` (one object: engines cache fused programs on it)
@@ -303,7 +305,8 @@ class _Programs:
         hidden, final, emitted = run_chunks(mamba2_emitting_step(params, cfg), state, tokens, lengths,
                                             checkpoints, chunk_size=cfg.chunk_size,
                                             hidden_size=cfg.d_model,
-                                            chunks_per_step=cfg.chunks_per_step)
+                                            chunks_per_step=cfg.chunks_per_step,
+                                            static_steps=self.static_steps)
         return mamba2_logits(params, cfg, hidden), final, emitted
 
     def _decode(self, cfg, params, state, token):
@@ -329,10 +332,11 @@ def _first_slots(emitted: Checkpoints, slots: int) -> Checkpoints:
 
 
 @functools.lru_cache(maxsize=None)
-def _programs(cfg: Mamba2Config, donate: bool) -> _Programs:
+def _programs(cfg: Mamba2Config, donate: bool, static_steps: bool = False) -> _Programs:
     if cfg.chunks_per_step == 1:
-        return _Programs(cfg, donate)
-    return _Programs(cfg, donate, decoder=_programs(cfg.replace(chunks_per_step=1), donate))
+        return _Programs(cfg, donate, static_steps=static_steps)
+    return _Programs(cfg, donate, decoder=_programs(cfg.replace(chunks_per_step=1), donate, static_steps),
+                     static_steps=static_steps)
 
 
 class Mamba2LM:
@@ -346,12 +350,15 @@ class Mamba2LM:
         two at least this large, so calls with 1..min_checkpoint_slots checkpoint slots share one
         compilation; a call without checkpoint slots (K = 0) is its own bucket, with no emission.
       donate_state: donate the state buffers to prefill / decode.
+      step_loop: the prefill's loop over group steps (`chunking.STEP_LOOPS`): "dynamic" (counted on
+        the device, one program per padded width), "static" (counted on the host, one program per
+        step count, no host round trip per step), "auto" (static on a GPU). Same numbers either way.
     """
 
     family = "mamba2"
 
     def __init__(self, config: Mamba2Config, *, min_checkpoint_slots: int = 4,
-                 donate_state: bool = True):
+                 donate_state: bool = True, step_loop: str = "auto"):
         if not isinstance(config, Mamba2Config):
             raise TypeError(f"config must be a Mamba2Config, got {type(config).__name__}")
         if not isinstance(min_checkpoint_slots, int) or min_checkpoint_slots < 1:
@@ -359,7 +366,8 @@ class Mamba2LM:
         self.config = config
         self.min_checkpoint_slots = min_checkpoint_slots
         self.donate_state = bool(donate_state)
-        self._programs = _programs(config, self.donate_state)
+        self.step_loop = resolve_step_loop(step_loop)
+        self._programs = _programs(config, self.donate_state, self.step_loop == "static")
         self._abstract: dict[int, State] = {}
 
     chunk_size = property(lambda self: self.config.chunk_size)
@@ -382,7 +390,7 @@ class Mamba2LM:
                                                     ("chunks_per_step", chunks_per_step))
                    if value is not None}
         return Mamba2LM(self.config.replace(**changes), min_checkpoint_slots=self.min_checkpoint_slots,
-                        donate_state=self.donate_state)
+                        donate_state=self.donate_state, step_loop=self.step_loop)
 
     def init_params(self, key: Array) -> Mamba2Params:
         return init_mamba2_params(key, self.config)
@@ -423,14 +431,18 @@ class Mamba2LM:
     def prepare_prefill(self, tokens, checkpoints, lengths=None, state_length=None
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`FusablePrefill.prepare_prefill`: validated (tokens, checkpoints, lengths), T padded to
-        C * 2^i and K to 0 or a power of two >= min_checkpoint_slots."""
+        C * 2^i (static step loop: to the steps the call needs, `chunking.padded_width`) and K to 0
+        or a power of two >= min_checkpoint_slots."""
         tokens_np, lengths_np, ckpt_np = check_prefill_args(
             tokens, lengths, checkpoints, vocab_size=self.vocab_size, max_length=self.max_length,
             state_length=state_length)
         batch, total = tokens_np.shape
         slots = ckpt_np.shape[1]
-        padded_tokens = np.zeros((batch, bucket_length(total, self.chunk_size)), np.int32)
-        padded_tokens[:, :total] = tokens_np
+        width = padded_width(total, lengths_np, ckpt_np, chunk_size=self.chunk_size,
+                             chunks_per_step=self.chunks_per_step,
+                             static_steps=self.step_loop == "static")
+        padded_tokens = np.zeros((batch, width), np.int32)
+        padded_tokens[:, :min(total, width)] = tokens_np[:, :width]
         width = checkpoint_bucket(slots, self.min_checkpoint_slots) if slots else 0
         padded_ckpts = np.zeros((batch, width), np.int32)
         padded_ckpts[:, :slots] = ckpt_np

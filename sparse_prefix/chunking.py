@@ -13,6 +13,14 @@ an off-grid one costs at most one partially filled chunk.
 
 Because every chunk runs the same compiled step at the same shapes, a prefill resumed from a state
 at a multiple of C reproduces the uncached computation bitwise.
+
+The loop over group steps comes in two forms (`STEP_LOOPS`), computing the same numbers:
+  * "dynamic": a `lax.while_loop` whose trip count the device derives from the lengths and
+    checkpoints: one program per padded width T. On a GPU every iteration copies its predicate to
+    the host, so the call returns only when the device is done.
+  * "static": the trip count is T / (G C), fixed when tracing; the host pads T to exactly the steps
+    the call needs (`plan_steps`). One program per step count, no host round trip: the call returns
+    as soon as the work is queued, and host work after it overlaps the device.
 """
 
 from __future__ import annotations
@@ -160,9 +168,41 @@ def _boundary_emission(group_step) -> EmittingGroupStep:
     return EmittingGroupStep(step, init_buffers, lambda buffers: buffers)
 
 
+STEP_LOOPS = ("dynamic", "static", "auto")
+
+
+def resolve_step_loop(step_loop: str) -> str:
+    """"dynamic" or "static" for a model's `step_loop` setting; "auto" is static on a GPU (where a
+    device-counted loop costs a host round trip per step) and dynamic elsewhere (one program per
+    padded width instead of one per step count)."""
+    if step_loop not in STEP_LOOPS:
+        raise ValueError(f"step_loop must be one of {STEP_LOOPS}, got {step_loop!r}")
+    if step_loop == "auto":
+        return "static" if jax.default_backend() == "gpu" else "dynamic"
+    return step_loop
+
+
+def plan_steps(lengths: np.ndarray, checkpoints: np.ndarray, chunk_size: int, chunks_per_step: int) -> int:
+    """Group steps a call needs (host side, numpy): `plan_chunks`' chunk count over G, rounded up.
+
+    Args:
+      lengths: int[B] (>= 1).  checkpoints: int[B, K] relative to the call (<= 0: padding).
+      chunk_size: C.  chunks_per_step: G.
+    """
+    lengths = np.asarray(lengths, np.int64)
+    checkpoints = np.asarray(checkpoints, np.int64).reshape(lengths.shape[0], -1)
+    boundary = np.maximum.accumulate(np.where(checkpoints > 0, checkpoints, 0), axis=1) \
+        if checkpoints.shape[1] else checkpoints
+    start = np.concatenate([np.zeros((lengths.shape[0], 1), np.int64), boundary], axis=1)
+    end = np.concatenate([boundary, lengths[:, None]], axis=1)
+    chunks = int(np.max(np.sum((end - start + chunk_size - 1) // chunk_size, axis=1)))
+    return max(1, -(-chunks // chunks_per_step))
+
+
 def run_chunks(step, state: State, tokens: Array, lengths: Array, checkpoints: Array,
                *, chunk_size: int, hidden_size: int, hidden_dtype=jnp.float32,
-               chunks_per_step: int | None = None) -> tuple[Array, State, Checkpoints]:
+               chunks_per_step: int | None = None, static_steps: bool = False
+               ) -> tuple[Array, State, Checkpoints]:
     """Drive a model's step over a prefill call, emitting recurrent states at `checkpoints`.
 
     Args:
@@ -179,11 +219,17 @@ def run_chunks(step, state: State, tokens: Array, lengths: Array, checkpoints: A
       chunks_per_step: G (see `step`); bigger G gives the accelerator bigger matmuls. Exactness does
         not depend on G as long as the group step computes every chunk the same way wherever it sits
         in the group (per-chunk math batched over G, state passed chunk to chunk in order).
+      static_steps: run exactly T / (G C) group steps (T must be a multiple of G C: the caller pads
+        it to `plan_steps`; steps past the plan's last chunk are all padding, exact no-ops) instead
+        of the device-counted loop (module docstring).
 
     Returns:
       (hidden f32/hidden_dtype[B, d] at each row's last real token, final state, Checkpoints).
     """
     group_step, group = _group_step(step, chunks_per_step)
+    if static_steps and tokens.shape[1] % (group * chunk_size):
+        raise ValueError(f"static_steps needs a token width that is a multiple of G x C = "
+                         f"{group * chunk_size}, got {tokens.shape[1]}")
     batch = tokens.shape[0]
     slots = checkpoints.shape[1]
     emitting = (group_step if isinstance(group_step, EmittingGroupStep)
@@ -212,9 +258,13 @@ def run_chunks(step, state: State, tokens: Array, lengths: Array, checkpoints: A
         last = jnp.where(jnp.any(is_last, axis=1)[:, None], picked.astype(hidden_dtype), last)
         return index + 1, current, buffers, last
 
-    steps = (plan.num_chunks + group - 1) // group
     init = (jnp.zeros((), jnp.int32), state, buffers, last_hidden)
-    _, final, buffers, last_hidden = jax.lax.while_loop(lambda carry: carry[0] < steps, body, init)
+    if static_steps:
+        _, final, buffers, last_hidden = jax.lax.fori_loop(
+            0, tokens.shape[1] // (group * chunk_size), lambda _, carry: body(carry), init)
+    else:
+        steps = (plan.num_chunks + group - 1) // group
+        _, final, buffers, last_hidden = jax.lax.while_loop(lambda carry: carry[0] < steps, body, init)
     recurrent = emitting.to_recurrent(buffers if slots else emitting.init_buffers(state, 0))
     ckpt_lengths = jnp.where(checkpoints > 0, base[:, None] + checkpoints, 0).astype(jnp.int32)
     final = final._replace(length=base + lengths.astype(jnp.int32))
@@ -267,6 +317,16 @@ def bucket_length(length: int, chunk_size: int, minimum: int | None = None) -> i
     while bucket < length:
         bucket *= 2
     return bucket
+
+
+def padded_width(total: int, lengths: np.ndarray, checkpoints: np.ndarray, *, chunk_size: int,
+                 chunks_per_step: int, static_steps: bool) -> int:
+    """The token width T a prefill call of `total` token slots is padded (or cut) to: C * 2^i for the
+    dynamic loop; exactly `plan_steps` x G x C for the static loop (slots past every row's length
+    are padding, so cutting them loses nothing)."""
+    if static_steps:
+        return plan_steps(lengths, checkpoints, chunk_size, chunks_per_step) * chunks_per_step * chunk_size
+    return bucket_length(total, chunk_size)
 
 
 def check_prefill_args(tokens, lengths, checkpoints, *, vocab_size: int, max_length: int,
