@@ -152,13 +152,15 @@ def _gather_times(engine, namespace: str, tokens: np.ndarray, repeats: int) -> f
 
 
 def bench_preset(preset: str, length: int, overlaps: list[float], repeats: int, dtype, seed: int = 0,
-                 calibration_lengths: list[int] | None = None, shrunk: bool = False) -> dict:
+                 calibration_lengths: list[int] | None = None, shrunk: bool = False,
+                 fuse_restore: bool = False) -> dict:
     """Calibration, the full prefill and every overlap's hit for one preset (see the module doc).
 
     Args:
       preset: a model preset.  length: L.  overlaps: shares of L in (0, 1).  repeats: timed calls each.
       dtype: the compute dtype.  seed: token ids.  calibration_lengths: the cost model's lengths
         (default `costmodel.default_lengths(length, chunk)`).  shrunk: run `shrink(preset)` instead.
+      fuse_restore: `Engine(fuse_restore=)` (the gather traced into the prefill's program).
 
     Returns:
       {"preset", "calibration", "full_s", "full_times_s", "rows": one dict per overlap}; a row's
@@ -183,7 +185,8 @@ def bench_preset(preset: str, length: int, overlaps: list[float], repeats: int, 
     rng = np.random.default_rng(seed)
     vocab = int(model.vocab_size)
     engine = Engine(model, params, policy="none+hints", eviction="lru", capacity_entries=8,
-                    background_resolve=False, min_checkpoint_slots=CHECKPOINT_SLOTS)
+                    background_resolve=False, min_checkpoint_slots=CHECKPOINT_SLOTS,
+                    fuse_restore=fuse_restore)
     try:
         engine.warmup([1])
         full = rng.integers(0, vocab, size=length, dtype=np.int32)
@@ -234,6 +237,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--shrink", action="store_true",
                         help="tiny widths, the presets' layer pattern and chunking (the engine's host cost on a CPU)")
+    parser.add_argument("--fuse-restore", action="store_true",
+                        help="Engine(fuse_restore=True): the store's gather traced into the prefill's program")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -245,7 +250,7 @@ def main(argv=None) -> int:
     for preset in args.presets.split(","):
         started = time.perf_counter()
         result = bench_preset(preset, args.length, overlaps, args.repeats, jnp.dtype(args.dtype),
-                              shrunk=args.shrink)
+                              shrunk=args.shrink, fuse_restore=args.fuse_restore)
         fit = result["calibration"]["cost"]
         print(f"{preset}: t(n) = {fit['c0'] * 1e3:.2f} ms + {fit['a'] * 1e6:.3f} us n + {fit['b'] * 1e9:.4f} ns n^2"
               f" (max residual {result['calibration']['max_relative_residual']:.1%}); full prefill of "

@@ -75,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool) -> None:
                        help="take token ids modulo the model's vocabulary (smoke runs on tiny presets)")
     group.add_argument("--background-resolve", action="store_true",
                        help="re-solve the DP on the engine's thread (serving mode) instead of inline")
+    group.add_argument("--fuse-restore", action="store_true",
+                       help="trace the store's gather into the prefill's program (Engine(fuse_restore=True))")
 
 
 def _positive(name: str, value: Any) -> None:
@@ -145,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
               "preset": args.preset, "dtype": args.dtype, "seed": args.seed, "capacity_entries": capacity,
               "eviction": args.eviction, "limit": args.limit, "max_tokens": args.max_tokens,
               "fold_vocab": args.fold_vocab, "background_resolve": args.background_resolve,
+              "fuse_restore": args.fuse_restore,
               "budget_s": args.budget_s, "device": f"{device.device_kind} ({device.platform})",
               "jax": jax.__version__, "date": datetime.date.today().isoformat(),
               "command": " ".join(shlex.quote(a) for a in sys.argv)}
@@ -174,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
               f"{last.warm_s:.0f} s warm), {time.perf_counter() - started:.0f} s so far", flush=True)
 
     result = timed.run_replay(plan, model=model, params=params, budget_s=budget,
-                              background_resolve=args.background_resolve, on_policy=save)
+                              background_resolve=args.background_resolve, on_policy=save,
+                              fuse_restore=args.fuse_restore)
     config["seconds"] = round(time.perf_counter() - started, 1)
     write_results(out, config, result, calibration, quiet=args.quiet)
     return 0

@@ -328,7 +328,8 @@ def plan_replay(requests: Sequence[Request], policies: Sequence[str], *, model: 
 
 def run_replay(plan: ReplayPlan, *, model: Any, params: Any, budget_s: float | None = None,
                background_resolve: bool = False, check_accounting: bool = True,
-               on_policy: Callable[[TimedReplay], None] | None = None) -> TimedReplay:
+               on_policy: Callable[[TimedReplay], None] | None = None,
+               fuse_restore: bool = False) -> TimedReplay:
     """Time `plan` through a fresh Engine per policy (see the module docstring).
 
     Args:
@@ -339,6 +340,7 @@ def run_replay(plan: ReplayPlan, *, model: Any, params: Any, budget_s: float | N
         differ from the simulator) instead of inline.
       check_accounting: compare each policy's accounting with the simulator.
       on_policy: called with the partial `TimedReplay` after each policy (e.g. to save results).
+      fuse_restore: `Engine(fuse_restore=)`: the store's gather traced into the prefill's program.
 
     Returns:
       A `TimedReplay`.
@@ -368,7 +370,7 @@ def run_replay(plan: ReplayPlan, *, model: Any, params: Any, budget_s: float | N
         simulated = plan.simulated[policy]
         engine = Engine(model, params, policy=policy, eviction=plan.eviction, capacity_entries=plan.capacity,
                         background_resolve=background_resolve, min_checkpoint_slots=slots,
-                        planner_options=planner_options_for(model))
+                        planner_options=planner_options_for(model), fuse_restore=fuse_restore)
         try:
             prepare_engine(engine, checkpoint_slots=slots, max_states=int(simulated["new_checkpoints"].max()),
                            max_pages=plan.max_pages)
@@ -393,7 +395,8 @@ def timed_replay(requests: Sequence[Request], policies: Sequence[str], *, model:
                  seed: int, capacity: int, eviction: str = "fifo", warm_fraction: float = 0.6,
                  limit: int = 1000, max_tokens: int = 16384, budget_s: float | None = None,
                  background_resolve: bool = False, check_accounting: bool = True,
-                 on_policy: Callable[[TimedReplay], None] | None = None) -> TimedReplay:
+                 on_policy: Callable[[TimedReplay], None] | None = None,
+                 fuse_restore: bool = False) -> TimedReplay:
     """`plan_replay` then `run_replay` (the budget counts from here, planning included); see both."""
     started = time.perf_counter()
     if budget_s is not None and (isinstance(budget_s, bool) or not isinstance(budget_s, (int, float))
@@ -404,7 +407,7 @@ def timed_replay(requests: Sequence[Request], policies: Sequence[str], *, model:
     remaining = None if budget_s is None else max(budget_s - (time.perf_counter() - started), 1e-9)
     return run_replay(plan, model=model, params=params, budget_s=remaining,
                       background_resolve=background_resolve, check_accounting=check_accounting,
-                      on_policy=on_policy)
+                      on_policy=on_policy, fuse_restore=fuse_restore)
 
 
 # ----------------------------------------------------------------------------- summaries
