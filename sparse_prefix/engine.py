@@ -23,14 +23,19 @@ Host cost of a hit (issue 7). Nothing on the request path waits for the device b
 `restore` hands the model host-side lengths (its checks never wait for the gather), every device
 step is one compiled dispatch with one packed index array (gather; prefill; at most one scatter of
 states and one of pages), and step 4 runs while the prefill is still computing on the device -- the
-request blocks only at the end, on its logits. What a hit adds to a bare `model.prefill` is the host
-time of steps 1-2 (plus the gather's device time where it outlasts the prefill's own dispatch).
+request blocks only at the end, on its logits. (That needs a model whose call returns before the
+device finishes: the built-in models' static step loop, their default on a GPU; a device-counted
+loop returns only at its end on a GPU, and step 4 then adds to the hit.) On a GPU the restore is
+traced into the prefill's program by default (`fuse_restore`). What a hit adds to a bare
+`model.prefill` is the host time of steps 1-2 (plus the gather's device time where it outlasts the
+prefill's own dispatch).
 
 Namespaces isolate tenants: an entry is only ever matched by requests of its own namespace.
 
 What the fixed shapes cost. Every prefill call pads each row's suffix to ``max_length`` tokens and its
 checkpoint list to ``min_checkpoint_slots`` slots, or to none when no row stores a state (two programs
-per batch size then serve every request storing up to that many states; see `__init__`). A call that
+per batch size then serve every request storing up to that many states; see `__init__`; a model on
+the static step loop cuts the tokens to the steps the call needs and compiles once per step count). A call that
 stores nothing allocates and writes no emission buffers (K states per row; one state of mamba2-1.3b
 is ~100 MB). The token padding costs bytes, not compute: a call sends B x max_length int32 tokens from
 host to device (64 KiB per row at max_length 16384) plus (K + 1) int32 per row, and the chunk loop
@@ -167,15 +172,17 @@ class Engine:
       fuse_restore: for a model with `FusablePrefill` (the built-in ones), gather the resumed state
         out of the store inside the prefill's program: one dispatch per request, no restored State
         returned to Python as one array per leaf (less host time per hit), at the price of one
-        prefill compilation per store shape (engines of other capacities do not share it). Opt-in
-        until measured on a GPU (BENCHMARKS.md). False: `store.restore`, then `model.prefill`.
+        prefill compilation per store shape (engines of other capacities do not share it). "auto"
+        (default): fused on a GPU (measured faster there, BENCHMARKS.md), separate elsewhere (where
+        the extra compilations cost more than the dispatch saves). False: `store.restore`, then
+        `model.prefill`.
       planner_options / index_options: extra `Planner` / `PrefixIndex` keyword arguments.
     """
 
     def __init__(self, model: Any, params: Any, *, policy: str = "ldp:8+fork", eviction: str = "lru",
                  capacity_entries: int = 64, capacity_bytes: int | None = None,
                  namespace: str | None = None, max_hints: int = 4, background_resolve: bool = True,
-                 min_checkpoint_slots: int = 8, fuse_restore: bool = False,
+                 min_checkpoint_slots: int = 8, fuse_restore: bool | str = "auto",
                  planner_options: Mapping[str, Any] | None = None,
                  index_options: Mapping[str, Any] | None = None):
         _check_namespace(namespace)
@@ -189,7 +196,8 @@ class Engine:
                                     capacity_bytes=capacity_bytes, max_hints=max_hints)
         # Calls pad tokens to max_length (bytes, not compute: see the module docstring) and
         # checkpoint lists to 0 (nothing stored) or a power of two >= min_checkpoint_slots: two
-        # compilations per batch size serve almost every request.
+        # compilations per batch size (and per step count, on a static step loop) serve almost
+        # every request.
         self._k_bucket = _pow2(min_checkpoint_slots)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="sparse-prefix-dp") \
             if background_resolve else None      # starts no thread before the first re-solve
@@ -200,8 +208,10 @@ class Engine:
         self._reset_host()                       # validates the policy, eviction and options
         self.store = StateStore(abstract_state_of(model), num_slots=self.layout.num_slots,
                                 page_size=self.chunk_size, num_pages=self.layout.num_pages)
-        if not isinstance(fuse_restore, bool):
-            raise TypeError(f"fuse_restore must be a bool, got {type(fuse_restore).__name__}")
+        if not isinstance(fuse_restore, bool) and fuse_restore != "auto":
+            raise TypeError(f"fuse_restore must be a bool or 'auto', got {fuse_restore!r}")
+        if fuse_restore == "auto":
+            fuse_restore = jax.default_backend() == "gpu"
         self.fused = fuse_restore and isinstance(model, FusablePrefill)
 
     # ------------------------------------------------------------------ sizing
@@ -529,38 +539,52 @@ class Engine:
 
     # ------------------------------------------------------------------ compilation and statistics
 
-    def warmup(self, batch_sizes: Sequence[int] = (1,)) -> int:
+    def warmup(self, batch_sizes: Sequence[int] = (1,), *, max_tokens: int | None = None) -> int:
         """Compile the prefill and store programs requests of these batch sizes use, ahead of traffic.
 
         Every call pads tokens to max_length and checkpoints to 0 slots (a request storing nothing)
         or `min_checkpoint_slots` (see `__init__`), so two programs per batch size serve every request
-        storing that few states; both are compiled here.
+        storing that few states; both are compiled here. A model on the static step loop
+        (`step_loop`, the default on a GPU) compiles once per step count as well: every count a
+        suffix of up to `max_tokens` tokens (default max_length) takes is compiled here.
 
         Returns:
           The number of batch sizes prepared.
         """
+        width = self.chunk_size * int(getattr(self.model, "chunks_per_step", 1) or 1)
+        top = int(self.model.max_length if max_tokens is None else max_tokens)
+        if isinstance(max_tokens, bool) or not 1 <= top <= self.model.max_length:
+            raise ValueError(f"max_tokens must be an int in 1..{self.model.max_length}, got {max_tokens!r}")
+        static = getattr(self.model, "step_loop", "dynamic") == "static"
+        suffixes = [min(self.chunk_size, top)]
+        if static:
+            suffixes = [min(steps * width, top) for steps in range(1, -(-top // width) + 1)]
         for batch in batch_sizes:
             if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
                 raise ValueError(f"batch_sizes must be ints >= 1, got {batch!r}")
             if not self.fused:
                 self.store.compile_restore(int(batch))
             first = min(self.chunk_size, self.model.max_length)
-            for width in (0, self._k_bucket):
-                tokens = np.zeros((batch, self.model.max_length), np.int32)
-                checkpoints = np.zeros((batch, width), np.int32)
-                checkpoints[:, :1] = first
-                lengths = np.full((batch,), first, np.int32)
-                misses, zeros = np.full((batch,), -1, np.int32), np.zeros((batch,), np.int32)
-                if self.fused:     # the page-table bucket of a miss (a hit's may compile later)
-                    _, final, emitted = self._fused_call(misses, zeros, None, tokens, checkpoints, lengths)
-                else:
-                    state = self.store.restore(misses, zeros)
-                    _, final, emitted = self.model.prefill(self.params, tokens, state, checkpoints,
-                                                           lengths)
-                if width:
-                    self.store.compile_for(emitted, final.kv)
-                self.store.recycle(final.kv)
+            for length in suffixes:
+                for slots in (0, self._k_bucket):
+                    self._warm_call(int(batch), length, slots, first)
         return len(batch_sizes)
+
+    def _warm_call(self, batch: int, length: int, slots: int, first: int) -> None:
+        """One miss of `batch` rows of `length` tokens with `slots` checkpoint slots (one at `first`)."""
+        tokens = np.zeros((batch, self.model.max_length), np.int32)
+        checkpoints = np.zeros((batch, slots), np.int32)
+        checkpoints[:, :1] = min(first, length)
+        lengths = np.full((batch,), length, np.int32)
+        misses, zeros = np.full((batch,), -1, np.int32), np.zeros((batch,), np.int32)
+        if self.fused:     # the page-table bucket of a miss (a hit's may compile later)
+            _, final, emitted = self._fused_call(misses, zeros, None, tokens, checkpoints, lengths)
+        else:
+            state = self.store.restore(misses, zeros)
+            _, final, emitted = self.model.prefill(self.params, tokens, state, checkpoints, lengths)
+        if slots:
+            self.store.compile_for(emitted, final.kv)
+        self.store.recycle(final.kv)
 
     def stats(self) -> dict[str, float]:
         """Hit rate, token savings, resident and allocated bytes, entries, evictions, drops."""

@@ -4,6 +4,7 @@ Every engine of a model shares two compiled prefills per batch size (tokens padd
 checkpoint lists to 0 or 8 slots); references use the 8-slot shapes, so this file compiles few programs.
 """
 
+import jax
 import numpy as np
 import pytest
 
@@ -110,6 +111,7 @@ def test_the_fused_and_the_separate_restore_serve_the_same_bitwise_answers(name)
     assert fused.stats()["hits"] > 0
     with pytest.raises(TypeError, match="fuse_restore"):
         engine_for(name, "none", fuse_restore=1)
+    assert engine_for(name, "none").fused == (jax.default_backend() == "gpu")     # "auto"
 
 
 @pytest.mark.parametrize("name", ["hybrid-tiny", "mamba2-tiny"])

@@ -67,14 +67,17 @@ def test_an_engine_on_the_static_step_loop_answers_bitwise_uncached():
     dynamic, static, params = _pair("mamba2-tiny")
     engine = Engine(static, params, policy="block:16+fork", capacity_entries=4, background_resolve=False,
                     fuse_restore=True)
+    engine.warmup((1,), max_tokens=32)          # every step count of a suffix <= 32 tokens
+    compiled = static.compile_count
     rng = np.random.default_rng(2)
-    doc = rng.integers(0, 256, size=60)
-    for cut in (40, 52, 36):
+    doc = rng.integers(0, 256, size=24)
+    for cut in (16, 20, 18):
         tokens = np.concatenate([doc[:cut], rng.integers(0, 256, size=9)]).astype(np.int32)
         result = engine.prefill(tokens)
         want, _, _ = dynamic.prefill(params, tokens[None], dynamic.init_state(1), NONE)
         np.testing.assert_array_equal(result.last_logits, np.asarray(want)[0])
     assert engine.stats()["hits"] > 0
+    assert static.compile_count == compiled     # warmup compiled every program the requests ran
     engine.close()
 
 
