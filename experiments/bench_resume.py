@@ -49,6 +49,8 @@ from sparse_prefix.experiments.costmodel import calibrate, default_lengths, max_
 
 CHECKPOINT_SLOTS = 8
 
+FUSE = {"auto": "auto", "yes": True, "no": False}     # --fuse-restore -> Engine(fuse_restore=)
+
 
 def resume_position(length: int, overlap: float, chunk_size: int) -> int:
     """overlap * length snapped down to the chunk grid (at least one chunk, below length)."""
@@ -153,7 +155,7 @@ def _gather_times(engine, namespace: str, tokens: np.ndarray, repeats: int) -> f
 
 def bench_preset(preset: str, length: int, overlaps: list[float], repeats: int, dtype, seed: int = 0,
                  calibration_lengths: list[int] | None = None, shrunk: bool = False,
-                 fuse_restore: bool = False) -> dict:
+                 fuse_restore: bool | str = "auto") -> dict:
     """Calibration, the full prefill and every overlap's hit for one preset (see the module doc).
 
     Args:
@@ -237,8 +239,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--shrink", action="store_true",
                         help="tiny widths, the presets' layer pattern and chunking (the engine's host cost on a CPU)")
-    parser.add_argument("--fuse-restore", action="store_true",
-                        help="Engine(fuse_restore=True): the store's gather traced into the prefill's program")
+    parser.add_argument("--fuse-restore", choices=("auto", "yes", "no"), default="auto",
+                        help="Engine(fuse_restore=): the store's gather traced into the prefill's program "
+                             "(auto: on a GPU)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -250,7 +253,7 @@ def main(argv=None) -> int:
     for preset in args.presets.split(","):
         started = time.perf_counter()
         result = bench_preset(preset, args.length, overlaps, args.repeats, jnp.dtype(args.dtype),
-                              shrunk=args.shrink, fuse_restore=args.fuse_restore)
+                              shrunk=args.shrink, fuse_restore=FUSE[args.fuse_restore])
         fit = result["calibration"]["cost"]
         print(f"{preset}: t(n) = {fit['c0'] * 1e3:.2f} ms + {fit['a'] * 1e6:.3f} us n + {fit['b'] * 1e9:.4f} ns n^2"
               f" (max residual {result['calibration']['max_relative_residual']:.1%}); full prefill of "

@@ -35,6 +35,8 @@ from typing import Any
 DATASETS = ("quality", "system-prompts")
 CAPACITY = {"quality": 20, "system-prompts": 50}
 
+FUSE = {"auto": "auto", "yes": True, "no": False}     # --fuse-restore -> Engine(fuse_restore=)
+
 
 def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool) -> None:
     """The timed-replay options; `standalone` also adds those `reproduce` already has."""
@@ -75,8 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool) -> None:
                        help="take token ids modulo the model's vocabulary (smoke runs on tiny presets)")
     group.add_argument("--background-resolve", action="store_true",
                        help="re-solve the DP on the engine's thread (serving mode) instead of inline")
-    group.add_argument("--fuse-restore", action="store_true",
-                       help="trace the store's gather into the prefill's program (Engine(fuse_restore=True))")
+    group.add_argument("--step-loop", choices=("auto", "static", "dynamic"), default="auto",
+                       help="the model's prefill step loop (auto: static on a GPU; static compiles once per "
+                            "step count, and a fused restore once more per policy's store shape)")
+    group.add_argument("--fuse-restore", choices=("auto", "yes", "no"), default="auto",
+                       help="Engine(fuse_restore=): trace the store's gather into the prefill's program "
+                            "(auto: on a GPU)")
 
 
 def _positive(name: str, value: Any) -> None:
@@ -137,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
     capacity = args.capacity or CAPACITY[args.dataset]
     requests = load_trace_requests(args)
     model, params = create(args.preset, dtype=jnp.dtype(args.dtype))
+    if args.step_loop != "auto":
+        model = type(model)(model.config, step_loop=args.step_loop)
     if args.fold_vocab:
         requests = timed.fold_vocab(requests, int(model.vocab_size))
     timed.check_vocab(requests, int(model.vocab_size))       # before any device time is spent
@@ -147,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
               "preset": args.preset, "dtype": args.dtype, "seed": args.seed, "capacity_entries": capacity,
               "eviction": args.eviction, "limit": args.limit, "max_tokens": args.max_tokens,
               "fold_vocab": args.fold_vocab, "background_resolve": args.background_resolve,
-              "fuse_restore": args.fuse_restore,
+              "fuse_restore": args.fuse_restore, "step_loop": getattr(model, "step_loop", None),
               "budget_s": args.budget_s, "device": f"{device.device_kind} ({device.platform})",
               "jax": jax.__version__, "date": datetime.date.today().isoformat(),
               "command": " ".join(shlex.quote(a) for a in sys.argv)}
@@ -178,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = timed.run_replay(plan, model=model, params=params, budget_s=budget,
                               background_resolve=args.background_resolve, on_policy=save,
-                              fuse_restore=args.fuse_restore)
+                              fuse_restore=FUSE[args.fuse_restore])
     config["seconds"] = round(time.perf_counter() - started, 1)
     write_results(out, config, result, calibration, quiet=args.quiet)
     return 0

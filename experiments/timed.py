@@ -165,7 +165,8 @@ def move_buckets(rows: int, capacity: int) -> list[int]:
     return [c for c in counts if c >= 1]
 
 
-def prepare_engine(engine: Any, *, checkpoint_slots: int, max_states: int, max_pages: int) -> None:
+def prepare_engine(engine: Any, *, checkpoint_slots: int, max_states: int, max_pages: int,
+                   max_tokens: int | None = None) -> None:
     """Compile everything a replay will run on a fresh `engine`, leaving its cache as it was (empty).
 
     `Engine.warmup` compiles the prefill and the smallest store buckets; the larger insert / page
@@ -178,13 +179,15 @@ def prepare_engine(engine: Any, *, checkpoint_slots: int, max_states: int, max_p
       checkpoint_slots: its padded checkpoint slots (K of the emitted leaves).
       max_states: the most states one request stores (insert rows per call).
       max_pages: the most KV pages one request writes.
+      max_tokens: the longest request (`Engine.warmup`: a static step loop compiles every step count
+        up to it); default the model's max_length.
     """
     import jax
     import jax.numpy as jnp
 
     if engine.stats()["requests"]:
         raise ValueError("prepare_engine needs a fresh engine (it has served requests)")
-    engine.warmup([1])
+    engine.warmup([1], max_tokens=max_tokens)
     model, store = engine.model, engine.store
     width, chunk = int(model.max_length), int(model.chunk_size)
     checkpoints = np.zeros((1, checkpoint_slots), np.int32)
@@ -329,7 +332,7 @@ def plan_replay(requests: Sequence[Request], policies: Sequence[str], *, model: 
 def run_replay(plan: ReplayPlan, *, model: Any, params: Any, budget_s: float | None = None,
                background_resolve: bool = False, check_accounting: bool = True,
                on_policy: Callable[[TimedReplay], None] | None = None,
-               fuse_restore: bool = False) -> TimedReplay:
+               fuse_restore: bool | str = "auto") -> TimedReplay:
     """Time `plan` through a fresh Engine per policy (see the module docstring).
 
     Args:
@@ -373,7 +376,8 @@ def run_replay(plan: ReplayPlan, *, model: Any, params: Any, budget_s: float | N
                         planner_options=planner_options_for(model), fuse_restore=fuse_restore)
         try:
             prepare_engine(engine, checkpoint_slots=slots, max_states=int(simulated["new_checkpoints"].max()),
-                           max_pages=plan.max_pages)
+                           max_pages=plan.max_pages,
+                           max_tokens=min(max(r.length for r in plan.order), int(model.max_length)))
             setup_s = time.perf_counter() - now
             records, warm_s, compiles = replay_engine(engine, order, n_warm, deadline=deadline)
         except _OutOfBudget as stop:
@@ -396,7 +400,7 @@ def timed_replay(requests: Sequence[Request], policies: Sequence[str], *, model:
                  limit: int = 1000, max_tokens: int = 16384, budget_s: float | None = None,
                  background_resolve: bool = False, check_accounting: bool = True,
                  on_policy: Callable[[TimedReplay], None] | None = None,
-                 fuse_restore: bool = False) -> TimedReplay:
+                 fuse_restore: bool | str = "auto") -> TimedReplay:
     """`plan_replay` then `run_replay` (the budget counts from here, planning included); see both."""
     started = time.perf_counter()
     if budget_s is not None and (isinstance(budget_s, bool) or not isinstance(budget_s, (int, float))
