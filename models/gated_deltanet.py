@@ -16,7 +16,8 @@ D[i, j] = exp(G_i - G_j) for j <= i else 0, L = strictly_lower(beta_i k_i.k_j D[
     o = (q exp(G)) S0 + ((q k^T) * D) V',    S_c = exp(G_c) S0 + (k exp(G_c - G))^T V'.
 All sub-chunks' U, W, D are computed at once (big batched matmuls); (I + L)^-1 comes from a
 log-depth block doubling (`unit_lower_inverse`, matmuls only); only the S recursion (V', S_c: two
-matmuls per sub-chunk) is a scan, and the outputs o are one batched product after it.
+matmuls per sub-chunk) is sequential -- a scan, or one Pallas kernel on a GPU (`gdn_pallas`,
+GDNConfig.recurrence) -- and the outputs o are one batched product after it.
 
 Prefill runs G chunks at once (`gdn_mixer_group`): projections over all G*C rows, per-chunk conv
 windows, intra terms batched over the chunks, the state passed sub-chunk to sub-chunk in order.
@@ -33,12 +34,14 @@ import numpy as np
 
 from sparse_prefix.protocol import RecurrentState
 
+from . import gdn_pallas
 from .group_conv import causal_conv_group
 from .layers import causal_conv_step, normal_init
 
 Array = jax.Array
 _L2_EPS = 1e-6
 SOLVERS = ("doubling", "triangular")      # the UT solve (see GDNConfig.solver)
+RECURRENCES = ("xla", "pallas", "auto")   # the sub-chunk state recursion (see GDNConfig.recurrence)
 
 
 def rule_precision(dtype) -> jax.lax.Precision:
@@ -62,6 +65,11 @@ class GDNConfig:
         intra-chunk FLOPs (~c per token).
       solver: the UT solve, "doubling" (`unit_lower_inverse`: batched matmuls) or "triangular"
         (`jax.lax.linalg.triangular_solve`).
+      recurrence: the sub-chunk state recursion: "xla" (a `lax.scan`, two matmuls per step),
+        "pallas" (one Triton kernel looping over the sub-chunks on the device: `gdn_pallas`;
+        Pallas' interpreter off the GPU), or "auto" ("pallas" where the default backend is a GPU and
+        the model computes in reduced precision, else "xla"). "pallas" falls back to "xla" on shapes the kernel does not take
+        (`gdn_pallas.supported`: power-of-two sub_chunk, head_k_dim, head_v_dim >= 16).
     """
 
     d_model: int
@@ -73,6 +81,7 @@ class GDNConfig:
     norm_eps: float = 1e-6
     sub_chunk: int = 64
     solver: str = "doubling"
+    recurrence: str = "xla"
 
     def __post_init__(self):
         for name in ("d_model", "num_k_heads", "num_v_heads", "head_k_dim", "head_v_dim", "sub_chunk"):
@@ -82,6 +91,9 @@ class GDNConfig:
             raise ValueError(f"GDNConfig.conv_width must be an int >= 2, got {self.conv_width!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"GDNConfig.solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.recurrence not in RECURRENCES:
+            raise ValueError(f"GDNConfig.recurrence must be one of {RECURRENCES}, "
+                             f"got {self.recurrence!r}")
         if self.num_v_heads % self.num_k_heads:
             raise ValueError(f"GDNConfig.num_v_heads ({self.num_v_heads}) must be a multiple of "
                              f"num_k_heads ({self.num_k_heads})")
@@ -182,22 +194,53 @@ def unit_lower_inverse(lower: Array, precision=jax.lax.Precision.HIGHEST) -> Arr
     return inverse.reshape(lead + (size, size))[..., :n, :n]
 
 
+def use_pallas_recurrence(recurrence: str, sub_chunk: int, head_k_dim: int, head_v_dim: int,
+                          precision=None) -> bool:
+    """Whether `recurrence` ("xla", "pallas" or "auto") resolves to the Pallas kernel on these shapes:
+    "pallas", or "auto" on a GPU backend for reduced-precision (TF32) matmuls -- Triton's float32
+    (HIGHEST) dots skip the tensor cores and lose to XLA's scan (gdn_pallas) -- and a shape
+    `gdn_pallas.supported` takes."""
+    if recurrence not in RECURRENCES:
+        raise ValueError(f"recurrence must be one of {RECURRENCES}, got {recurrence!r}")
+    if recurrence == "auto":
+        fast = precision != jax.lax.Precision.HIGHEST
+        recurrence = "pallas" if jax.default_backend() == "gpu" and fast else "xla"
+    return recurrence == "pallas" and gdn_pallas.supported(sub_chunk, head_k_dim, head_v_dim)
+
+
+def _recurrence_scan(u: Array, w: Array, k_to_end: Array, end_decay: Array, keep: Array,
+                     state: Array, precision) -> tuple[Array, Array, Array]:
+    """The sub-chunk state recursion as a `lax.scan` (shapes as `gdn_pallas.delta_recurrence_pallas`).
+
+    Returns (final state f32[B, H, Dk, Dv], entering f32[n, B, H, Dk, Dv], v_new f32[n, B, H, c, Dv]).
+    """
+    def step(s, inputs):
+        u_b, w_b, k_b, end_b, keep_b = inputs
+        v_new = u_b - jnp.einsum("bhcd,bhde->bhce", w_b, s, precision=precision)
+        s_new = end_b * s + jnp.einsum("bhcd,bhce->bhde", k_b, v_new, precision=precision)
+        return jnp.where(keep_b, s_new, s), (s, v_new)
+
+    state, (entering, v_new) = jax.lax.scan(step, state, (u, w, k_to_end, end_decay, keep))
+    return state, entering, v_new
+
 
 def _delta_rule_blocks(q: Array, k: Array, v: Array, g: Array, beta: Array, state: Array,
-                       sub_valid: Array, sub_chunk: int, precision, solver: str
-                       ) -> tuple[Array, Array, Array]:
+                       sub_valid: Array, sub_chunk: int, precision, solver: str,
+                       recurrence: str = "xla") -> tuple[Array, Array, Array]:
     """The chunked gated delta rule over T tokens in sub-chunks of c (module docstring), float32.
 
     Every sub-chunk's intra terms (decays, the UT transform, the q k^T block) are computed at once;
-    only the state recursion S -> S' is a `lax.scan` over the T / c sub-chunks in order, each step
-    the same two matmuls, and the outputs are one batched product after it. A sub-chunk with no
-    real token keeps the state bit for bit (explicit select), so a chunk's numbers never depend on
-    what precedes or follows it in the call.
+    only the state recursion S -> S' runs over the T / c sub-chunks in order, each step the same two
+    matmuls (a `lax.scan`, or one Pallas kernel with `recurrence` "pallas" / "auto" on a GPU), and
+    the outputs are one batched product after it. A sub-chunk with no real token keeps the state bit
+    for bit (explicit select), so a chunk's numbers never depend on what precedes or follows it in
+    the call.
 
     Args:
       q, k: f32[B, T, H, Dk].  v: f32[B, T, H, Dv].  g, beta: f32[B, T, H] (0 at padded slots).
       state: f32[B, H, Dk, Dv].  sub_valid: bool[B, T // c], sub-chunks holding a real token.
       sub_chunk: c.  precision: of every matmul.  solver: "doubling" or "triangular" (the UT solve).
+      recurrence: "xla", "pallas" or "auto" (the state recursion; see GDNConfig.recurrence).
 
     Returns:
       (o f32[B, T, H, Dv], final state f32[B, H, Dk, Dv], entering f32[T // c, B, H, Dk, Dv]: the
@@ -233,14 +276,10 @@ def _delta_rule_blocks(q: Array, k: Array, v: Array, g: Array, beta: Array, stat
     k_to_end = k * jnp.exp(cum[..., -1:] - cum)[..., None]
     end_decay = jnp.exp(cum[..., -1])[..., None, None]
     keep = jnp.moveaxis(sub_valid, 1, 0)[:, :, None, None, None]   # [n, B, 1, 1, 1]
-
-    def step(s, inputs):
-        u_b, w_b, k_b, end_b, keep_b = inputs
-        v_new = u_b - jnp.einsum("bhcd,bhde->bhce", w_b, s, precision=precision)
-        s_new = end_b * s + jnp.einsum("bhcd,bhce->bhde", k_b, v_new, precision=precision)
-        return jnp.where(keep_b, s_new, s), (s, v_new)
-
-    state, (entering, v_new) = jax.lax.scan(step, state, (u, w, k_to_end, end_decay, keep))
+    recursion = (gdn_pallas.delta_recurrence_pallas
+                 if use_pallas_recurrence(recurrence, sub_chunk, k.shape[-1], dv, precision)
+                 else _recurrence_scan)
+    state, entering, v_new = recursion(u, w, k_to_end, end_decay, keep, state, precision)
     attn = jnp.einsum("...id,...jd->...ij", q, k, precision=precision) * decay
     q_decayed = q * jnp.exp(cum)[..., None]
     out = (jnp.einsum("...cd,...de->...ce", q_decayed, entering, precision=precision)
@@ -251,7 +290,7 @@ def _delta_rule_blocks(q: Array, k: Array, v: Array, g: Array, beta: Array, stat
 
 def gated_delta_chunked(q: Array, k: Array, v: Array, g: Array, beta: Array, state: Array,
                         sub_chunk: int, precision=jax.lax.Precision.HIGHEST, *, valid: Array | None = None,
-                        solver: str = "doubling") -> tuple[Array, Array]:
+                        solver: str = "doubling", recurrence: str = "xla") -> tuple[Array, Array]:
     """The gated delta rule over T tokens in sub-chunks of c (module docstring), float32.
 
     Args:
@@ -262,6 +301,7 @@ def gated_delta_chunked(q: Array, k: Array, v: Array, g: Array, beta: Array, sta
       sub_chunk: c; T must be a multiple of it.  precision: of every matmul (see `rule_precision`).
       valid: bool[B, T] real slots (default all); a sub-chunk without one keeps the state bitwise.
       solver: the UT solve, "doubling" (`unit_lower_inverse`) or "triangular" (`triangular_solve`).
+      recurrence: the state recursion, "xla", "pallas" or "auto" (see GDNConfig.recurrence).
 
     Returns:
       (o f32[B, T, H, Dv], state after the T tokens f32[B, H, Dk, Dv]).
@@ -273,7 +313,7 @@ def gated_delta_chunked(q: Array, k: Array, v: Array, g: Array, beta: Array, sta
         valid = jnp.ones((batch, total), bool)
     sub_valid = jnp.any(valid.reshape(batch, total // sub_chunk, sub_chunk), axis=-1)
     out, state, _ = _delta_rule_blocks(q, k, v, g, beta, state, sub_valid, sub_chunk, precision,
-                                       solver)
+                                       solver, recurrence)
     return out, state
 
 
@@ -386,7 +426,7 @@ def gdn_mixer_group(params: dict, cfg: GDNConfig, x: Array, state: RecurrentStat
         sub_valid = jnp.any(valid.reshape(batch, group * subs, cfg.sub_chunk), axis=-1)
         o, ssm, entering = _delta_rule_blocks(flat(q), flat(k), flat(v), flat(g), flat(beta),
                                               state.ssm, sub_valid, cfg.sub_chunk, precision,
-                                              cfg.solver)
+                                              cfg.solver, cfg.recurrence)
         o = o.reshape((batch, group, chunk) + o.shape[2:])
         exits = jnp.concatenate([entering[subs::subs], ssm[None]], axis=0) if want_boundaries else None
     else:

@@ -1,0 +1,112 @@
+"""The "pallas" Gated DeltaNet state recursion, run in Pallas' interpreter on CPU: it matches the XLA
+scan, passes the state bitwise through sub-chunks without a real token, and keeps a prefill resumed
+on the chunk grid bitwise equal to the uncached one (a sub-chunk's numbers do not depend on where it
+sits in the call)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_prefix.models.gated_deltanet import GDNConfig, _delta_rule_blocks
+from sparse_prefix.models.gdn_pallas import delta_recurrence_pallas, supported
+from sparse_prefix.models.hybrid import HybridLM, hybrid_tiny_config
+
+B, T, H, DK, DV, SUB = 2, 96, 2, 16, 32, 32
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@pytest.fixture(scope="module")
+def rule_inputs():
+    """Normalised q, k, values, log-decays, betas and a state; row 1's second sub-chunk and row 0's
+    last hold no real token (beta = g = 0 there, as the mixer pads)."""
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(B, T, H, DK)).astype(np.float32)
+    k = rng.normal(size=(B, T, H, DK)).astype(np.float32)
+    q = q / np.linalg.norm(q, axis=-1, keepdims=True) * DK ** -0.5
+    k = k / np.linalg.norm(k, axis=-1, keepdims=True)
+    v = rng.normal(size=(B, T, H, DV)).astype(np.float32)
+    g = -rng.uniform(0.0, 0.5, size=(B, T, H)).astype(np.float32)
+    beta = (1 / (1 + np.exp(-2 * rng.normal(size=(B, T, H))))).astype(np.float32)
+    sub_valid = np.array([[True, True, False], [True, False, True]])
+    valid = np.repeat(sub_valid, SUB, axis=1)
+    g, beta = np.where(valid[..., None], g, 0.0), np.where(valid[..., None], beta, 0.0)
+    state = rng.normal(size=(B, H, DK, DV)).astype(np.float32)
+    return q, k, v, g, beta, state, sub_valid
+
+
+def _rule(recurrence):
+    return jax.jit(lambda q, k, v, g, beta, state, sub_valid: _delta_rule_blocks(
+        q, k, v, g, beta, state, sub_valid, SUB, HIGHEST, "doubling", recurrence))
+
+
+def test_pallas_recurrence_matches_the_xla_scan_and_passes_the_state_bitwise_where_no_token_is_real(
+        rule_inputs):
+    out, final, entering = _rule("pallas")(*rule_inputs)
+    want_out, want_final, want_entering = _rule("xla")(*rule_inputs)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(final), np.asarray(want_final), atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(entering), np.asarray(want_entering), atol=2e-5, rtol=1e-5)
+    entering, final = np.asarray(entering), np.asarray(final)
+    np.testing.assert_array_equal(entering[0, 0], rule_inputs[5][0])         # entering[0]: the input
+    np.testing.assert_array_equal(entering[2, 1], entering[1, 1])            # row 1, sub-chunk 1
+    np.testing.assert_array_equal(final[0], entering[2, 0])                  # row 0, sub-chunk 2
+
+
+def test_pallas_recurrence_keeps_the_state_exactly_under_a_zero_decay_and_garbage_inputs():
+    """keep false selects the old state: even NaN / inf inputs and a zero decay leave it bitwise."""
+    rng = np.random.default_rng(1)
+    n, c = 2, 16
+    u = rng.normal(size=(n, 1, 1, c, 16)).astype(np.float32)
+    w = rng.normal(size=(n, 1, 1, c, 16)).astype(np.float32)
+    k = rng.normal(size=(n, 1, 1, c, 16)).astype(np.float32)
+    u[1], w[1], k[1] = np.nan, np.inf, np.nan
+    end = np.array([0.5, 0.0], np.float32).reshape(n, 1, 1, 1, 1)
+    keep = np.array([True, False]).reshape(n, 1, 1, 1, 1)
+    state = rng.normal(size=(1, 1, 16, 16)).astype(np.float32)
+    final, entering, _ = delta_recurrence_pallas(u, w, k, end, keep, state, HIGHEST)
+    np.testing.assert_array_equal(np.asarray(final), np.asarray(entering[1]))
+    assert np.all(np.isfinite(np.asarray(final)))
+
+
+def test_pallas_recurrence_shape_support_is_reported_not_guessed():
+    assert supported(256, 128, 128) and supported(16, 16, 16)
+    assert not supported(4, 16, 16)          # sub_chunk below Triton's 16
+    assert not supported(64, 8, 16)          # head_k_dim below 16
+    assert not supported(64, 128, 96)        # head_v_dim not a power of two
+
+
+def test_pallas_recurrence_is_a_checked_config_choice():
+    with pytest.raises(ValueError, match="recurrence"):
+        GDNConfig(d_model=32, num_k_heads=2, num_v_heads=4, head_k_dim=16, head_v_dim=16,
+                  recurrence="bogus")
+    assert GDNConfig(d_model=32, num_k_heads=2, num_v_heads=4, head_k_dim=16,
+                     head_v_dim=16).recurrence == "xla"
+
+
+def test_prefill_with_the_pallas_recurrence_resumes_bitwise_and_matches_the_xla_recurrence():
+    base = hybrid_tiny_config()
+    gdn = dataclasses.replace(base.gdn, head_k_dim=16, head_v_dim=16, sub_chunk=16,
+                              recurrence="pallas")
+    config = dataclasses.replace(base, gdn=gdn, chunk_size=16, chunks_per_step=2, max_length=64)
+    model = HybridLM(config, dtype=jnp.float32, donate_state=False)
+    reference = HybridLM(dataclasses.replace(config, gdn=dataclasses.replace(gdn, recurrence="xla")),
+                         dtype=jnp.float32, donate_state=False)
+    params = model.init_params(jax.random.PRNGKey(0))
+    tokens = np.random.default_rng(1).integers(0, config.vocab_size, (1, 40), dtype=np.int32)
+    none = np.zeros((0,), np.int32)
+    want_logits, want_state, _ = model.prefill(params, tokens, model.init_state(1), none)
+    split = 16                                     # on the grid C = 16, not on G C = 32
+    _, prefix, _ = model.prefill(params, tokens, model.init_state(1), none, np.array([split], np.int32))
+    rest = np.zeros_like(tokens)
+    rest[:, :40 - split] = tokens[:, split:]
+    logits, state, _ = model.prefill(params, rest, prefix, none, np.array([40 - split], np.int32))
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(want_logits))
+    for got, want in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(want_state)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    xla_logits, xla_state, _ = reference.prefill(params, tokens, reference.init_state(1), none)
+    np.testing.assert_allclose(np.asarray(want_logits), np.asarray(xla_logits), atol=1e-4, rtol=1e-4)
+    for got, want in zip(jax.tree_util.tree_leaves(want_state), jax.tree_util.tree_leaves(xla_state)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
