@@ -196,6 +196,7 @@ def prepare_engine(engine: Any, *, checkpoint_slots: int, max_states: int, max_p
                                       store.restore([-1], [0]), checkpoints,
                                       np.asarray([min(chunk, width)], np.int32))
     zeros = jax.tree_util.tree_map(jnp.zeros_like, (emitted, final.kv))
+    store.recycle(final.kv)                    # the restore's scratch goes back, as after a request
     for rows in move_buckets(max_states, store.num_slots):
         store.insert(zeros[0], np.zeros(rows, np.int32), np.zeros(rows, np.int32), np.arange(rows))
     if store.has_kv:

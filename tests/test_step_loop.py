@@ -81,6 +81,15 @@ def test_an_engine_on_the_static_step_loop_answers_bitwise_uncached():
     engine.close()
 
 
+def test_warmup_refuses_a_max_tokens_outside_the_model_length():
+    model, params = create("mamba2-tiny", seed=0)
+    engine = Engine(model, params, policy="block:16", capacity_entries=2, background_resolve=False)
+    for bad in (0, model.max_length + 1, True):
+        with pytest.raises(ValueError, match="max_tokens"):
+            engine.warmup((1,), max_tokens=bad)
+    engine.close()
+
+
 def test_an_unknown_step_loop_is_refused_by_name():
     with pytest.raises(ValueError, match="step_loop"):
         resolve_step_loop("eager")
