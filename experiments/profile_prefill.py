@@ -13,6 +13,8 @@ made beforehand), then `--calls` times under `jax.profiler.trace`, reads the tra
     than the busy time means the GPU idles between launches (host-bound or synchronising);
   * the largest idle gaps between consecutive kernels, with the kernels either side;
   * the host events with the most total time (dispatch, command-buffer updates, syncs).
+``--hlo-out FILE[.gz]`` also writes the prefill program's optimised HLO (one file: what XLA fused,
+the layouts it chose, where transposes and converts sit), e.g. to find the kernels a profile names.
 """
 
 from __future__ import annotations
@@ -190,6 +192,9 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--trace-dir", default=None)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--hlo-out", default=None, metavar="FILE",
+                        help="also write the optimised HLO of the prefill program (L tokens, no checkpoints) "
+                             "to FILE (gzipped when it ends in .gz): fusions, layouts, loops")
     args = parser.parse_args(argv)
 
     from sparse_prefix.models import create
@@ -200,7 +205,24 @@ def main(argv=None) -> int:
     for emit in [int(x) for x in args.emit.split(",") if x]:
         trace_dir = os.path.join(args.trace_dir, f"emit{emit}") if args.trace_dir else None
         profile(model, params, args.length, emit, args.calls, args.top, trace_dir)
+    if args.hlo_out:
+        text = compiled_hlo(model, params, args.length)
+        opener = gzip.open if args.hlo_out.endswith(".gz") else open
+        with opener(args.hlo_out, "wt") as handle:
+            handle.write(text)
+        print(f"wrote the optimised HLO ({len(text) / 1e6:.1f} MB of text) to {args.hlo_out}")
     return 0
+
+
+def compiled_hlo(model, params, length: int) -> str:
+    """The optimised HLO text of `model`'s prefill program for one row of `length` tokens and no
+    checkpoints, compiled as the model compiles it (`FusablePrefill`: same program, same padding)."""
+    tokens = np.zeros((1, length), np.int32)
+    prepared = model.prepare_prefill(tokens, np.zeros((0,), np.int32))
+    tokens_np, checkpoints, lengths = prepared
+    state = model.init_state(1)
+    lowered = jax.jit(model.prefill_program).lower(params, tokens_np, state, checkpoints, lengths)
+    return lowered.compile().as_text()
 
 
 if __name__ == "__main__":
