@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_prefix.chunking import (check_decode_args, check_prefill_args, check_state, checkpoint_bucket,
-                                    padded_width, resolve_step_loop, run_chunks, scan_chunks)
+from sparse_prefix.chunking import (check_decode_args, check_prefill_args, check_state, prepare_prefill_args,
+                                    resolve_step_loop, run_chunks, scan_chunks)
 from sparse_prefix.protocol import Checkpoints, MemoryProfile, State, restore_state
 
 from . import mixers
@@ -323,18 +323,8 @@ class HybridLM:
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`FusablePrefill.prepare_prefill`: validated (tokens, checkpoints, lengths), T padded to
         C * 2^i (static step loop: to the steps the call needs, `chunking.padded_width`) and K to 0
-        or a power of two >= min_checkpoint_slots."""
-        tokens_np, lengths_np, ckpt_np = check_prefill_args(
-            tokens, lengths, checkpoints, vocab_size=self.vocab_size, max_length=self.max_length,
-            state_length=state_length)
-        total, slots = tokens_np.shape[1], ckpt_np.shape[1]
-        padded_slots = checkpoint_bucket(slots, self.min_checkpoint_slots) if slots else 0
-        width = padded_width(total, lengths_np, ckpt_np, chunk_size=self.chunk_size,
-                             chunks_per_step=self.chunks_per_step,
-                             static_steps=self.step_loop == "static")
-        tokens_np = np.pad(tokens_np[:, :width], ((0, 0), (0, max(width - total, 0))))
-        ckpt_np = np.pad(ckpt_np, ((0, 0), (0, padded_slots - slots)))
-        return tokens_np, ckpt_np, lengths_np
+        or a power of two >= min_checkpoint_slots (`chunking.prepare_prefill_args`)."""
+        return prepare_prefill_args(self, tokens, checkpoints, lengths, state_length)
 
     def decode(self, params: dict, token, state: State) -> tuple[Array, State]:
         """`RecurrentLM.decode`: token int32[B] -> (logits f32[B, V], the state one token longer)."""

@@ -36,8 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_prefix.chunking import (EmittingGroupStep, check_decode_args, check_prefill_args, check_state,
-                                    checkpoint_bucket, padded_width, resolve_step_loop, run_chunks,
-                                    scan_chunks)
+                                    prepare_prefill_args, resolve_step_loop, run_chunks, scan_chunks)
 from sparse_prefix.protocol import Checkpoints, MemoryProfile, RecurrentState, State, restore_state
 
 from .checkpoint_io import register_family
@@ -432,21 +431,8 @@ class Mamba2LM:
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`FusablePrefill.prepare_prefill`: validated (tokens, checkpoints, lengths), T padded to
         C * 2^i (static step loop: to the steps the call needs, `chunking.padded_width`) and K to 0
-        or a power of two >= min_checkpoint_slots."""
-        tokens_np, lengths_np, ckpt_np = check_prefill_args(
-            tokens, lengths, checkpoints, vocab_size=self.vocab_size, max_length=self.max_length,
-            state_length=state_length)
-        batch, total = tokens_np.shape
-        slots = ckpt_np.shape[1]
-        width = padded_width(total, lengths_np, ckpt_np, chunk_size=self.chunk_size,
-                             chunks_per_step=self.chunks_per_step,
-                             static_steps=self.step_loop == "static")
-        padded_tokens = np.zeros((batch, width), np.int32)
-        padded_tokens[:, :min(total, width)] = tokens_np[:, :width]
-        width = checkpoint_bucket(slots, self.min_checkpoint_slots) if slots else 0
-        padded_ckpts = np.zeros((batch, width), np.int32)
-        padded_ckpts[:, :slots] = ckpt_np
-        return padded_tokens, padded_ckpts, lengths_np
+        or a power of two >= min_checkpoint_slots (`chunking.prepare_prefill_args`)."""
+        return prepare_prefill_args(self, tokens, checkpoints, lengths, state_length)
 
     def decode(self, params: Mamba2Params, token, state: State) -> tuple[Array, State]:
         """One token per row: token int32[B] -> (logits float32[B, V], next state)."""

@@ -329,6 +329,25 @@ def padded_width(total: int, lengths: np.ndarray, checkpoints: np.ndarray, *, ch
     return bucket_length(total, chunk_size)
 
 
+def prepare_prefill_args(model, tokens, checkpoints, lengths=None, state_length=None
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`FusablePrefill.prepare_prefill` of the built-in models: validated (tokens int32[B, T],
+    checkpoints int32[B, K], lengths int32[B]), T padded to `padded_width` (C * 2^i, or exactly the
+    steps the call needs on the static step loop) and K to 0 or `checkpoint_bucket(K,
+    model.min_checkpoint_slots)`. `model` supplies vocab_size, max_length, chunk_size,
+    chunks_per_step, step_loop and min_checkpoint_slots."""
+    tokens_np, lengths_np, ckpt_np = check_prefill_args(
+        tokens, lengths, checkpoints, vocab_size=model.vocab_size, max_length=model.max_length,
+        state_length=state_length)
+    total, slots = tokens_np.shape[1], ckpt_np.shape[1]
+    width = padded_width(total, lengths_np, ckpt_np, chunk_size=model.chunk_size,
+                         chunks_per_step=model.chunks_per_step, static_steps=model.step_loop == "static")
+    padded_slots = checkpoint_bucket(slots, model.min_checkpoint_slots) if slots else 0
+    tokens_np = np.pad(tokens_np[:, :width], ((0, 0), (0, max(width - total, 0))))
+    ckpt_np = np.pad(ckpt_np, ((0, 0), (0, padded_slots - slots)))
+    return tokens_np, ckpt_np, lengths_np
+
+
 def check_prefill_args(tokens, lengths, checkpoints, *, vocab_size: int, max_length: int,
                        state_length=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Validate and normalise host-side prefill arguments; raise ValueError/TypeError naming the problem.
