@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_prefix.testing import resume_difference
+
 
 def timed(fn, repeats: int, warmup: int = 2) -> list[float]:
     """Wall times (s) of `fn()` (which must block until its result is ready), after `warmup` calls."""
@@ -110,29 +112,6 @@ def check_resume(preset: str, length: int, dtype, chunking=(None, None), backend
     split, worst = resume_difference(model, params, length)
     return {"preset": preset, "length": length, "split": split, **_chunking_of(model),
             "backend": _backend_of(model), "bitwise": worst == 0.0, "max_abs_diff": worst}
-
-
-def resume_difference(model, params, length: int) -> tuple[int, float]:
-    """(split, max |difference|) of `check_resume` for a built model: logits and every final-state
-    leaf of a call resumed at `split` against the uncached call (0.0: bitwise)."""
-    chunk, group = model.chunk_size, getattr(model, "chunks_per_step", 1)
-    split = (length // (2 * chunk)) * chunk + chunk
-    if group > 1 and split % (group * chunk) == 0:
-        split += chunk
-    if not 0 < split < length:
-        raise ValueError(f"length {length} is too short to split on the grid of chunk {chunk}")
-    tokens = np.random.default_rng(1).integers(0, model.vocab_size, size=(1, length), dtype=np.int32)
-    none = np.zeros((0,), np.int32)
-    want_logits, want_state, _ = model.prefill(params, tokens, model.init_state(1), none)
-    _, prefix, _ = model.prefill(params, tokens, model.init_state(1), none, np.array([split], np.int32))
-    rest = np.zeros_like(tokens)
-    rest[:, :length - split] = tokens[:, split:]
-    logits, state, _ = model.prefill(params, rest, prefix, none, np.array([length - split], np.int32))
-    pairs = [(logits, want_logits)] + list(zip(jax.tree_util.tree_leaves(state),
-                                               jax.tree_util.tree_leaves(want_state)))
-    worst = max(float(np.max(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))))
-                for got, want in pairs)
-    return split, worst
 
 
 def breakdown(preset: str, length: int, repeats: int, dtype, chunking=(None, None),

@@ -27,7 +27,7 @@ import time
 import jax
 import numpy as np
 
-from sparse_prefix.experiments.bench_prefill import resume_difference
+from sparse_prefix.testing import resume_difference
 
 
 def parse_variant(text: str) -> dict:

@@ -282,3 +282,29 @@ def _resume_slot(row_ckpts: np.ndarray, length: int) -> int:
         if 0 < position < length:
             return slot
     raise AssertionError(f"no checkpoint strictly inside the row in {row_ckpts.tolist()}")
+
+
+def resume_difference(model, params, length: int, split: int | None = None) -> tuple[int, float]:
+    """(split, max |difference|) of one split-and-resume on the chunk grid: logits and every
+    final-state leaf of `length` random tokens prefilled to `split`, then resumed over the rest,
+    against the uncached call (0.0: bitwise). The default split is a multiple of C past the middle
+    that is not a multiple of G C (the resume then starts inside a group step)."""
+    chunk, group = model.chunk_size, getattr(model, "chunks_per_step", 1)
+    if split is None:
+        split = (length // (2 * chunk)) * chunk + chunk
+        if group > 1 and split % (group * chunk) == 0:
+            split += chunk
+    if not 0 < split < length:
+        raise ValueError(f"split {split} must lie strictly inside length {length}")
+    tokens = np.random.default_rng(1).integers(0, model.vocab_size, size=(1, length), dtype=np.int32)
+    none = np.zeros((0,), np.int32)
+    want_logits, want_state, _ = model.prefill(params, tokens, model.init_state(1), none)
+    _, prefix, _ = model.prefill(params, tokens, model.init_state(1), none, np.array([split], np.int32))
+    rest = np.zeros_like(tokens)
+    rest[:, :length - split] = tokens[:, split:]
+    logits, state, _ = model.prefill(params, rest, prefix, none, np.array([length - split], np.int32))
+    pairs = [(logits, want_logits)] + list(zip(jax.tree_util.tree_leaves(state),
+                                               jax.tree_util.tree_leaves(want_state)))
+    worst = max(float(np.max(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))))
+                for got, want in pairs)
+    return split, worst
