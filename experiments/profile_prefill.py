@@ -192,16 +192,17 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--trace-dir", default=None)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--backend", default=None,
+                        help="Mamba2 SSD backend (chunked, pallas, sequential) or hybrid layer loop (scan, "
+                             "unroll); default: the preset's")
     parser.add_argument("--hlo-out", default=None, metavar="FILE",
                         help="also write the optimised HLO of the prefill program (L tokens, no checkpoints) "
                              "to FILE (gzipped when it ends in .gz): fusions, layouts, loops")
     args = parser.parse_args(argv)
 
-    from sparse_prefix.models import create
-    model, params = create(args.preset, dtype=jnp.dtype(args.dtype))
-    if args.chunk_size or args.chunks_per_step:
-        model = model.with_chunking(args.chunk_size or model.chunk_size,
-                                    args.chunks_per_step or model.config.chunks_per_step)
+    from sparse_prefix.experiments.bench_prefill import _model
+    model, params = _model(args.preset, jnp.dtype(args.dtype),
+                           (args.chunk_size or None, args.chunks_per_step or None), args.backend)
     for emit in [int(x) for x in args.emit.split(",") if x]:
         trace_dir = os.path.join(args.trace_dir, f"emit{emit}") if args.trace_dir else None
         profile(model, params, args.length, emit, args.calls, args.top, trace_dir)

@@ -43,7 +43,7 @@ from .layers import causal_conv_step
 from .ssd import full_precision, ssd_chunks, ssd_scan_chunks, ssd_step
 
 Array = jax.Array
-BACKENDS = ("chunked", "pallas", "sequential")
+BACKENDS = ("auto", "chunked", "pallas", "sequential")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,9 @@ class Mamba2MixerConfig:
       use_bias: biases on in_proj / out_proj. conv_bias: bias on the depthwise conv.
       backend: "chunked" (quadratic SSD form per chunk, pure JAX), "pallas" (the same on the GPU
         with the Pallas kernels of `ssd_pallas` where the shapes qualify -- else "chunked" -- and
-        Pallas' interpreter off the GPU) or "sequential" (token scan reference).
+        Pallas' interpreter off the GPU), "auto" (the default: "pallas" on a GPU for a model that
+        is not float32, whose dots would run at IEEE precision in Triton; "chunked" elsewhere) or
+        "sequential" (token scan reference).
     """
 
     d_model: int
@@ -69,7 +71,7 @@ class Mamba2MixerConfig:
     dt_limit: tuple[float, float] = (0.0, math.inf)
     use_bias: bool = False
     conv_bias: bool = True
-    backend: str = "chunked"
+    backend: str = "auto"
 
     def __post_init__(self):
         for field in ("d_model", "d_state", "d_conv", "expand", "headdim", "ngroups"):
@@ -235,10 +237,21 @@ def _mixer_output(params: MixerParams, cfg: Mamba2MixerConfig, y: Array, x: Arra
     return _gated_output(params, cfg, y.reshape(y.shape[:-2] + (cfg.d_inner,)), z, dtype)
 
 
-def _use_pallas(cfg: Mamba2MixerConfig, chunks: int, length: int) -> bool:
-    """The "pallas" backend on shapes its kernels take (Pallas is imported only for this backend:
-    its import costs ~1 s)."""
-    if cfg.backend != "pallas":
+def ssd_backend(backend: str, dtype, platform: str) -> str:
+    """The SSD backend a mixer of `backend` runs for operands of `dtype` on `platform` ("gpu",
+    "cpu", ...): "auto" is "pallas" on a GPU unless the operands are float32 (IEEE float32 dots in
+    Triton are an order of magnitude slower than XLA's), else "chunked"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    return "pallas" if platform == "gpu" and jnp.dtype(dtype) != jnp.float32 else "chunked"
+
+
+def _use_pallas(cfg: Mamba2MixerConfig, chunks: int, length: int, dtype) -> bool:
+    """The Pallas kernels when `ssd_backend` says so and the shapes qualify (Pallas is imported
+    only then: its import costs ~1 s)."""
+    if ssd_backend(cfg.backend, dtype, jax.default_backend()) != "pallas":
         return False
     from .ssd_pallas import supported
     return supported(chunks, length, cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state, cfg.d_inner)
@@ -277,7 +290,7 @@ def mamba2_mixer_group(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, st
     dt = jnp.where(valid[..., None], _time_step(params, cfg, dt_raw), 0.0)
     a = -jnp.exp(params.A_log.astype(jnp.float32))
     per_chunk = want_boundaries or emit is not None
-    if _use_pallas(cfg, x.shape[1], x.shape[2]):
+    if _use_pallas(cfg, x.shape[1], x.shape[2], x.dtype):
         from .ssd_pallas import ssd_chunks_pallas
         y, exits, final = ssd_chunks_pallas(
             activated, dt, a, state.ssm, params.D.astype(jnp.float32), heads=cfg.nheads,

@@ -1,9 +1,12 @@
 """Pallas (Triton) kernels for the GPU path of Mamba2's SSD, beside the pure-JAX `ssd.ssd_chunks`.
 
-Two kernels replace the memory-bound parts of the XLA path (issue 7's profile: per 2048-token step
+Three kernels replace the memory-bound parts of the XLA path (issue 7's profile: per 2048-token step
 and layer of mamba2-1.3b, XLA materialises the decayed C B^T weights [Q, H, L, S] (67 MB), a
 transposed copy of x, the float32 y_diag and y_off, and recomputes the inter-chunk chain per chunk):
 
+  * `state_contributions_pallas` -- each chunk's state contribution (x * decay-to-end)^T B per
+    (chunk, head), reading x and B from the conv output as laid out (an XLA dot over the token
+    axis made XLA lay out the whole conv token-minor: four transposed float32 passes per layer);
   * `pass_states_pallas` -- the inter-chunk recurrence s_{q+1} = decay_q s_q + contrib_q, one pass
     over the chunks per block of state elements (each contribution read once, each entering state
     written once in the matmul dtype, the exits only when asked);
@@ -12,7 +15,7 @@ transposed copy of x, the float32 y_diag and y_off, and recomputes the inter-chu
     built in registers from C, B, the cumulative log decay and dt (never in memory), written once
     in the compute dtype (what state-spaces' `_chunk_scan_fwd` computes).
 
-Both compute every chunk from its own inputs and its entering state with the same operations
+All three compute every chunk from its own inputs and its entering state with the same operations
 wherever the chunk sits in the group, so a resume on the chunk grid stays bitwise (one program per
 chunk and head; the loops run in a fixed order). On a machine without a GPU they run in Pallas'
 interpreter (the tests compare them there with the pure-JAX path). Block dimensions must be powers
@@ -30,7 +33,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .ssd import matmul_fn, state_contributions
 
 Array = jax.Array
 
@@ -115,6 +117,55 @@ def pass_states_pallas(state: Array, decay: Array, contrib: Array, entering_dtyp
     shape = (batch, chunks, heads, head_dim, size)
     exits = outs[1].reshape(shape) if want_exits else None
     return outs[0].reshape(shape), exits, outs[-1].reshape(state.shape)
+
+
+# ----------------------------------------------------------------------------- the contributions
+
+
+def _contrib_kernel(x_ref, b_ref, cum_ref, dt_ref, out_ref, *, length: int, matmul_dtype, precision):
+    cum = cum_ref[...]                                                               # [L]
+    to_end = jnp.exp(cum_ref[length - 1] - cum) * dt_ref[...]                        # [L]
+    xw = (x_ref[...].astype(jnp.float32) * to_end[:, None]).astype(matmul_dtype)     # [L, P]
+    out_ref[...] = jax.lax.dot_general(xw, b_ref[...].astype(matmul_dtype), (((0,), (0,)), ((), ())),
+                                       precision=precision, preferred_element_type=jnp.float32)
+
+
+def state_contributions_pallas(xbc: Array, cum: Array, dt: Array, *, heads: int, head_dim: int,
+                               groups: int, state_size: int, matmul_dtype) -> Array:
+    """`ssd.state_contributions` as one kernel reading x and B straight from the conv output.
+
+    Per (chunk, head): sum_s exp(cum_last - cum_s) dt_s x_s B_s^T = (x * to_end)^T B, one [P, L] x
+    [L, N] matmul. Reading x in its natural [L, H P] layout matters: as an XLA dot the contraction
+    over the token axis made XLA lay the whole conv out token-minor (a transpose of every conv pass).
+
+    Args:
+      xbc: [B, Q, L, Dc] the activated conv output (x | B | C). cum, dt: float32[B, Q, L, H].
+      heads, head_dim, groups, state_size: H, P, G, N. matmul_dtype: operand dtype.
+
+    Returns:
+      float32[B, Q, H, P, N] each chunk's contribution from a zero state.
+    """
+    batch, chunks, length, _ = xbc.shape
+    per_group = heads // groups
+    b_first = heads * head_dim // state_size
+    cum_t, dt_t = jnp.swapaxes(cum, 2, 3), jnp.swapaxes(dt, 2, 3)                   # [B,Q,H,L]
+    kernel = functools.partial(_contrib_kernel, length=length, matmul_dtype=jnp.dtype(matmul_dtype),
+                               precision=_precision(matmul_dtype))
+    head_row = pl.BlockSpec((None, None, None, length), lambda bq, h: (bq // chunks, bq % chunks, h, 0))
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((batch, chunks, heads, head_dim, state_size), jnp.float32),
+        grid=(batch * chunks, heads),
+        in_specs=[pl.BlockSpec((None, None, length, head_dim),
+                               lambda bq, h: (bq // chunks, bq % chunks, 0, h)),
+                  pl.BlockSpec((None, None, length, state_size),
+                               lambda bq, h: (bq // chunks, bq % chunks, 0, b_first + h // per_group)),
+                  head_row, head_row],
+        out_specs=pl.BlockSpec((None, None, None, head_dim, state_size),
+                               lambda bq, h: (bq // chunks, bq % chunks, h, 0, 0)),
+        interpret=_interpret(),
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+        name="ssd_state_contributions",
+    )(xbc, xbc, cum_t, dt_t)
 
 
 # ----------------------------------------------------------------------------- the chunk scan
@@ -215,8 +266,8 @@ def ssd_chunks_pallas(xbc: Array, dt: Array, a: Array, state: Array, d_skip: Arr
                       want_exits: bool) -> tuple[Array, Array | None, Array]:
     """Q chunks of SSD with the kernels: the GPU counterpart of `ssd.ssd_chunks` plus the D skip.
 
-    The chunk contributions stay one batched XLA matmul (`ssd.state_contributions`); the chain and
-    the chunk outputs are the kernels above.
+    Three kernels: the chunk contributions, the chain and the chunk outputs (above); only dt's
+    cumulative sum stays in XLA. Every kernel reads the conv output in its natural layout.
 
     Args:
       xbc: [B, Q, L, Dc] the activated conv output (x | B | C). dt: float32[B, Q, L, H] (0 on
@@ -228,12 +279,9 @@ def ssd_chunks_pallas(xbc: Array, dt: Array, a: Array, state: Array, d_skip: Arr
       (y [B, Q, L, H P] in matmul_dtype with the D skip, exits float32[B, Q, H, P, N] or None,
       final float32[B, H, P, N]).
     """
-    batch, chunks, length, _ = xbc.shape
-    inner = heads * head_dim
-    x = xbc[..., :inner].reshape(batch, chunks, length, heads, head_dim)
-    b = xbc[..., inner:inner + groups * state_size].reshape(batch, chunks, length, groups, state_size)
     cum = jnp.cumsum(dt * a, axis=2)
-    contrib = state_contributions(x, dt, cum, b, matmul_fn(matmul_dtype))
+    contrib = state_contributions_pallas(xbc, cum, dt, heads=heads, head_dim=head_dim, groups=groups,
+                                         state_size=state_size, matmul_dtype=matmul_dtype)
     entering, exits, final = pass_states_pallas(state, jnp.exp(cum[:, :, -1]), contrib, matmul_dtype,
                                                 want_exits)
     y = chunk_scan_pallas(xbc, cum, dt, entering, d_skip, heads=heads, head_dim=head_dim,

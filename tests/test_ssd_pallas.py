@@ -70,3 +70,13 @@ def test_kernels_take_power_of_two_blocks_only():
     assert not supported(3, 16, **tiny)                      # G = 3: the "chunked" path runs
     assert not supported(2, 24, **tiny)                      # C not a power of two
     assert not supported(2, 8, **tiny)                       # blocks under 16
+
+
+def test_auto_backend_picks_pallas_only_on_a_gpu_for_non_float32_operands():
+    from sparse_prefix.models.mamba2_mixer import ssd_backend
+    assert ssd_backend("auto", jnp.bfloat16, "gpu") == "pallas"
+    assert ssd_backend("auto", jnp.float32, "gpu") == "chunked"
+    assert ssd_backend("auto", jnp.bfloat16, "cpu") == "chunked"
+    assert ssd_backend("sequential", jnp.bfloat16, "gpu") == "sequential"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ssd_backend("triton", jnp.bfloat16, "gpu")
