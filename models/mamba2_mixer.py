@@ -38,7 +38,7 @@ import numpy as np
 from sparse_prefix.chunking import write_emitted
 from sparse_prefix.protocol import RecurrentState
 
-from .group_conv import causal_conv_group
+from .group_conv import causal_conv_group, group_windows
 from .layers import causal_conv_step
 from .ssd import full_precision, ssd_chunks, ssd_scan_chunks, ssd_step
 
@@ -282,22 +282,36 @@ def mamba2_mixer_group(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, st
     """
     if want_boundaries and emit is not None:
         raise ValueError("want_boundaries and emit are exclusive")
-    z, xbc, dt_raw = _split_projection(cfg, _linear(x, params.in_proj, params.in_proj_bias))
+    proj = _linear(x, params.in_proj, params.in_proj_bias)
+    z, xbc, dt_raw = _split_projection(cfg, proj)
     n_valid = jnp.sum(valid, axis=2, dtype=jnp.int32)                                 # [B, Q]
-    conv, windows = causal_conv_group(xbc, state.conv, params.conv_weight, params.conv_bias, n_valid)
-    activated = jax.nn.silu(conv).astype(x.dtype)
-    xs, b, c = _split_conv(cfg, activated)
     dt = jnp.where(valid[..., None], _time_step(params, cfg, dt_raw), 0.0)
     a = -jnp.exp(params.A_log.astype(jnp.float32))
     per_chunk = want_boundaries or emit is not None
     if _use_pallas(cfg, x.shape[1], x.shape[2], x.dtype):
+        from . import mixer_pallas
         from .ssd_pallas import ssd_chunks_pallas
+        if mixer_pallas.conv_supported(x.shape[2], cfg.d_inner, cfg.conv_dim, cfg.d_conv):
+            entering, windows = group_windows(state.conv, xbc, n_valid)
+            activated = mixer_pallas.conv_silu_pallas(proj, cfg.d_inner, cfg.conv_dim, entering,
+                                                      params.conv_weight, params.conv_bias)
+        else:
+            conv, windows = causal_conv_group(xbc, state.conv, params.conv_weight, params.conv_bias,
+                                              n_valid)
+            activated = jax.nn.silu(conv).astype(x.dtype)
         y, exits, final = ssd_chunks_pallas(
             activated, dt, a, state.ssm, params.D.astype(jnp.float32), heads=cfg.nheads,
             head_dim=cfg.headdim, groups=cfg.ngroups, state_size=cfg.d_state, matmul_dtype=x.dtype,
             want_exits=per_chunk)
-        out = _gated_output(params, cfg, y, z, x.dtype)
+        if mixer_pallas.norm_supported(x.shape[2], cfg.d_inner, cfg.ngroups):
+            normed = mixer_pallas.gated_norm_pallas(y, proj, params.norm, cfg.ngroups, cfg.norm_eps)
+            out = _linear(normed, params.out_proj, params.out_proj_bias)
+        else:
+            out = _gated_output(params, cfg, y, z, x.dtype)
     else:
+        conv, windows = causal_conv_group(xbc, state.conv, params.conv_weight, params.conv_bias,
+                                          n_valid)
+        xs, b, c = _split_conv(cfg, jax.nn.silu(conv).astype(x.dtype))
         if cfg.backend == "sequential":
             y, exits, final = ssd_scan_chunks(xs, dt, a, b, c, state.ssm)
         else:

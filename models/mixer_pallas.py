@@ -1,0 +1,222 @@
+"""Pallas (Triton) kernels for the elementwise ends of a Mamba2 mixer on the GPU: the causal conv
+with its SiLU, and the gated RMSNorm -- both reading the in_proj output as laid out.
+
+Why kernels for elementwise work: on mamba2-1.3b (H200, jax 0.11.2) XLA laid the conv out
+token-minor (a transpose emitter per layer and step, 178 us for 18 MB) and the gated norm
+channel-major, because of how it chose the layouts of the neighbouring dots and custom calls. A
+kernel's operands and outputs are row-major by construction, so these passes read and write each
+tensor once in its natural [tokens, channels] layout.
+
+  * `conv_silu_pallas` -- the depthwise causal conv of every chunk of a group from its own entering
+    window (the same windows as `group_conv.causal_conv_group`), plus bias and SiLU, written in the
+    compute dtype. Per (chunk, block of channels) the rows go in blocks of `ROWS`; a tap's shifted
+    rows come from the current and the previous block through 0/1 shift matrices on the tensor
+    cores (an exact copy: one 1 per row, float32 accumulation; Triton cannot shift a register tile
+    along its rows). The first block's "previous" rows are the chunk's window.
+  * `gated_norm_pallas` -- HF's MambaRMSNormGated (norm_before_gate=False): per row and group of
+    E/G channels, g = y silu(z), g rsqrt(mean(g^2) + eps) w, in two passes over the group's columns
+    (sum of squares, then the scaled output).
+
+Exactness: every program reads only its own chunk (and that chunk's window) with the same
+operations wherever the chunk sits in the group, so a resume on the chunk grid stays bitwise. The
+numbers differ from the XLA path by rounding only (the norm's sum order, exp implementations).
+On a machine without a GPU the kernels run in Pallas' interpreter (tests compare them there with
+the XLA path). `conv_supported` / `norm_supported` tell whether a shape qualifies.
+
+Shape legend: B batch rows, Q chunks per step, C chunk length, Dp in_proj width, Dc conv channels,
+E = d_inner, G groups of the norm, W conv width.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+Array = jax.Array
+
+ROWS = 16           # conv rows per block (the shift matrices are [ROWS, ROWS]; Triton dots need >= 16)
+CHANNELS = 128      # conv channels per program
+NORM_ROWS = 8       # norm rows per program
+NORM_COLUMNS = 512  # norm columns per piece (a [8, 512] float32 tile)
+
+
+def _interpret() -> bool:
+    return jax.default_backend() != "gpu"
+
+
+def _pow2(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+def _precision(dtype):
+    # A 0/1 shift matrix copies exactly only at full precision: TF32 would round float32 inputs.
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _silu(x: Array) -> Array:
+    return x / (1.0 + jnp.exp(-x))
+
+
+def _channel_block(first_channel: int, channels: int) -> int:
+    """The largest power of two <= CHANNELS dividing both the channel offset and count (0: none
+    of at least 16)."""
+    block = CHANNELS
+    while block >= 16 and (channels % block or first_channel % block):
+        block //= 2
+    return block if block >= 16 else 0
+
+
+def conv_supported(chunk: int, first_channel: int, channels: int, width: int) -> bool:
+    """Whether `conv_silu_pallas` takes a chunk length, channel offset / count and conv width."""
+    return (_pow2(chunk) and chunk >= ROWS and _channel_block(first_channel, channels) > 0
+            and 2 <= width <= ROWS + 1)
+
+
+def norm_supported(rows: int, inner: int, groups: int) -> bool:
+    """Whether `gated_norm_pallas` takes rows per chunk, E and G (power-of-two group widths)."""
+    width = inner // groups if inner % groups == 0 else 0
+    return _pow2(width) and width >= 16 and rows % min(NORM_ROWS, rows) == 0 and _pow2(rows)
+
+
+# ----------------------------------------------------------------------------- the conv
+
+
+def _conv_kernel(x_ref, window_ref, weight_ref, bias_ref, out_ref, *, width: int, chunk: int,
+                 precision):
+    taps = [weight_ref[i, :].astype(jnp.float32) for i in range(width)]             # [BD] each
+    bias = bias_ref[...].astype(jnp.float32)
+    row = jax.lax.broadcasted_iota(jnp.int32, (ROWS, ROWS), 0)
+    col = jax.lax.broadcasted_iota(jnp.int32, (ROWS, ROWS), 1)
+    dtype = x_ref.dtype
+    # Tap i reads the input width-1-i slots back: row r of the block from the current block's row
+    # r - s, or for r < s from the previous block's row ROWS + r - s.
+    from_current = [(col == row - s).astype(dtype) for s in range(width)]
+    from_previous = [(col == ROWS + row - s).astype(dtype) for s in range(width)]
+
+    def block(k, previous):
+        start = pl.multiple_of(k * ROWS, ROWS)
+        current = x_ref[pl.ds(start, ROWS), :]                                       # [R, BD]
+        total = jnp.zeros(current.shape, jnp.float32)
+        for i in range(width):
+            shift = width - 1 - i
+            if shift == 0:
+                shifted = current.astype(jnp.float32)
+            else:
+                shifted = (jnp.dot(from_current[shift], current, precision=precision,
+                                   preferred_element_type=jnp.float32)
+                           + jnp.dot(from_previous[shift], previous, precision=precision,
+                                     preferred_element_type=jnp.float32))
+            total = total + shifted * taps[i][None, :]
+        out_ref[pl.ds(start, ROWS), :] = _silu(total + bias[None, :]).astype(out_ref.dtype)
+        return current
+
+    jax.lax.fori_loop(0, chunk // ROWS, block, window_ref[...].astype(dtype))
+
+
+def conv_silu_pallas(proj: Array, first_channel: int, channels: int, entering: Array, weight: Array,
+                     bias: Array | None) -> Array:
+    """SiLU(depthwise causal conv + bias) of every chunk, from its own entering window.
+
+    Args:
+      proj: [B, Q, C, Dp] the in_proj output; the conv input is channels [first_channel,
+        first_channel + channels) of it (xBC), read in place.
+      first_channel, channels: where xBC starts in Dp and its width Dc.
+      entering: [B, Q, W-1, Dc] each chunk's window (its last W-1 real inputs before it, oldest
+        first: `group_conv.group_windows`).
+      weight: [W, Dc] taps (row W-1 multiplies the current input). bias: [Dc] or None.
+
+    Returns:
+      [B, Q, C, Dc] in proj.dtype: SiLU of the conv (garbage on padded slots, as the XLA path).
+    """
+    batch, chunks, chunk, _ = proj.shape
+    width = weight.shape[0]
+    block = _channel_block(first_channel, channels)
+    keep = width - 1
+    window = jnp.pad(entering.astype(proj.dtype), ((0, 0), (0, 0), (ROWS - keep, 0), (0, 0)))
+    taps = 1 << (width - 1).bit_length()
+    weight = jnp.pad(weight.astype(jnp.float32), ((0, taps - width), (0, 0)))
+    bias = jnp.zeros((channels,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    first = first_channel // block
+    kernel = functools.partial(_conv_kernel, width=width, chunk=chunk,
+                               precision=_precision(proj.dtype))
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((batch, chunks, chunk, channels), proj.dtype),
+        grid=(batch * chunks, channels // block),
+        in_specs=[pl.BlockSpec((None, None, chunk, block),
+                               lambda bq, j: (bq // chunks, bq % chunks, 0, first + j)),
+                  pl.BlockSpec((None, None, ROWS, block), lambda bq, j: (bq // chunks, bq % chunks, 0, j)),
+                  pl.BlockSpec((taps, block), lambda bq, j: (0, j)),
+                  pl.BlockSpec((block,), lambda bq, j: (j,))],
+        out_specs=pl.BlockSpec((None, None, chunk, block), lambda bq, j: (bq // chunks, bq % chunks, 0, j)),
+        interpret=_interpret(),
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        name="mamba2_conv_silu",
+    )(proj, window, weight, bias)
+
+
+# ----------------------------------------------------------------------------- the gated norm
+
+
+def _norm_kernel(y_ref, z_ref, weight_ref, out_ref, *, width: int, eps: float):
+    pieces = width // min(NORM_COLUMNS, width)
+    piece = width // pieces
+
+    def gated(k):
+        cols = pl.ds(pl.multiple_of(k * piece, piece), piece)
+        z = z_ref[:, cols].astype(jnp.float32)
+        return y_ref[:, cols].astype(jnp.float32) * _silu(z), cols
+
+    def square_sum(k, total):
+        g, _ = gated(k)
+        return total + jnp.sum(g * g, axis=1)
+
+    rows = y_ref.shape[0]
+    total = jax.lax.fori_loop(0, pieces, square_sum, jnp.zeros((rows,), jnp.float32))
+    scale = jax.lax.rsqrt(total / width + eps)
+
+    def write(k, carry):
+        g, cols = gated(k)
+        w = weight_ref[cols].astype(jnp.float32)
+        out_ref[:, cols] = (g * scale[:, None] * w[None, :]).astype(out_ref.dtype)
+        return carry
+
+    jax.lax.fori_loop(0, pieces, write, 0)
+
+
+def gated_norm_pallas(y: Array, proj: Array, weight: Array, groups: int, eps: float) -> Array:
+    """HF MambaRMSNormGated of the SSD output with the gate z read from the in_proj output.
+
+    Args:
+      y: [B, Q, C, E] the SSD output with the D skip (compute dtype).
+      proj: [B, Q, C, Dp] the in_proj output; z is its channels [0, E).
+      weight: [E] the norm weight. groups: G (each group of E/G channels normalised alone).
+      eps: the norm epsilon.
+
+    Returns:
+      [B, Q, C, E] in y.dtype: the normalised, gated output (the input of out_proj).
+    """
+    batch, chunks, chunk, inner = y.shape
+    width = inner // groups
+    rows = min(NORM_ROWS, chunk)
+    per_chunk = chunk // rows
+
+    def index(i, g):
+        bq = i // per_chunk
+        return bq // chunks, bq % chunks, i % per_chunk, g
+
+    kernel = functools.partial(_norm_kernel, width=width, eps=float(eps))
+    return pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
+        grid=(batch * chunks * per_chunk, groups),
+        in_specs=[pl.BlockSpec((None, None, rows, width), index),
+                  pl.BlockSpec((None, None, rows, width), index),
+                  pl.BlockSpec((width,), lambda i, g: (g,))],
+        out_specs=pl.BlockSpec((None, None, rows, width), index),
+        interpret=_interpret(),
+        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        name="mamba2_gated_norm",
+    )(y, proj, weight)
