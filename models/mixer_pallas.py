@@ -9,13 +9,13 @@ tensor once in its natural [tokens, channels] layout.
 
   * `conv_silu_pallas` -- the depthwise causal conv of every chunk of a group from its own entering
     window (the same windows as `group_conv.causal_conv_group`), plus bias and SiLU, written in the
-    compute dtype. Per (chunk, block of channels) the rows go in blocks of `ROWS`; a tap's shifted
-    rows come from the current and the previous block through 0/1 shift matrices on the tensor
-    cores (an exact copy: one 1 per row, float32 accumulation; Triton cannot shift a register tile
-    along its rows). The first block's "previous" rows are the chunk's window.
+    compute dtype. Per (chunk, block of channels, run of rows) the rows go in blocks of `ROWS`; a
+    tap's shifted rows come from the current and the previous block through 0/1 shift matrices on
+    the tensor cores (an exact copy: one 1 per row, float32 accumulation; Triton cannot shift a
+    register tile along its rows). Before a chunk's first block come its window's rows.
   * `gated_norm_pallas` -- HF's MambaRMSNormGated (norm_before_gate=False): per row and group of
-    E/G channels, g = y silu(z), g rsqrt(mean(g^2) + eps) w, in two passes over the group's columns
-    (sum of squares, then the scaled output).
+    E/G channels, g = y silu(z), g rsqrt(mean(g^2) + eps) w; one pass when a group row fits one
+    tile, else two over its pieces (sum of squares, then the scaled output).
 
 Exactness: every program reads only its own chunk (and that chunk's window) with the same
 operations wherever the chunk sits in the group, so a resume on the chunk grid stays bitwise. The
@@ -41,7 +41,7 @@ Array = jax.Array
 ROWS = 16           # conv rows per block (the shift matrices are [ROWS, ROWS]; Triton dots need >= 16)
 CHANNELS = 128      # conv channels per program
 NORM_ROWS = 8       # norm rows per program
-NORM_COLUMNS = 512  # norm columns per piece (a [8, 512] float32 tile)
+NORM_COLUMNS = 512  # norm columns per piece (a [8, 512] float32 tile); more pieces: two passes
 
 
 def _interpret() -> bool:
@@ -85,7 +85,7 @@ def norm_supported(rows: int, inner: int, groups: int) -> bool:
 # ----------------------------------------------------------------------------- the conv
 
 
-def _conv_kernel(x_ref, window_ref, weight_ref, bias_ref, out_ref, *, width: int, chunk: int,
+def _conv_kernel(x_ref, window_ref, weight_ref, bias_ref, out_ref, *, width: int, rows: int,
                  precision):
     taps = [weight_ref[i, :].astype(jnp.float32) for i in range(width)]             # [BD] each
     bias = bias_ref[...].astype(jnp.float32)
@@ -96,9 +96,10 @@ def _conv_kernel(x_ref, window_ref, weight_ref, bias_ref, out_ref, *, width: int
     # r - s, or for r < s from the previous block's row ROWS + r - s.
     from_current = [(col == row - s).astype(dtype) for s in range(width)]
     from_previous = [(col == ROWS + row - s).astype(dtype) for s in range(width)]
+    first_row = pl.program_id(2) * rows
 
     def block(k, previous):
-        start = pl.multiple_of(k * ROWS, ROWS)
+        start = pl.multiple_of(first_row + k * ROWS, ROWS)
         current = x_ref[pl.ds(start, ROWS), :]                                       # [R, BD]
         total = jnp.zeros(current.shape, jnp.float32)
         for i in range(width):
@@ -114,11 +115,14 @@ def _conv_kernel(x_ref, window_ref, weight_ref, bias_ref, out_ref, *, width: int
         out_ref[pl.ds(start, ROWS), :] = _silu(total + bias[None, :]).astype(out_ref.dtype)
         return current
 
-    jax.lax.fori_loop(0, chunk // ROWS, block, window_ref[...].astype(dtype))
+    # The block before this program's rows: the chunk's window for the first program of a chunk.
+    before = x_ref[pl.ds(pl.multiple_of(jnp.maximum(first_row - ROWS, 0), ROWS), ROWS), :]
+    previous = jnp.where(first_row == 0, window_ref[...].astype(dtype), before)
+    jax.lax.fori_loop(0, rows // ROWS, block, previous)
 
 
 def conv_silu_pallas(proj: Array, first_channel: int, channels: int, entering: Array, weight: Array,
-                     bias: Array | None) -> Array:
+                     bias: Array | None, *, rows_per_program: int = 64, num_warps: int = 4) -> Array:
     """SiLU(depthwise causal conv + bias) of every chunk, from its own entering window.
 
     Args:
@@ -128,6 +132,8 @@ def conv_silu_pallas(proj: Array, first_channel: int, channels: int, entering: A
       entering: [B, Q, W-1, Dc] each chunk's window (its last W-1 real inputs before it, oldest
         first: `group_conv.group_windows`).
       weight: [W, Dc] taps (row W-1 multiplies the current input). bias: [Dc] or None.
+      rows_per_program: chunk rows one program convolves (a multiple of ROWS, clipped to C).
+      num_warps: Triton warps per program.
 
     Returns:
       [B, Q, C, Dc] in proj.dtype: SiLU of the conv (garbage on padded slots, as the XLA path).
@@ -141,19 +147,24 @@ def conv_silu_pallas(proj: Array, first_channel: int, channels: int, entering: A
     weight = jnp.pad(weight.astype(jnp.float32), ((0, taps - width), (0, 0)))
     bias = jnp.zeros((channels,), jnp.float32) if bias is None else bias.astype(jnp.float32)
     first = first_channel // block
-    kernel = functools.partial(_conv_kernel, width=width, chunk=chunk,
-                               precision=_precision(proj.dtype))
+    rows = min(max(rows_per_program // ROWS, 1) * ROWS, chunk)
+    if chunk % rows:
+        raise ValueError(f"rows_per_program {rows_per_program} does not divide the chunk {chunk} in "
+                         f"blocks of {ROWS}")
+    kernel = functools.partial(_conv_kernel, width=width, rows=rows, precision=_precision(proj.dtype))
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((batch, chunks, chunk, channels), proj.dtype),
-        grid=(batch * chunks, channels // block),
+        grid=(batch * chunks, channels // block, chunk // rows),
         in_specs=[pl.BlockSpec((None, None, chunk, block),
-                               lambda bq, j: (bq // chunks, bq % chunks, 0, first + j)),
-                  pl.BlockSpec((None, None, ROWS, block), lambda bq, j: (bq // chunks, bq % chunks, 0, j)),
-                  pl.BlockSpec((taps, block), lambda bq, j: (0, j)),
-                  pl.BlockSpec((block,), lambda bq, j: (j,))],
-        out_specs=pl.BlockSpec((None, None, chunk, block), lambda bq, j: (bq // chunks, bq % chunks, 0, j)),
+                               lambda bq, j, r: (bq // chunks, bq % chunks, 0, first + j)),
+                  pl.BlockSpec((None, None, ROWS, block),
+                               lambda bq, j, r: (bq // chunks, bq % chunks, 0, j)),
+                  pl.BlockSpec((taps, block), lambda bq, j, r: (0, j)),
+                  pl.BlockSpec((block,), lambda bq, j, r: (j,))],
+        out_specs=pl.BlockSpec((None, None, chunk, block),
+                               lambda bq, j, r: (bq // chunks, bq % chunks, 0, j)),
         interpret=_interpret(),
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         name="mamba2_conv_silu",
     )(proj, window, weight, bias)
 
@@ -161,14 +172,22 @@ def conv_silu_pallas(proj: Array, first_channel: int, channels: int, entering: A
 # ----------------------------------------------------------------------------- the gated norm
 
 
-def _norm_kernel(y_ref, z_ref, weight_ref, out_ref, *, width: int, eps: float):
-    pieces = width // min(NORM_COLUMNS, width)
-    piece = width // pieces
+def _norm_kernel(y_ref, z_ref, weight_ref, out_ref, *, width: int, piece: int, eps: float):
+    pieces = width // piece
 
     def gated(k):
         cols = pl.ds(pl.multiple_of(k * piece, piece), piece)
         z = z_ref[:, cols].astype(jnp.float32)
         return y_ref[:, cols].astype(jnp.float32) * _silu(z), cols
+
+    def output(g, cols, scale):
+        w = weight_ref[cols].astype(jnp.float32)
+        out_ref[:, cols] = (g * scale[:, None] * w[None, :]).astype(out_ref.dtype)
+
+    if pieces == 1:  # the whole group row in registers: one read of y and z
+        g, cols = gated(0)
+        output(g, cols, jax.lax.rsqrt(jnp.sum(g * g, axis=1) / width + eps))
+        return
 
     def square_sum(k, total):
         g, _ = gated(k)
@@ -180,35 +199,37 @@ def _norm_kernel(y_ref, z_ref, weight_ref, out_ref, *, width: int, eps: float):
 
     def write(k, carry):
         g, cols = gated(k)
-        w = weight_ref[cols].astype(jnp.float32)
-        out_ref[:, cols] = (g * scale[:, None] * w[None, :]).astype(out_ref.dtype)
+        output(g, cols, scale)
         return carry
 
     jax.lax.fori_loop(0, pieces, write, 0)
 
 
-def gated_norm_pallas(y: Array, proj: Array, weight: Array, groups: int, eps: float) -> Array:
+def gated_norm_pallas(y: Array, proj: Array, weight: Array, groups: int, eps: float, *,
+                      rows: int = NORM_ROWS, piece: int = NORM_COLUMNS, num_warps: int = 4) -> Array:
     """HF MambaRMSNormGated of the SSD output with the gate z read from the in_proj output.
 
     Args:
       y: [B, Q, C, E] the SSD output with the D skip (compute dtype).
       proj: [B, Q, C, Dp] the in_proj output; z is its channels [0, E).
       weight: [E] the norm weight. groups: G (each group of E/G channels normalised alone).
-      eps: the norm epsilon.
+      eps: the norm epsilon. rows: rows per program (clipped to C). piece: columns per tile
+        (clipped to E/G; one tile per group row = one pass over y and z). num_warps: per program.
 
     Returns:
       [B, Q, C, E] in y.dtype: the normalised, gated output (the input of out_proj).
     """
     batch, chunks, chunk, inner = y.shape
     width = inner // groups
-    rows = min(NORM_ROWS, chunk)
+    rows = min(rows, chunk)
+    piece = min(piece, width)
     per_chunk = chunk // rows
 
     def index(i, g):
         bq = i // per_chunk
         return bq // chunks, bq % chunks, i % per_chunk, g
 
-    kernel = functools.partial(_norm_kernel, width=width, eps=float(eps))
+    kernel = functools.partial(_norm_kernel, width=width, piece=piece, eps=float(eps))
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
         grid=(batch * chunks * per_chunk, groups),
@@ -217,6 +238,6 @@ def gated_norm_pallas(y: Array, proj: Array, weight: Array, groups: int, eps: fl
                   pl.BlockSpec((width,), lambda i, g: (g,))],
         out_specs=pl.BlockSpec((None, None, rows, width), index),
         interpret=_interpret(),
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         name="mamba2_gated_norm",
     )(y, proj, weight)

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from .ssd import matmul_fn
+
 
 Array = jax.Array
 
@@ -172,7 +174,7 @@ def state_contributions_pallas(xbc: Array, cum: Array, dt: Array, *, heads: int,
 
 
 def _scan_kernel(x_ref, b_ref, c_ref, cum_ref, dt_ref, entering_ref, d_ref, y_ref, *, block: int,
-                 matmul_dtype, precision):
+                 matmul_dtype, precision, shared_scores: bool):
     row_block = pl.program_id(2)
     start = pl.multiple_of(row_block * block, block)
     rows = pl.ds(start, block)
@@ -185,7 +187,10 @@ def _scan_kernel(x_ref, b_ref, c_ref, cum_ref, dt_ref, entering_ref, d_ref, y_re
     def column_block(index, acc):
         first = pl.multiple_of(index * block, block)
         cols = pl.ds(first, block)
-        scores = _dot(c, b_ref[cols, :].astype(matmul_dtype), precision, trans_b=True)  # [BL, BS]
+        if shared_scores:   # b_ref holds the group's C B^T [L, L], computed once for all its heads
+            scores = b_ref[rows, cols]
+        else:
+            scores = _dot(c, b_ref[cols, :].astype(matmul_dtype), precision, trans_b=True)  # [BL, BS]
         col_ids = first + jax.lax.broadcasted_iota(jnp.int32, (block, block), 1)
         log_decay = jnp.where(row_ids >= col_ids, cum_rows[:, None] - cum_ref[cols][None, :],
                               -jnp.inf)
@@ -200,7 +205,7 @@ def _scan_kernel(x_ref, b_ref, c_ref, cum_ref, dt_ref, entering_ref, d_ref, y_re
 
 def chunk_scan_pallas(xbc: Array, cum: Array, dt: Array, entering: Array, d_skip: Array, *,
                       heads: int, head_dim: int, groups: int, state_size: int, out_dtype,
-                      block: int = 64) -> Array:
+                      block: int = 64, num_warps: int = 4, shared_scores: bool = False) -> Array:
     """Every chunk's SSD output with the D skip, from the conv output and the entering states.
 
     Args:
@@ -210,6 +215,9 @@ def chunk_scan_pallas(xbc: Array, cum: Array, dt: Array, entering: Array, d_skip
       entering: [B, Q, H, P, N] the state before each chunk (matmul dtype).
       d_skip: float32[H] the D skip. heads, head_dim, groups, state_size: H, P, G, N.
       out_dtype: dtype of y (the matmul operand dtype too). block: rows per program (<= L).
+      num_warps: Triton warps per program.
+      shared_scores: compute each group's C B^T [L, L] once (one batched XLA matmul, float32)
+        and let its H/G heads read it, instead of every head recomputing its tiles in the kernel.
 
     Returns:
       y [B, Q, L, H P] in out_dtype: y_diag + y_off + D x for every slot (garbage on padding).
@@ -242,12 +250,20 @@ def chunk_scan_pallas(xbc: Array, cum: Array, dt: Array, entering: Array, d_skip
         return chunk_of(bq) + (h, 0, 0)
 
     kernel = functools.partial(_scan_kernel, block=block, matmul_dtype=jnp.dtype(out_dtype),
-                               precision=precision)
+                               precision=precision, shared_scores=shared_scores)
+    second, second_spec = xbc, pl.BlockSpec((None, None, length, state_size), b_map)
+    if shared_scores:
+        split = (inner, inner + groups * state_size, inner + 2 * groups * state_size)
+        b = xbc[..., split[0]:split[1]].reshape(batch, chunks, length, groups, state_size)
+        c = xbc[..., split[1]:split[2]].reshape(batch, chunks, length, groups, state_size)
+        second = matmul_fn(out_dtype)("bqlgn,bqsgn->bqgls", c, b)                  # [B,Q,G,L,S]
+        second_spec = pl.BlockSpec((None, None, None, length, length),
+                                   lambda bq, h, i: chunk_of(bq) + (h // per_group, 0, 0))
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((batch, chunks, length, inner), out_dtype),
         grid=(batch * chunks, heads, length // block),
         in_specs=[pl.BlockSpec((None, None, length, head_dim), x_map),
-                  pl.BlockSpec((None, None, length, state_size), b_map),
+                  second_spec,
                   pl.BlockSpec((None, None, length, state_size), c_map),
                   pl.BlockSpec((None, None, None, length), per_head_row),
                   pl.BlockSpec((None, None, None, length), per_head_row),
@@ -256,9 +272,9 @@ def chunk_scan_pallas(xbc: Array, cum: Array, dt: Array, entering: Array, d_skip
         out_specs=pl.BlockSpec((None, None, block, head_dim),
                                lambda bq, h, i: chunk_of(bq) + (i, h)),
         interpret=_interpret(),
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=2),
         name="ssd_chunk_scan",
-    )(xbc, xbc, xbc, cum_t, dt_t, entering, d_rows)
+    )(xbc, second, xbc, cum_t, dt_t, entering, d_rows)
 
 
 def ssd_chunks_pallas(xbc: Array, dt: Array, a: Array, state: Array, d_skip: Array, *, heads: int,

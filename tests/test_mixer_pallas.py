@@ -5,6 +5,7 @@ wholly padding and windows that reach back across chunks."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sparse_prefix.models import mixer_pallas
 from sparse_prefix.models.group_conv import causal_conv_group, group_windows
@@ -25,13 +26,15 @@ def _inputs(dtype):
             jnp.asarray(bias, dtype), n_valid)
 
 
-def test_conv_kernel_matches_the_xla_group_conv_with_padding_and_windows():
+@pytest.mark.parametrize("rows_per_program", [16, 32])   # two programs per chunk, or one
+def test_conv_kernel_matches_the_xla_group_conv_with_padding_and_windows(rows_per_program):
     proj, window, weight, bias, n_valid = _inputs(jnp.float32)
     assert mixer_pallas.conv_supported(C, FIRST, DC, W)
     xbc = proj[..., FIRST:FIRST + DC]
     want, want_exits = causal_conv_group(xbc, window, weight, bias, n_valid)
     entering, exits = group_windows(window, xbc, n_valid)
-    got = mixer_pallas.conv_silu_pallas(proj, FIRST, DC, entering, weight, bias)
+    got = mixer_pallas.conv_silu_pallas(proj, FIRST, DC, entering, weight, bias,
+                                        rows_per_program=rows_per_program)
     np.testing.assert_array_equal(np.asarray(exits), np.asarray(want_exits))
     valid = (np.arange(C)[None, None] < n_valid[..., None])[..., None]
     np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, jax.nn.silu(want), 0),
@@ -53,14 +56,15 @@ def test_conv_kernel_in_bfloat16_copies_shifted_rows_exactly():
                                np.where(valid, want, 0), rtol=1e-2, atol=1e-2)
 
 
-def test_gated_norm_kernel_matches_the_xla_norm_per_group():
+@pytest.mark.parametrize("piece", [64, 16])   # one pass over a group row, or four pieces twice
+def test_gated_norm_kernel_matches_the_xla_norm_per_group(piece):
     rng = np.random.default_rng(1)
     inner, groups = 128, 2
     y = jnp.asarray(rng.standard_normal((B, Q, C, inner)), jnp.float32)
     proj = jnp.asarray(rng.standard_normal((B, Q, C, DP)), jnp.float32)
     weight = jnp.asarray(rng.standard_normal((inner,)), jnp.float32)
     assert mixer_pallas.norm_supported(C, inner, groups)
-    got = mixer_pallas.gated_norm_pallas(y, proj, weight, groups, 1e-5)
+    got = mixer_pallas.gated_norm_pallas(y, proj, weight, groups, 1e-5, piece=piece)
     want = gated_rms_norm(y, proj[..., :inner], weight, groups, 1e-5)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
 

@@ -80,3 +80,19 @@ def test_auto_backend_picks_pallas_only_on_a_gpu_for_non_float32_operands():
     assert ssd_backend("sequential", jnp.bfloat16, "gpu") == "sequential"
     with pytest.raises(ValueError, match="backend must be one of"):
         ssd_backend("triton", jnp.bfloat16, "gpu")
+
+
+def test_chunk_scan_with_shared_scores_matches_per_head_scores():
+    from sparse_prefix.models.ssd_pallas import chunk_scan_pallas
+    heads, head_dim, groups, size, length = 4, 16, 2, 16, 32
+    rng = np.random.default_rng(2)
+    xbc = rng.standard_normal((1, 2, length, heads * head_dim + 2 * groups * size)).astype(np.float32)
+    dt = rng.uniform(0.0, 0.1, (1, 2, length, heads)).astype(np.float32)
+    cum = np.cumsum(-dt * rng.uniform(1.0, 4.0, heads).astype(np.float32), axis=2)
+    entering = rng.standard_normal((1, 2, heads, head_dim, size)).astype(np.float32)
+    d_skip = np.ones(heads, np.float32)
+    common = dict(heads=heads, head_dim=head_dim, groups=groups, state_size=size,
+                  out_dtype=jnp.float32, block=16)
+    want = chunk_scan_pallas(xbc, cum, dt, entering, d_skip, **common)
+    got = chunk_scan_pallas(xbc, cum, dt, entering, d_skip, shared_scores=True, **common)
+    assert _rel(got, want) < 1e-5
