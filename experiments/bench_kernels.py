@@ -2,10 +2,11 @@
 
     python -m sparse_prefix.experiments.bench_kernels [--preset mamba2-1.3b] [--repeats 30]
 
-For one group step of the preset (B = 1, Q = chunks per step, C = chunk size, bf16) times, warm
-median of `--repeats` calls, each kernel of `models.mixer_pallas` and `models.ssd_pallas` under the
-variants listed in `VARIANTS` (rows / columns / warps / shared scores), and checks every variant
-against the first one of its kernel (max |difference|: the layouts of the sums differ, so small
+For one group step of the preset (B = 1, Q = chunks per step, C = chunk size, bf16) times each
+kernel of `models.mixer_pallas` and `models.ssd_pallas` under the variants listed in `VARIANTS`
+(rows / columns / warps / shared scores) -- the kernel's own device time from a profiler trace,
+median of `--repeats` calls; wall time where the trace has no device kernels (CPU) -- and checks
+every variant against the first one of its kernel (max |difference|: the layouts of the sums differ, so small
 float32 differences are expected for the norm and the chunk scan; the conv must agree to the bit).
 Run it on a GPU: in Pallas' interpreter the times mean nothing.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
+import tempfile
 import time
 
 import jax
@@ -33,14 +35,28 @@ VARIANTS = {
 }
 
 
-def _time(fn, repeats: int) -> float:
+def _time(fn, repeats: int, kernel: str) -> float:
+    """Median device time (s) of the kernel named `kernel` over `repeats` traced calls (the
+    profiler's kernel events: a call's host dispatch, ~50-100 us, would swamp a wall clock)."""
+    from sparse_prefix.experiments.profile_prefill import load_trace, split_events
     jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    trace_dir = tempfile.mkdtemp(prefix="sp-kernels-")
+    with jax.profiler.trace(trace_dir):
+        for _ in range(repeats):
+            jax.block_until_ready(fn())
+    device, _, _ = split_events(load_trace(trace_dir))
+    if not device:  # no device kernels (Pallas' interpreter on a CPU): wall time per call
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    durations = [float(event["dur"]) for event in device if kernel in event["name"]]
+    if not durations:
+        raise RuntimeError(f"no {kernel!r} kernel in the trace (names: "
+                           f"{sorted({event['name'] for event in device})[:8]})")
+    return statistics.median(durations) * 1e-6
 
 
 def main(argv=None) -> int:
@@ -72,15 +88,13 @@ def main(argv=None) -> int:
     d_skip = jnp.ones((cfg.nheads,), jnp.float32)
 
     kernels = {
-        "conv": (lambda **kw: functools.partial(
-            mixer_pallas.conv_silu_pallas, first_channel=cfg.d_inner, channels=cfg.conv_dim, **kw),
-            (proj, entering, weight, bias)),
-        "norm": (lambda **kw: functools.partial(
-            mixer_pallas.gated_norm_pallas, groups=cfg.ngroups, eps=cfg.norm_eps, **kw),
-            (y, proj, norm_w)),
-        "scan": (lambda **kw: functools.partial(
-            ssd_pallas.chunk_scan_pallas, heads=cfg.nheads, head_dim=cfg.headdim, groups=cfg.ngroups,
-            state_size=cfg.d_state, out_dtype=dtype, **kw), (xbc, cum, dt, states, d_skip)),
+        "conv": ("mamba2_conv_silu", lambda **kw: lambda: mixer_pallas.conv_silu_pallas(
+            proj, cfg.d_inner, cfg.conv_dim, entering, weight, bias, **kw)),
+        "norm": ("mamba2_gated_norm", lambda **kw: lambda: mixer_pallas.gated_norm_pallas(
+            y, proj, norm_w, cfg.ngroups, cfg.norm_eps, **kw)),
+        "scan": ("ssd_chunk_scan", lambda **kw: lambda: ssd_pallas.chunk_scan_pallas(
+            xbc, cum, dt, states, d_skip, heads=cfg.nheads, head_dim=cfg.headdim, groups=cfg.ngroups,
+            state_size=cfg.d_state, out_dtype=dtype, **kw)),
     }
     print(f"{args.preset}: B=1 Q={q} C={c} E={cfg.d_inner} Dc={cfg.conv_dim} H={cfg.nheads} "
           f"P={cfg.headdim} N={cfg.d_state} G={cfg.ngroups}; {jax.devices()[0].device_kind}, "
@@ -89,11 +103,11 @@ def main(argv=None) -> int:
     for name in [k for k in args.kernels.split(",") if k]:
         first = None
         for variant in VARIANTS[name]:
-            build, operands = kernels[name]
+            kernel, build = kernels[name]
             try:
                 fn = jax.jit(build(**variant))
-                out = fn(*operands)
-                seconds = _time(lambda: fn(*operands), args.repeats)
+                out = fn()
+                seconds = _time(fn, args.repeats, kernel)
             except Exception as error:  # a Triton lowering or resource failure: report, go on
                 print(f"{name:6s} {str(variant):55s} failed: {type(error).__name__}: {str(error)[:120]}")
                 continue

@@ -176,7 +176,7 @@ def _norm_kernel(y_ref, z_ref, weight_ref, out_ref, *, width: int, piece: int, e
     pieces = width // piece
 
     def gated(k):
-        cols = pl.ds(pl.multiple_of(k * piece, piece), piece)
+        cols = pl.ds(0 if isinstance(k, int) else pl.multiple_of(k * piece, piece), piece)
         z = z_ref[:, cols].astype(jnp.float32)
         return y_ref[:, cols].astype(jnp.float32) * _silu(z), cols
 
