@@ -24,14 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 
 VARIANTS = {
-    "conv": [dict(rows_per_program=256), dict(rows_per_program=64), dict(rows_per_program=32),
-             dict(rows_per_program=16), dict(rows_per_program=64, num_warps=2)],
-    "norm": [dict(rows=8, piece=512), dict(rows=4, piece=4096, num_warps=8),
-             dict(rows=2, piece=4096, num_warps=4), dict(rows=16, piece=512, num_warps=4),
-             dict(rows=8, piece=1024, num_warps=8)],
-    "scan": [dict(block=64), dict(block=64, shared_scores=True), dict(block=32, shared_scores=True),
-             dict(block=128, shared_scores=True, num_warps=8), dict(block=64, num_warps=8),
-             dict(block=64, shared_scores=True, num_warps=8)],
+    "conv": [dict(rows_per_program=64), dict(rows_per_program=32),
+             dict(rows_per_program=64, channels_per_program=64),
+             dict(rows_per_program=32, channels_per_program=64),
+             dict(rows_per_program=64, channels_per_program=256, num_warps=8),
+             dict(rows_per_program=128, channels_per_program=64)],
+    "norm": [dict(rows=2, piece=4096), dict(rows=8, piece=512), dict(rows=1, piece=4096),
+             dict(rows=2, piece=4096, num_warps=8), dict(rows=4, piece=4096, num_warps=8)],
+    "contrib": [dict(), dict(num_warps=8), dict(num_stages=1), dict(num_stages=3)],
+    "scan": [dict(block=64), dict(block=64, num_stages=1), dict(block=64, num_stages=3),
+             dict(block=32), dict(block=32, num_warps=2), dict(block=32, shared_scores=True)],
 }
 
 
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="mamba2-1.3b")
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--kernels", default="conv,norm,scan")
+    parser.add_argument("--kernels", default="conv,norm,contrib,scan")
     args = parser.parse_args(argv)
 
     from sparse_prefix.models import create, mixer_pallas, ssd_pallas
@@ -92,6 +94,9 @@ def main(argv=None) -> int:
             proj, cfg.d_inner, cfg.conv_dim, entering, weight, bias, **kw)),
         "norm": ("mamba2_gated_norm", lambda **kw: lambda: mixer_pallas.gated_norm_pallas(
             y, proj, norm_w, cfg.ngroups, cfg.norm_eps, **kw)),
+        "contrib": ("ssd_state_contributions", lambda **kw: lambda: ssd_pallas.state_contributions_pallas(
+            xbc, cum, dt, heads=cfg.nheads, head_dim=cfg.headdim, groups=cfg.ngroups,
+            state_size=cfg.d_state, matmul_dtype=dtype, **kw)),
         "scan": ("ssd_chunk_scan", lambda **kw: lambda: ssd_pallas.chunk_scan_pallas(
             xbc, cum, dt, states, d_skip, heads=cfg.nheads, head_dim=cfg.headdim, groups=cfg.ngroups,
             state_size=cfg.d_state, out_dtype=dtype, **kw)),

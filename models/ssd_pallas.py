@@ -133,7 +133,8 @@ def _contrib_kernel(x_ref, b_ref, cum_ref, dt_ref, out_ref, *, length: int, matm
 
 
 def state_contributions_pallas(xbc: Array, cum: Array, dt: Array, *, heads: int, head_dim: int,
-                               groups: int, state_size: int, matmul_dtype) -> Array:
+                               groups: int, state_size: int, matmul_dtype, num_warps: int = 4,
+                               num_stages: int = 2) -> Array:
     """`ssd.state_contributions` as one kernel reading x and B straight from the conv output.
 
     Per (chunk, head): sum_s exp(cum_last - cum_s) dt_s x_s B_s^T = (x * to_end)^T B, one [P, L] x
@@ -143,6 +144,7 @@ def state_contributions_pallas(xbc: Array, cum: Array, dt: Array, *, heads: int,
     Args:
       xbc: [B, Q, L, Dc] the activated conv output (x | B | C). cum, dt: float32[B, Q, L, H].
       heads, head_dim, groups, state_size: H, P, G, N. matmul_dtype: operand dtype.
+      num_warps, num_stages: Triton launch parameters.
 
     Returns:
       float32[B, Q, H, P, N] each chunk's contribution from a zero state.
@@ -165,7 +167,7 @@ def state_contributions_pallas(xbc: Array, cum: Array, dt: Array, *, heads: int,
         out_specs=pl.BlockSpec((None, None, None, head_dim, state_size),
                                lambda bq, h: (bq // chunks, bq % chunks, h, 0, 0)),
         interpret=_interpret(),
-        compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="ssd_state_contributions",
     )(xbc, xbc, cum_t, dt_t)
 
@@ -205,7 +207,8 @@ def _scan_kernel(x_ref, b_ref, c_ref, cum_ref, dt_ref, entering_ref, d_ref, y_re
 
 def chunk_scan_pallas(xbc: Array, cum: Array, dt: Array, entering: Array, d_skip: Array, *,
                       heads: int, head_dim: int, groups: int, state_size: int, out_dtype,
-                      block: int = 64, num_warps: int = 4, shared_scores: bool = False) -> Array:
+                      block: int = 64, num_warps: int = 4, num_stages: int = 2,
+                      shared_scores: bool = False) -> Array:
     """Every chunk's SSD output with the D skip, from the conv output and the entering states.
 
     Args:
@@ -215,7 +218,7 @@ def chunk_scan_pallas(xbc: Array, cum: Array, dt: Array, entering: Array, d_skip
       entering: [B, Q, H, P, N] the state before each chunk (matmul dtype).
       d_skip: float32[H] the D skip. heads, head_dim, groups, state_size: H, P, G, N.
       out_dtype: dtype of y (the matmul operand dtype too). block: rows per program (<= L).
-      num_warps: Triton warps per program.
+      num_warps, num_stages: Triton launch parameters.
       shared_scores: compute each group's C B^T [L, L] once (one batched XLA matmul, float32)
         and let its H/G heads read it, instead of every head recomputing its tiles in the kernel.
 
@@ -272,7 +275,7 @@ def chunk_scan_pallas(xbc: Array, cum: Array, dt: Array, entering: Array, d_skip
         out_specs=pl.BlockSpec((None, None, block, head_dim),
                                lambda bq, h, i: chunk_of(bq) + (i, h)),
         interpret=_interpret(),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=2),
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="ssd_chunk_scan",
     )(xbc, second, xbc, cum_t, dt_t, entering, d_rows)
 
