@@ -4,7 +4,8 @@
 
 For one group step of the preset (B = 1, Q = chunks per step, C = chunk size, bf16) times each
 kernel of `models.mixer_pallas` and `models.ssd_pallas` under the variants listed in `VARIANTS`
-(rows / columns / warps / shared scores) -- the kernel's own device time from a profiler trace,
+(rows / columns / warps / shared scores; for "gemm" the in_proj matmul at widths n: 0 = in_proj,
+-1 = in_proj without its dt columns) -- the kernel's own device time from a profiler trace,
 median of `--repeats` calls; wall time where the trace has no device kernels (CPU) -- and checks
 every variant against the first one of its kernel (max |difference|: the layouts of the sums differ, so small
 float32 differences are expected for the norm and the chunk scan; the conv must agree to the bit).
@@ -32,12 +33,13 @@ VARIANTS = {
     "norm": [dict(rows=2, piece=4096), dict(rows=8, piece=512), dict(rows=1, piece=4096),
              dict(rows=2, piece=4096, num_warps=8), dict(rows=4, piece=4096, num_warps=8)],
     "contrib": [dict(), dict(num_warps=8), dict(num_stages=1), dict(num_stages=3)],
-    "scan": [dict(block=64), dict(block=64, num_stages=1), dict(block=64, num_stages=3),
-             dict(block=32), dict(block=32, num_warps=2), dict(block=32, shared_scores=True)],
+    "scan": [dict(block=64), dict(block=64, num_stages=3), dict(block=32, num_warps=2)],
+    # x [G C, d] @ W [d, n]: in_proj's width n = 2 E + 2 G N + H, and splits / paddings of it
+    "gemm": [dict(n=0), dict(n=-1), dict(n=64), dict(n=128), dict(n=8576), dict(n=8704)],
 }
 
 
-def _time(fn, repeats: int, kernel: str) -> float:
+def _time(fn, repeats: int, kernel: str | None) -> float:
     """Median device time (s) of the kernel named `kernel` over `repeats` traced calls (the
     profiler's kernel events: a call's host dispatch, ~50-100 us, would swamp a wall clock)."""
     from sparse_prefix.experiments.profile_prefill import load_trace, split_events
@@ -54,6 +56,8 @@ def _time(fn, repeats: int, kernel: str) -> float:
             jax.block_until_ready(fn())
             times.append(time.perf_counter() - start)
         return statistics.median(times)
+    if kernel is None:  # every kernel of the call (an XLA GEMM may be one kernel or several)
+        return sum(float(event["dur"]) for event in device) / repeats * 1e-6
     durations = [float(event["dur"]) for event in device if kernel in event["name"]]
     if not durations:
         raise RuntimeError(f"no {kernel!r} kernel in the trace (names: "
@@ -65,7 +69,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="mamba2-1.3b")
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--kernels", default="conv,norm,contrib,scan")
+    parser.add_argument("--kernels", default="conv,norm,contrib,scan,gemm")
     args = parser.parse_args(argv)
 
     from sparse_prefix.models import create, mixer_pallas, ssd_pallas
@@ -89,7 +93,15 @@ def main(argv=None) -> int:
     states = jnp.asarray(rng.standard_normal((1, q, cfg.nheads, cfg.headdim, cfg.d_state)), dtype)
     d_skip = jnp.ones((cfg.nheads,), jnp.float32)
 
+    rows = jnp.asarray(rng.standard_normal((q * c, cfg.d_model)), dtype)
+    widths = {0: cfg.in_proj_size, -1: cfg.in_proj_size - cfg.nheads}   # 0: in_proj; -1: without dt
+
+    def gemm(n):
+        weight = jnp.asarray(rng.standard_normal((cfg.d_model, widths.get(n, n))) * 0.02, dtype)
+        return lambda: jnp.dot(rows, weight, preferred_element_type=jnp.float32).astype(dtype)
+
     kernels = {
+        "gemm": (None, gemm),
         "conv": ("mamba2_conv_silu", lambda **kw: lambda: mixer_pallas.conv_silu_pallas(
             proj, cfg.d_inner, cfg.conv_dim, entering, weight, bias, **kw)),
         "norm": ("mamba2_gated_norm", lambda **kw: lambda: mixer_pallas.gated_norm_pallas(
@@ -118,7 +130,7 @@ def main(argv=None) -> int:
                 continue
             out = np.asarray(out, np.float32)
             first = out if first is None else first
-            diff = float(np.max(np.abs(out - first)))
+            diff = float(np.max(np.abs(out - first))) if out.shape == first.shape else float("nan")
             print(f"{name:6s} {str(variant):55s} {seconds * 1e6:9.1f} {diff:20.3g}")
     return 0
 

@@ -149,8 +149,9 @@ def conv_silu_pallas(proj: Array, first_channel: int, channels: int, entering: A
     keep = width - 1
     window = jnp.pad(entering.astype(proj.dtype), ((0, 0), (0, 0), (ROWS - keep, 0), (0, 0)))
     taps = 1 << (width - 1).bit_length()
-    weight = jnp.pad(weight.astype(jnp.float32), ((0, taps - width), (0, 0)))
-    bias = jnp.zeros((channels,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+    if taps != width:   # the kernel converts weight and bias to float32 itself (no extra XLA passes)
+        weight = jnp.pad(weight, ((0, taps - width), (0, 0)))
+    bias = jnp.zeros((channels,), weight.dtype) if bias is None else bias
     first = first_channel // block
     rows = min(max(rows_per_program // ROWS, 1) * ROWS, chunk)
     if chunk % rows:

@@ -70,23 +70,25 @@ def _precision(dtype):
 # ----------------------------------------------------------------------------- the chain
 
 
-def _chain_kernel(decay_ref, state_ref, contrib_ref, *out_refs, chunks: int, want_exits: bool):
+def _chain_kernel(cum_ref, state_ref, contrib_ref, *out_refs, chunks: int, length: int,
+                  want_exits: bool):
     entering_ref, final_ref = out_refs[0], out_refs[-1]
     current = state_ref[...]
     for q in range(chunks):
         entering_ref[q, :] = current.astype(entering_ref.dtype)
-        current = decay_ref[q] * current + contrib_ref[q, :]
+        current = jnp.exp(cum_ref[q, length - 1]) * current + contrib_ref[q, :]
         if want_exits:
             out_refs[1][q, :] = current
     final_ref[...] = current
 
 
-def pass_states_pallas(state: Array, decay: Array, contrib: Array, entering_dtype,
+def pass_states_pallas(state: Array, cum_t: Array, contrib: Array, entering_dtype,
                        want_exits: bool, block: int = 1024) -> tuple[Array, Array | None, Array]:
-    """`ssd.pass_states` as one kernel (same contract).
+    """`ssd.pass_states` as one kernel, each chunk's decay exp(cum_last) taken in the kernel.
 
     Args:
-      state: float32[B, H, P, N]. decay: float32[B, Q, H]. contrib: float32[B, Q, H, P, N].
+      state: float32[B, H, P, N]. cum_t: float32[B, Q, H, L] the within-chunk cumulative log decay
+        (head-major, as the other kernels read it). contrib: float32[B, Q, H, P, N].
       entering_dtype: dtype of the entering states. want_exits: also return every chunk's exit.
       block: state elements per program (a power of two; clipped to P N).
 
@@ -94,11 +96,9 @@ def pass_states_pallas(state: Array, decay: Array, contrib: Array, entering_dtyp
       (entering [B, Q, H, P, N], exits float32[B, Q, H, P, N] or None, final float32[B, H, P, N]).
     """
     batch, chunks, heads, head_dim, size = contrib.shape
+    length = cum_t.shape[-1]
     flat = head_dim * size
     block = min(block, flat)
-    padded = 1 << (chunks - 1).bit_length()
-    decay_t = jnp.pad(jnp.swapaxes(decay, 1, 2), ((0, 0), (0, 0), (0, padded - chunks)),
-                      constant_values=1.0)                                           # [B, H, Qp]
     per_chunk = pl.BlockSpec((None, chunks, None, block), lambda b, h, i: (b, 0, h, i))
     per_state = pl.BlockSpec((None, None, block), lambda b, h, i: (b, h, i))
     out_shape = [jax.ShapeDtypeStruct((batch, chunks, heads, flat), entering_dtype)]
@@ -109,13 +109,14 @@ def pass_states_pallas(state: Array, decay: Array, contrib: Array, entering_dtyp
     out_shape.append(jax.ShapeDtypeStruct((batch, heads, flat), jnp.float32))
     out_specs.append(per_state)
     outs = pl.pallas_call(
-        functools.partial(_chain_kernel, chunks=chunks, want_exits=want_exits),
+        functools.partial(_chain_kernel, chunks=chunks, length=length, want_exits=want_exits),
         out_shape=out_shape, grid=(batch, heads, flat // block),
-        in_specs=[pl.BlockSpec((None, None, padded), lambda b, h, i: (b, h, 0)), per_state, per_chunk],
+        in_specs=[pl.BlockSpec((None, chunks, None, length), lambda b, h, i: (b, 0, h, 0)),
+                  per_state, per_chunk],
         out_specs=out_specs, interpret=_interpret(),
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
         name="ssd_pass_states",
-    )(decay_t, state.reshape(batch, heads, flat), contrib.reshape(batch, chunks, heads, flat))
+    )(cum_t, state.reshape(batch, heads, flat), contrib.reshape(batch, chunks, heads, flat))
     shape = (batch, chunks, heads, head_dim, size)
     exits = outs[1].reshape(shape) if want_exits else None
     return outs[0].reshape(shape), exits, outs[-1].reshape(state.shape)
@@ -201,7 +202,7 @@ def _scan_kernel(x_ref, b_ref, c_ref, cum_ref, dt_ref, entering_ref, d_ref, y_re
                           precision)
 
     acc = jax.lax.fori_loop(0, row_block + 1, column_block, acc)
-    skip = x_ref[rows, :].astype(jnp.float32) * d_ref[...][None, :]
+    skip = x_ref[rows, :].astype(jnp.float32) * d_ref[0]
     y_ref[...] = (acc + skip).astype(y_ref.dtype)
 
 
@@ -232,7 +233,6 @@ def chunk_scan_pallas(xbc: Array, cum: Array, dt: Array, entering: Array, d_skip
     precision = _precision(out_dtype)
     cum_t = jnp.swapaxes(cum, 2, 3)                                                  # [B,Q,H,L]
     dt_t = jnp.swapaxes(dt, 2, 3)
-    d_rows = jnp.broadcast_to(d_skip.astype(jnp.float32)[:, None], (heads, head_dim))
 
     def chunk_of(bq):
         return bq // chunks, bq % chunks
@@ -271,13 +271,13 @@ def chunk_scan_pallas(xbc: Array, cum: Array, dt: Array, entering: Array, d_skip
                   pl.BlockSpec((None, None, None, length), per_head_row),
                   pl.BlockSpec((None, None, None, length), per_head_row),
                   pl.BlockSpec((None, None, None, head_dim, state_size), state_map),
-                  pl.BlockSpec((None, head_dim), lambda bq, h, i: (h, 0))],
+                  pl.BlockSpec((1,), lambda bq, h, i: (h,))],
         out_specs=pl.BlockSpec((None, None, block, head_dim),
                                lambda bq, h, i: chunk_of(bq) + (i, h)),
         interpret=_interpret(),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="ssd_chunk_scan",
-    )(xbc, second, xbc, cum_t, dt_t, entering, d_rows)
+    )(xbc, second, xbc, cum_t, dt_t, entering, d_skip.astype(jnp.float32))
 
 
 def ssd_chunks_pallas(xbc: Array, dt: Array, a: Array, state: Array, d_skip: Array, *, heads: int,
@@ -301,7 +301,7 @@ def ssd_chunks_pallas(xbc: Array, dt: Array, a: Array, state: Array, d_skip: Arr
     cum = jnp.cumsum(dt * a, axis=2)
     contrib = state_contributions_pallas(xbc, cum, dt, heads=heads, head_dim=head_dim, groups=groups,
                                          state_size=state_size, matmul_dtype=matmul_dtype)
-    entering, exits, final = pass_states_pallas(state, jnp.exp(cum[:, :, -1]), contrib, matmul_dtype,
+    entering, exits, final = pass_states_pallas(state, jnp.swapaxes(cum, 2, 3), contrib, matmul_dtype,
                                                 want_exits)
     y = chunk_scan_pallas(xbc, cum, dt, entering, d_skip, heads=heads, head_dim=head_dim,
                           groups=groups, state_size=state_size, out_dtype=matmul_dtype)
