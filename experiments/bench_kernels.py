@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     xbc = jnp.asarray(rng.standard_normal((1, q, c, cfg.conv_dim)) * 0.5, dtype)
     dt = jnp.asarray(rng.uniform(1e-3, 0.1, (1, q, c, cfg.nheads)), jnp.float32)
     cum = jnp.cumsum(dt * -jnp.asarray(rng.uniform(1, 16, cfg.nheads), jnp.float32), axis=2)
+    cum_t, dt_t = jnp.swapaxes(cum, 2, 3), jnp.swapaxes(dt, 2, 3)
     states = jnp.asarray(rng.standard_normal((1, q, cfg.nheads, cfg.headdim, cfg.d_state)), dtype)
     d_skip = jnp.ones((cfg.nheads,), jnp.float32)
 
@@ -98,7 +99,8 @@ def main(argv=None) -> int:
 
     def gemm(n):
         weight = jnp.asarray(rng.standard_normal((cfg.d_model, widths.get(n, n))) * 0.02, dtype)
-        return lambda: jnp.dot(rows, weight, preferred_element_type=jnp.float32).astype(dtype)
+        matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(dtype))
+        return lambda: matmul(rows, weight)
 
     kernels = {
         "gemm": (None, gemm),
@@ -107,10 +109,10 @@ def main(argv=None) -> int:
         "norm": ("mamba2_gated_norm", lambda **kw: lambda: mixer_pallas.gated_norm_pallas(
             y, proj, norm_w, cfg.ngroups, cfg.norm_eps, **kw)),
         "contrib": ("ssd_state_contributions", lambda **kw: lambda: ssd_pallas.state_contributions_pallas(
-            xbc, cum, dt, heads=cfg.nheads, head_dim=cfg.headdim, groups=cfg.ngroups,
+            xbc, cum_t, dt_t, heads=cfg.nheads, head_dim=cfg.headdim, groups=cfg.ngroups,
             state_size=cfg.d_state, matmul_dtype=dtype, **kw)),
         "scan": ("ssd_chunk_scan", lambda **kw: lambda: ssd_pallas.chunk_scan_pallas(
-            xbc, cum, dt, states, d_skip, heads=cfg.nheads, head_dim=cfg.headdim, groups=cfg.ngroups,
+            xbc, cum_t, dt_t, states, d_skip, heads=cfg.nheads, head_dim=cfg.headdim, groups=cfg.ngroups,
             state_size=cfg.d_state, out_dtype=dtype, **kw)),
     }
     print(f"{args.preset}: B=1 Q={q} C={c} E={cfg.d_inner} Dc={cfg.conv_dim} H={cfg.nheads} "

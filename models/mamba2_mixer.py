@@ -290,7 +290,13 @@ def mamba2_mixer_group(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, st
     per_chunk = want_boundaries or emit is not None
     if _use_pallas(cfg, x.shape[1], x.shape[2], x.dtype):
         from . import mixer_pallas
-        from .ssd_pallas import ssd_chunks_pallas
+        from .ssd_pallas import ssd_chunks_pallas, time_steps
+        dt_first = cfg.d_inner + cfg.conv_dim
+        if mixer_pallas.time_steps_supported(dt_first, cfg.nheads):
+            dt_t, cum_t = mixer_pallas.time_steps_pallas(proj, dt_first, params.dt_bias,
+                                                         params.A_log, valid, cfg.dt_limit)
+        else:
+            dt_t, cum_t = time_steps(dt, a)
         if mixer_pallas.conv_supported(x.shape[2], cfg.d_inner, cfg.conv_dim, cfg.d_conv):
             entering, windows = group_windows(state.conv, xbc, n_valid)
             activated = mixer_pallas.conv_silu_pallas(proj, cfg.d_inner, cfg.conv_dim, entering,
@@ -300,7 +306,7 @@ def mamba2_mixer_group(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, st
                                               n_valid)
             activated = jax.nn.silu(conv).astype(x.dtype)
         y, exits, final = ssd_chunks_pallas(
-            activated, dt, a, state.ssm, params.D.astype(jnp.float32), heads=cfg.nheads,
+            activated, dt_t, cum_t, state.ssm, params.D.astype(jnp.float32), heads=cfg.nheads,
             head_dim=cfg.headdim, groups=cfg.ngroups, state_size=cfg.d_state, matmul_dtype=x.dtype,
             want_exits=per_chunk)
         if mixer_pallas.norm_supported(x.shape[2], cfg.d_inner, cfg.ngroups):

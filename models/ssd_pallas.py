@@ -133,7 +133,7 @@ def _contrib_kernel(x_ref, b_ref, cum_ref, dt_ref, out_ref, *, length: int, matm
                                        precision=precision, preferred_element_type=jnp.float32)
 
 
-def state_contributions_pallas(xbc: Array, cum: Array, dt: Array, *, heads: int, head_dim: int,
+def state_contributions_pallas(xbc: Array, cum_t: Array, dt_t: Array, *, heads: int, head_dim: int,
                                groups: int, state_size: int, matmul_dtype, num_warps: int = 4,
                                num_stages: int = 2) -> Array:
     """`ssd.state_contributions` as one kernel reading x and B straight from the conv output.
@@ -143,7 +143,8 @@ def state_contributions_pallas(xbc: Array, cum: Array, dt: Array, *, heads: int,
     over the token axis made XLA lay the whole conv out token-minor (a transpose of every conv pass).
 
     Args:
-      xbc: [B, Q, L, Dc] the activated conv output (x | B | C). cum, dt: float32[B, Q, L, H].
+      xbc: [B, Q, L, Dc] the activated conv output (x | B | C). cum_t, dt_t: float32[B, Q, H, L]
+        the within-chunk cumulative log decay and the step sizes, head-major.
       heads, head_dim, groups, state_size: H, P, G, N. matmul_dtype: operand dtype.
       num_warps, num_stages: Triton launch parameters.
 
@@ -153,7 +154,6 @@ def state_contributions_pallas(xbc: Array, cum: Array, dt: Array, *, heads: int,
     batch, chunks, length, _ = xbc.shape
     per_group = heads // groups
     b_first = heads * head_dim // state_size
-    cum_t, dt_t = jnp.swapaxes(cum, 2, 3), jnp.swapaxes(dt, 2, 3)                   # [B,Q,H,L]
     kernel = functools.partial(_contrib_kernel, length=length, matmul_dtype=jnp.dtype(matmul_dtype),
                                precision=_precision(matmul_dtype))
     head_row = pl.BlockSpec((None, None, None, length), lambda bq, h: (bq // chunks, bq % chunks, h, 0))
@@ -206,7 +206,7 @@ def _scan_kernel(x_ref, b_ref, c_ref, cum_ref, dt_ref, entering_ref, d_ref, y_re
     y_ref[...] = (acc + skip).astype(y_ref.dtype)
 
 
-def chunk_scan_pallas(xbc: Array, cum: Array, dt: Array, entering: Array, d_skip: Array, *,
+def chunk_scan_pallas(xbc: Array, cum_t: Array, dt_t: Array, entering: Array, d_skip: Array, *,
                       heads: int, head_dim: int, groups: int, state_size: int, out_dtype,
                       block: int = 64, num_warps: int = 4, num_stages: int = 2,
                       shared_scores: bool = False) -> Array:
@@ -214,8 +214,8 @@ def chunk_scan_pallas(xbc: Array, cum: Array, dt: Array, entering: Array, d_skip
 
     Args:
       xbc: [B, Q, L, Dc] the activated conv output (x | B | C channels, Dc = H P + 2 G N).
-      cum: float32[B, Q, L, H] the within-chunk cumulative log decay (cumsum of dt A).
-      dt: float32[B, Q, L, H] step sizes (0 on padded slots).
+      cum_t: float32[B, Q, H, L] the within-chunk cumulative log decay (cumsum of dt A), head-major.
+      dt_t: float32[B, Q, H, L] step sizes (0 on padded slots), head-major.
       entering: [B, Q, H, P, N] the state before each chunk (matmul dtype).
       d_skip: float32[H] the D skip. heads, head_dim, groups, state_size: H, P, G, N.
       out_dtype: dtype of y (the matmul operand dtype too). block: rows per program (<= L).
@@ -231,8 +231,6 @@ def chunk_scan_pallas(xbc: Array, cum: Array, dt: Array, entering: Array, d_skip
     inner, per_group = heads * head_dim, heads // groups
     b_first, c_first = inner // state_size, inner // state_size + groups
     precision = _precision(out_dtype)
-    cum_t = jnp.swapaxes(cum, 2, 3)                                                  # [B,Q,H,L]
-    dt_t = jnp.swapaxes(dt, 2, 3)
 
     def chunk_of(bq):
         return bq // chunks, bq % chunks
@@ -280,17 +278,18 @@ def chunk_scan_pallas(xbc: Array, cum: Array, dt: Array, entering: Array, d_skip
     )(xbc, second, xbc, cum_t, dt_t, entering, d_skip.astype(jnp.float32))
 
 
-def ssd_chunks_pallas(xbc: Array, dt: Array, a: Array, state: Array, d_skip: Array, *, heads: int,
-                      head_dim: int, groups: int, state_size: int, matmul_dtype,
+def ssd_chunks_pallas(xbc: Array, dt_t: Array, cum_t: Array, state: Array, d_skip: Array, *,
+                      heads: int, head_dim: int, groups: int, state_size: int, matmul_dtype,
                       want_exits: bool) -> tuple[Array, Array | None, Array]:
     """Q chunks of SSD with the kernels: the GPU counterpart of `ssd.ssd_chunks` plus the D skip.
 
-    Three kernels: the chunk contributions, the chain and the chunk outputs (above); only dt's
-    cumulative sum stays in XLA. Every kernel reads the conv output in its natural layout.
+    Three kernels: the chunk contributions, the chain and the chunk outputs (above). Every kernel
+    reads the conv output in its natural layout and dt / cum head-major (`time_steps` makes both).
 
     Args:
-      xbc: [B, Q, L, Dc] the activated conv output (x | B | C). dt: float32[B, Q, L, H] (0 on
-        padded slots). a: float32[H]. state: float32[B, H, P, N]. d_skip: float32[H].
+      xbc: [B, Q, L, Dc] the activated conv output (x | B | C). dt_t: float32[B, Q, H, L] step
+        sizes (0 on padded slots). cum_t: float32[B, Q, H, L] their cumulative sum times A along
+        each chunk. state: float32[B, H, P, N]. d_skip: float32[H].
       heads, head_dim, groups, state_size: H, P, G, N. matmul_dtype: operand dtype (and y's).
       want_exits: return every chunk's exit state.
 
@@ -298,11 +297,17 @@ def ssd_chunks_pallas(xbc: Array, dt: Array, a: Array, state: Array, d_skip: Arr
       (y [B, Q, L, H P] in matmul_dtype with the D skip, exits float32[B, Q, H, P, N] or None,
       final float32[B, H, P, N]).
     """
-    cum = jnp.cumsum(dt * a, axis=2)
-    contrib = state_contributions_pallas(xbc, cum, dt, heads=heads, head_dim=head_dim, groups=groups,
-                                         state_size=state_size, matmul_dtype=matmul_dtype)
-    entering, exits, final = pass_states_pallas(state, jnp.swapaxes(cum, 2, 3), contrib, matmul_dtype,
-                                                want_exits)
-    y = chunk_scan_pallas(xbc, cum, dt, entering, d_skip, heads=heads, head_dim=head_dim,
-                          groups=groups, state_size=state_size, out_dtype=matmul_dtype)
+    contrib = state_contributions_pallas(xbc, cum_t, dt_t, heads=heads, head_dim=head_dim,
+                                         groups=groups, state_size=state_size,
+                                         matmul_dtype=matmul_dtype)
+    entering, exits, final = pass_states_pallas(state, cum_t, contrib, matmul_dtype, want_exits)
+    y = chunk_scan_pallas(xbc, cum_t, dt_t, entering, d_skip, heads=heads, head_dim=head_dim,
+                          groups=groups, state_size=state_size, out_dtype=matmul_dtype,
+                          num_stages=3)
     return y, exits, final
+
+
+def time_steps(dt: Array, a: Array) -> tuple[Array, Array]:
+    """XLA's (dt_t, cum_t) [B, Q, H, L] from dt float32[B, Q, L, H] and A [H]: the kernels' inputs
+    where `mixer_pallas.time_steps_pallas` does not apply."""
+    return jnp.swapaxes(dt, 2, 3), jnp.swapaxes(jnp.cumsum(dt * a, axis=2), 2, 3)

@@ -74,3 +74,23 @@ def test_kernels_refuse_shapes_triton_cannot_block():
     assert not mixer_pallas.conv_supported(32, 8, 128, 4)      # channel offset not 16-aligned
     assert not mixer_pallas.norm_supported(32, 1536, 1)        # group width not a power of two
     assert mixer_pallas.norm_supported(256, 4096, 1)
+
+
+def test_time_steps_kernel_matches_xla_softplus_clip_mask_and_cumsum():
+    from sparse_prefix.models.ssd_pallas import time_steps
+    rng = np.random.default_rng(3)
+    heads, first = 8, 96
+    proj = jnp.asarray(rng.standard_normal((B, Q, C, DP)) * 3.0, jnp.float32)
+    dt_bias = jnp.asarray(rng.standard_normal(heads), jnp.float32)
+    a_log = jnp.asarray(rng.uniform(0.0, 2.5, heads), jnp.float32)
+    n_valid = np.array([[C, 5, 0], [2, C, 1]])
+    valid = np.arange(C)[None, None] < n_valid[..., None]
+    limit = (0.001, 2.0)
+    assert mixer_pallas.time_steps_supported(first, heads)
+    dt_t, cum_t = mixer_pallas.time_steps_pallas(proj, first, dt_bias, a_log, valid, limit)
+    dt = jnp.clip(jax.nn.softplus(proj[..., first:first + heads] + dt_bias), *limit)
+    dt = jnp.where(valid[..., None], dt, 0.0)
+    want_dt, want_cum = time_steps(dt, -jnp.exp(a_log))
+    np.testing.assert_allclose(np.asarray(dt_t), np.asarray(want_dt), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(cum_t), np.asarray(want_cum), rtol=1e-5, atol=1e-5)
+    assert not np.asarray(dt_t)[0, 2].any()          # an all-padding chunk has dt = 0 everywhere

@@ -93,6 +93,7 @@ def test_chunk_scan_with_shared_scores_matches_per_head_scores():
     d_skip = np.ones(heads, np.float32)
     common = dict(heads=heads, head_dim=head_dim, groups=groups, state_size=size,
                   out_dtype=jnp.float32, block=16)
-    want = chunk_scan_pallas(xbc, cum, dt, entering, d_skip, **common)
-    got = chunk_scan_pallas(xbc, cum, dt, entering, d_skip, shared_scores=True, **common)
+    cum_t, dt_t = np.swapaxes(cum, 2, 3), np.swapaxes(dt, 2, 3)
+    want = chunk_scan_pallas(xbc, cum_t, dt_t, entering, d_skip, **common)
+    got = chunk_scan_pallas(xbc, cum_t, dt_t, entering, d_skip, shared_scores=True, **common)
     assert _rel(got, want) < 1e-5
