@@ -10,9 +10,10 @@ tensor once in its natural [tokens, channels] layout.
   * `conv_silu_pallas` -- the depthwise causal conv of every chunk of a group from its own entering
     window (the same windows as `group_conv.causal_conv_group`), plus bias and SiLU, written in the
     compute dtype. Per (chunk, block of channels, run of rows) the rows go in blocks of `ROWS`; a
-    tap's shifted rows come from the current and the previous block through 0/1 shift matrices on
-    the tensor cores (an exact copy: one 1 per row, float32 accumulation; Triton cannot shift a
-    register tile along its rows). Before a chunk's first block come its window's rows.
+    tap's shifted rows are loaded at an offset, except in a chunk's first block, where they come
+    from the block and the chunk's window through 0/1 shift matrices on the tensor cores (an
+    exact copy: one 1 per row, float32 accumulation; Triton cannot shift a register tile along
+    its rows).
   * `gated_norm_pallas` -- HF's MambaRMSNormGated (norm_before_gate=False): per row and group of
     E/G channels, g = y silu(z), g rsqrt(mean(g^2) + eps) w; one pass when a group row fits one
     tile, else two over its pieces (sum of squares, then the scaled output).
@@ -92,33 +93,36 @@ def _conv_kernel(x_ref, window_ref, weight_ref, bias_ref, out_ref, *, width: int
     row = jax.lax.broadcasted_iota(jnp.int32, (ROWS, ROWS), 0)
     col = jax.lax.broadcasted_iota(jnp.int32, (ROWS, ROWS), 1)
     dtype = x_ref.dtype
-    # Tap i reads the input width-1-i slots back: row r of the block from the current block's row
-    # r - s, or for r < s from the previous block's row ROWS + r - s.
-    from_current = [(col == row - s).astype(dtype) for s in range(width)]
-    from_previous = [(col == ROWS + row - s).astype(dtype) for s in range(width)]
     first_row = pl.program_id(2) * rows
 
-    def block(k, previous):
+    def from_window(start, current):
+        # The chunk's first block: row r reads the block's row r - s, or for r < s the window's
+        # row ROWS + r - s, through 0/1 shift matrices (Triton cannot shift a tile along rows).
+        window = window_ref[...].astype(dtype)
+        return [jnp.dot((col == row - s).astype(dtype), current, precision=precision,
+                        preferred_element_type=jnp.float32)
+                + jnp.dot((col == ROWS + row - s).astype(dtype), window, precision=precision,
+                          preferred_element_type=jnp.float32)
+                for s in range(1, width)]
+
+    def from_memory(start, current):
+        # Any later block: the shifted rows are the chunk's own, loaded at an offset.
+        del current
+        return [x_ref[pl.ds(start - s, ROWS), :].astype(jnp.float32) for s in range(1, width)]
+
+    def block(k, carry):
         start = pl.multiple_of(first_row + k * ROWS, ROWS)
         current = x_ref[pl.ds(start, ROWS), :]                                       # [R, BD]
+        shifted = jax.lax.cond(start == 0, from_window, from_memory, start, current)  # s = 1..W-1
         total = jnp.zeros(current.shape, jnp.float32)
         for i in range(width):
             shift = width - 1 - i
-            if shift == 0:
-                shifted = current.astype(jnp.float32)
-            else:
-                shifted = (jnp.dot(from_current[shift], current, precision=precision,
-                                   preferred_element_type=jnp.float32)
-                           + jnp.dot(from_previous[shift], previous, precision=precision,
-                                     preferred_element_type=jnp.float32))
-            total = total + shifted * taps[i][None, :]
+            term = current.astype(jnp.float32) if shift == 0 else shifted[shift - 1]
+            total = total + term * taps[i][None, :]
         out_ref[pl.ds(start, ROWS), :] = _silu(total + bias[None, :]).astype(out_ref.dtype)
-        return current
+        return carry
 
-    # The block before this program's rows: the chunk's window for the first program of a chunk.
-    before = x_ref[pl.ds(pl.multiple_of(jnp.maximum(first_row - ROWS, 0), ROWS), ROWS), :]
-    previous = jnp.where(first_row == 0, window_ref[...].astype(dtype), before)
-    jax.lax.fori_loop(0, rows // ROWS, block, previous)
+    jax.lax.fori_loop(0, rows // ROWS, block, 0)
 
 
 def conv_silu_pallas(proj: Array, first_channel: int, channels: int, entering: Array, weight: Array,
@@ -263,9 +267,12 @@ def _time_kernel(raw_ref, bias_ref, a_log_ref, valid_ref, dt_ref, cum_ref, *, lo
     cum_ref[...] = jnp.cumsum(dt * a[None, :], axis=0).T
 
 
+TIME_HEADS = 4       # heads per time-step program: 128 programs per mamba2-1.3b step (16: 32, 7.5 us)
+
+
 def time_steps_supported(first_channel: int, heads: int) -> bool:
     """Whether `time_steps_pallas` takes dt at this channel offset with this many heads."""
-    block = min(16, heads)
+    block = min(TIME_HEADS, heads)
     return _pow2(block) and heads % block == 0 and first_channel % block == 0
 
 
@@ -287,7 +294,7 @@ def time_steps_pallas(proj: Array, first_channel: int, dt_bias: Array, a_log: Ar
     """
     batch, chunks, chunk, _ = proj.shape
     heads = dt_bias.shape[0]
-    block = min(16, heads)
+    block = min(TIME_HEADS, heads)
     first = first_channel // block
     head_major = pl.BlockSpec((None, None, block, chunk), lambda bq, j: (bq // chunks, bq % chunks, j, 0))
     shape = jax.ShapeDtypeStruct((batch, chunks, heads, chunk), jnp.float32)
