@@ -88,7 +88,8 @@ def _model(preset: str, dtype, chunking: tuple[int | None, int | None] = (None, 
                                 backend=model.backend, min_checkpoint_slots=model.min_checkpoint_slots)
         else:
             model = type(model)(model.config.replace(backend=backend))
-    return model, params
+    prepare = getattr(model, "prepare_params", None)   # the serving layout, as the Engine uses
+    return model, (prepare(params) if callable(prepare) else params)
 
 
 def _backend_of(model) -> str:

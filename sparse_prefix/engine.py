@@ -157,7 +157,9 @@ class Engine:
 
     Args:
       model: a `RecurrentLM` (with ``abstract_state`` / ``memory_profile`` when it offers them).
-      params: its parameters.
+      params: its parameters; a model with ``prepare_params`` (Mamba2: per-layer weights, no
+        per-call copies) has them prepared once here -- a copy when the layout changes, so drop
+        the caller's set if memory is tight.
       policy: the Planner spec (positions are snapped down to ``model.chunk_size``).
       eviction: ``lru``, ``fifo`` or ``utility`` (the index's policies).
       capacity_entries: the most cached requests.
@@ -189,7 +191,8 @@ class Engine:
         if isinstance(min_checkpoint_slots, bool) or not isinstance(min_checkpoint_slots, int) \
                 or min_checkpoint_slots < 1:
             raise ValueError(f"min_checkpoint_slots must be an int >= 1, got {min_checkpoint_slots!r}")
-        self.model, self.params = model, params
+        prepare = getattr(model, "prepare_params", None)
+        self.model, self.params = model, (prepare(params) if callable(prepare) else params)
         self.policy, self.eviction, self.namespace = policy, eviction, namespace
         self.chunk_size = int(model.chunk_size)
         self.layout = self.abstract(model, policy=policy, capacity_entries=capacity_entries,

@@ -185,3 +185,22 @@ def test_init_state_is_a_zero_state_without_kv(tiny):
     assert len(state.recurrent) == model.config.n_layer
     assert all(float(jnp.abs(leaf).sum()) == 0 for leaf in jax.tree_util.tree_leaves(state))
     assert jax.tree_util.tree_structure(model.abstract_state(3)) == jax.tree_util.tree_structure(state)
+
+
+def test_prepared_params_give_the_same_prefill_decode_and_forward(tiny):
+    model, params = tiny
+    prepared = model.prepare_params(params)
+    assert isinstance(prepared.layers, tuple) and len(prepared.layers) == model.config.n_layer
+    assert model.prepare_params(prepared) is prepared                 # already prepared: as is
+    tokens = np.random.default_rng(5).integers(0, model.vocab_size, (2, 40), dtype=np.int32)
+    ckpts = np.array([[16, 32], [16, 32]], np.int32)
+    runs = [model.prefill(p, tokens, model.init_state(2), ckpts) for p in (params, prepared)]
+    for got, want in zip(jax.tree_util.tree_leaves(runs[1]), jax.tree_util.tree_leaves(runs[0])):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    steps = [model.decode(p, tokens[:, 0], run[1]) for p, run in zip((params, prepared), runs)]
+    for got, want in zip(jax.tree_util.tree_leaves(steps[1]), jax.tree_util.tree_leaves(steps[0])):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(model.forward(prepared, tokens)),
+                               np.asarray(model.forward(params, tokens)), rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="Mamba2Params"):
+        model.prepare_params({"layers": params.layers})
