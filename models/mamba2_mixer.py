@@ -257,17 +257,6 @@ def _use_pallas(cfg: Mamba2MixerConfig, chunks: int, length: int, dtype) -> bool
     return supported(chunks, length, cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state, cfg.d_inner)
 
 
-def out_after_norm(params: MixerParams, cfg: Mamba2MixerConfig, y: Array, z: Array, proj: Array,
-                   dtype) -> Array:
-    """The Pallas path's gated norm and out_proj: y [B, Q, C, E] (SSD output with the D skip, in
-    dtype), z its gate, proj the in_proj output -> [B, Q, C, d] (the norm kernel where it applies)."""
-    from . import mixer_pallas
-    if mixer_pallas.norm_supported(y.shape[2], cfg.d_inner, cfg.ngroups):
-        normed = mixer_pallas.gated_norm_pallas(y, proj, params.norm, cfg.ngroups, cfg.norm_eps)
-        return _linear(normed, params.out_proj, params.out_proj_bias)
-    return _gated_output(params, cfg, y, z, dtype)
-
-
 def mamba2_mixer_group(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, state: RecurrentState,
                        valid: Array, want_boundaries: bool = False, *, emit=None
                        ) -> tuple[Array, RecurrentState, RecurrentState | None]:
@@ -316,18 +305,16 @@ def mamba2_mixer_group(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, st
             conv, windows = causal_conv_group(xbc, state.conv, params.conv_weight, params.conv_bias,
                                               n_valid)
             activated = jax.nn.silu(conv).astype(x.dtype)
-        # Emission straight from the chain kernel (no exits materialised, no scatter of them)
-        # when the slot count is a power of two, as the models' checkpoint buckets are by default.
-        slots = 0 if emit is None else emit[0].ssm.shape[1]
-        in_kernel = slots > 0 and slots & (slots - 1) == 0
-        y, exits, final, emitted_ssm = ssd_chunks_pallas(
+        y, exits, final = ssd_chunks_pallas(
             activated, dt_t, cum_t, state.ssm, params.D.astype(jnp.float32), heads=cfg.nheads,
             head_dim=cfg.headdim, groups=cfg.ngroups, state_size=cfg.d_state, matmul_dtype=x.dtype,
-            want_exits=per_chunk and not in_kernel,
-            emit=(emit[0].ssm, emit[1]) if in_kernel else None)
-        out = out_after_norm(params, cfg, y, z, proj, x.dtype)
+            want_exits=per_chunk)
+        if mixer_pallas.norm_supported(x.shape[2], cfg.d_inner, cfg.ngroups):
+            normed = mixer_pallas.gated_norm_pallas(y, proj, params.norm, cfg.ngroups, cfg.norm_eps)
+            out = _linear(normed, params.out_proj, params.out_proj_bias)
+        else:
+            out = _gated_output(params, cfg, y, z, x.dtype)
     else:
-        emitted_ssm = None
         conv, windows = causal_conv_group(xbc, state.conv, params.conv_weight, params.conv_bias,
                                           n_valid)
         xs, b, c = _split_conv(cfg, jax.nn.silu(conv).astype(x.dtype))
@@ -343,10 +330,7 @@ def mamba2_mixer_group(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, st
         third = RecurrentState(ssm=exits, conv=windows)
     elif emit is not None:
         buffers, slot = emit
-        if emitted_ssm is not None:     # the chain kernel wrote the states; the windows here
-            third = RecurrentState(ssm=emitted_ssm, conv=write_emitted(buffers.conv, windows, slot))
-        else:
-            third = write_emitted(buffers, RecurrentState(ssm=exits, conv=windows), slot)
+        third = write_emitted(buffers, RecurrentState(ssm=exits, conv=windows), slot)
     return out, final, third
 
 
