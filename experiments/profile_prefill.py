@@ -1,7 +1,8 @@
 """Where a prefill's device time goes: a jax.profiler trace of warm calls, summarised per kernel.
 
     python -m sparse_prefix.experiments.profile_prefill --preset mamba2-1.3b --length 8192 \
-        [--emit 0,8] [--chunk-size 256 --chunks-per-step 8] [--top 30] [--trace-dir DIR]
+        [--emit 0,8] [--chunk-size 256 --chunks-per-step 8] [--backend chunked|pallas] [--top 30] \
+        [--trace-dir DIR] [--hlo-out FILE.gz]
 
 For each checkpoint count in `--emit`, runs the public `model.prefill` twice to warm up (from states
 made beforehand), then `--calls` times under `jax.profiler.trace`, reads the trace the profiler writes
