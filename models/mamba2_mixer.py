@@ -257,6 +257,51 @@ def _use_pallas(cfg: Mamba2MixerConfig, chunks: int, length: int, dtype) -> bool
     return supported(chunks, length, cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state, cfg.d_inner)
 
 
+def _pallas_mixer(params: MixerParams, cfg: Mamba2MixerConfig, proj: Array, state: RecurrentState,
+                  valid: Array, n_valid: Array, dt: Array, a: Array, want_exits: bool
+                  ) -> tuple[Array, Array | None, Array, Array]:
+    """The mixer after in_proj on the GPU kernels (`mixer_pallas`, `ssd_pallas`); each stage falls
+    back to XLA where its kernel does not take the shapes (dt / a: XLA's time steps for that case).
+
+    Args:
+      proj: [B, Q, C, Dp] the in_proj output in the compute dtype. state: the layer's state.
+      valid: bool[B, Q, C]. n_valid: int32[B, Q]. dt: float32[B, Q, C, H]. a: float32[H].
+      want_exits: also return the SSM state after every chunk.
+
+    Returns:
+      (y [B, Q, C, d] after out_proj, exits float32[B, Q, H, P, N] or None, final SSM state
+      float32[B, H, P, N], conv windows [B, Q, W-1, Dc] after each chunk).
+    """
+    from . import mixer_pallas
+    from .ssd_pallas import ssd_chunks_pallas, time_steps
+    z, xbc, _ = _split_projection(cfg, proj)
+    chunk = proj.shape[2]
+    dt_first = cfg.d_inner + cfg.conv_dim
+    if mixer_pallas.time_steps_supported(dt_first, cfg.nheads):
+        dt_t, cum_t = mixer_pallas.time_steps_pallas(proj, dt_first, params.dt_bias, params.A_log,
+                                                     valid, cfg.dt_limit)
+    else:
+        dt_t, cum_t = time_steps(dt, a)
+    if mixer_pallas.conv_supported(chunk, cfg.d_inner, cfg.conv_dim, cfg.d_conv):
+        entering, windows = group_windows(state.conv, xbc, n_valid)
+        activated = mixer_pallas.conv_silu_pallas(proj, cfg.d_inner, cfg.conv_dim, entering,
+                                                  params.conv_weight, params.conv_bias)
+    else:
+        conv, windows = causal_conv_group(xbc, state.conv, params.conv_weight, params.conv_bias,
+                                          n_valid)
+        activated = jax.nn.silu(conv).astype(proj.dtype)
+    y, exits, final = ssd_chunks_pallas(
+        activated, dt_t, cum_t, state.ssm, params.D.astype(jnp.float32), heads=cfg.nheads,
+        head_dim=cfg.headdim, groups=cfg.ngroups, state_size=cfg.d_state, matmul_dtype=proj.dtype,
+        want_exits=want_exits)
+    if mixer_pallas.norm_supported(chunk, cfg.d_inner, cfg.ngroups):
+        normed = mixer_pallas.gated_norm_pallas(y, proj, params.norm, cfg.ngroups, cfg.norm_eps)
+        out = _linear(normed, params.out_proj, params.out_proj_bias)
+    else:
+        out = _gated_output(params, cfg, y, z, proj.dtype)
+    return out, exits, final, windows
+
+
 def mamba2_mixer_group(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, state: RecurrentState,
                        valid: Array, want_boundaries: bool = False, *, emit=None
                        ) -> tuple[Array, RecurrentState, RecurrentState | None]:
@@ -289,31 +334,8 @@ def mamba2_mixer_group(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, st
     a = -jnp.exp(params.A_log.astype(jnp.float32))
     per_chunk = want_boundaries or emit is not None
     if _use_pallas(cfg, x.shape[1], x.shape[2], x.dtype):
-        from . import mixer_pallas
-        from .ssd_pallas import ssd_chunks_pallas, time_steps
-        dt_first = cfg.d_inner + cfg.conv_dim
-        if mixer_pallas.time_steps_supported(dt_first, cfg.nheads):
-            dt_t, cum_t = mixer_pallas.time_steps_pallas(proj, dt_first, params.dt_bias,
-                                                         params.A_log, valid, cfg.dt_limit)
-        else:
-            dt_t, cum_t = time_steps(dt, a)
-        if mixer_pallas.conv_supported(x.shape[2], cfg.d_inner, cfg.conv_dim, cfg.d_conv):
-            entering, windows = group_windows(state.conv, xbc, n_valid)
-            activated = mixer_pallas.conv_silu_pallas(proj, cfg.d_inner, cfg.conv_dim, entering,
-                                                      params.conv_weight, params.conv_bias)
-        else:
-            conv, windows = causal_conv_group(xbc, state.conv, params.conv_weight, params.conv_bias,
-                                              n_valid)
-            activated = jax.nn.silu(conv).astype(x.dtype)
-        y, exits, final = ssd_chunks_pallas(
-            activated, dt_t, cum_t, state.ssm, params.D.astype(jnp.float32), heads=cfg.nheads,
-            head_dim=cfg.headdim, groups=cfg.ngroups, state_size=cfg.d_state, matmul_dtype=x.dtype,
-            want_exits=per_chunk)
-        if mixer_pallas.norm_supported(x.shape[2], cfg.d_inner, cfg.ngroups):
-            normed = mixer_pallas.gated_norm_pallas(y, proj, params.norm, cfg.ngroups, cfg.norm_eps)
-            out = _linear(normed, params.out_proj, params.out_proj_bias)
-        else:
-            out = _gated_output(params, cfg, y, z, x.dtype)
+        out, exits, final, windows = _pallas_mixer(params, cfg, proj, state, valid, n_valid, dt, a,
+                                                   per_chunk)
     else:
         conv, windows = causal_conv_group(xbc, state.conv, params.conv_weight, params.conv_bias,
                                           n_valid)
