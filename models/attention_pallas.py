@@ -29,12 +29,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from .pallas_common import interpret
+
 Array = jax.Array
-
-
-def _interpret() -> bool:
-    """Pallas' interpreter unless the default backend is a GPU."""
-    return jax.default_backend() != "gpu"
 
 
 def _pow2_at_least(value: int, floor: int) -> int:
@@ -126,7 +123,7 @@ def attend_pallas(q: Array, k: Array, v: Array, positions: Array, layer: Array |
         in_specs=[pl.BlockSpec((1,), lambda b, h, i: (0,)),
                   pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
                   per_rows, pl.no_block_spec, pl.no_block_spec],
-        out_specs=per_rows, interpret=_interpret(),
+        out_specs=per_rows, interpret=interpret(),
         compiler_params=pltriton.CompilerParams(num_warps=8 if dim >= 128 else 4, num_stages=2),
         name="attend_blocked",
     )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), positions.astype(jnp.int32), q_heads, k, v)

@@ -43,16 +43,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from .pallas_common import interpret
+
 Array = jax.Array
 
 BLOCK_C = 64     # sub-chunk rows per piece: [64, 128] float32 tiles of W and K
 BLOCK_V = 16     # value columns per program: a [128, 16] float32 state slice in registers; 16 beat
                  # 32 on an H200 (TF32, B = 1, H = 16, Dk = Dv = 128: more programs in flight)
-
-
-def _interpret() -> bool:
-    """Pallas' interpreter unless the default backend is a GPU."""
-    return jax.default_backend() != "gpu"
 
 
 def _pow2_at_least_16(value: int) -> bool:
@@ -129,7 +126,7 @@ def delta_recurrence_pallas(u: Array, w: Array, k_to_end: Array, end_decay: Arra
         in_specs=[pl.no_block_spec, pl.no_block_spec, per_state,
                   pl.no_block_spec, pl.no_block_spec, pl.no_block_spec],
         out_specs=[per_state, pl.no_block_spec, pl.no_block_spec],
-        interpret=_interpret(),
+        interpret=interpret(),
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
         name="gdn_delta_recurrence",
     )(end_decay.reshape(steps, batch, heads).astype(f32),

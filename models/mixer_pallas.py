@@ -37,25 +37,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from .pallas_common import dot_precision, interpret, is_pow2
+
 Array = jax.Array
 
 ROWS = 16            # conv rows per block (the shift matrices are [ROWS, ROWS]; Triton dots need >= 16)
 CHANNELS = 64        # conv channels per program (at most; an H200 sweep: 21.7 us vs 23.4 for 128)
 NORM_ROWS = 1        # norm rows per program, and columns per piece (more pieces: two passes). On
 NORM_COLUMNS = 4096  # an H200 at mamba2-1.3b's E = 4096: 14 us vs 36 us for 8 rows x 512 columns
-
-
-def _interpret() -> bool:
-    return jax.default_backend() != "gpu"
-
-
-def _pow2(value: int) -> bool:
-    return value > 0 and value & (value - 1) == 0
-
-
-def _precision(dtype):
-    # A 0/1 shift matrix copies exactly only at full precision: TF32 would round float32 inputs.
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def _silu(x: Array) -> Array:
@@ -73,14 +62,14 @@ def _channel_block(first_channel: int, channels: int, most: int = CHANNELS) -> i
 
 def conv_supported(chunk: int, first_channel: int, channels: int, width: int) -> bool:
     """Whether `conv_silu_pallas` takes a chunk length, channel offset / count and conv width."""
-    return (_pow2(chunk) and chunk >= ROWS and _channel_block(first_channel, channels) > 0
+    return (is_pow2(chunk) and chunk >= ROWS and _channel_block(first_channel, channels) > 0
             and 2 <= width <= ROWS + 1)
 
 
 def norm_supported(rows: int, inner: int, groups: int) -> bool:
     """Whether `gated_norm_pallas` takes rows per chunk, E and G (power-of-two group widths)."""
     width = inner // groups if inner % groups == 0 else 0
-    return _pow2(width) and width >= 16 and rows % min(NORM_ROWS, rows) == 0 and _pow2(rows)
+    return is_pow2(width) and width >= 16 and rows % min(NORM_ROWS, rows) == 0 and is_pow2(rows)
 
 
 # ----------------------------------------------------------------------------- the conv
@@ -161,7 +150,7 @@ def conv_silu_pallas(proj: Array, first_channel: int, channels: int, entering: A
     if chunk % rows:
         raise ValueError(f"rows_per_program {rows_per_program} does not divide the chunk {chunk} in "
                          f"blocks of {ROWS}")
-    kernel = functools.partial(_conv_kernel, width=width, rows=rows, precision=_precision(proj.dtype))
+    kernel = functools.partial(_conv_kernel, width=width, rows=rows, precision=dot_precision(proj.dtype))
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((batch, chunks, chunk, channels), proj.dtype),
         grid=(batch * chunks, channels // block, chunk // rows),
@@ -173,7 +162,7 @@ def conv_silu_pallas(proj: Array, first_channel: int, channels: int, entering: A
                   pl.BlockSpec((block,), lambda bq, j, r: (j,))],
         out_specs=pl.BlockSpec((None, None, chunk, block),
                                lambda bq, j, r: (bq // chunks, bq % chunks, 0, j)),
-        interpret=_interpret(),
+        interpret=interpret(),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         name="mamba2_conv_silu",
     )(proj, window, weight, bias)
@@ -247,7 +236,7 @@ def gated_norm_pallas(y: Array, proj: Array, weight: Array, groups: int, eps: fl
                   pl.BlockSpec((None, None, rows, width), index),
                   pl.BlockSpec((width,), lambda i, g: (g,))],
         out_specs=pl.BlockSpec((None, None, rows, width), index),
-        interpret=_interpret(),
+        interpret=interpret(),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
         name="mamba2_gated_norm",
     )(y, proj, weight)
@@ -273,7 +262,7 @@ TIME_HEADS = 4       # heads per time-step program: 128 programs per mamba2-1.3b
 def time_steps_supported(first_channel: int, heads: int) -> bool:
     """Whether `time_steps_pallas` takes dt at this channel offset with this many heads."""
     block = min(TIME_HEADS, heads)
-    return _pow2(block) and heads % block == 0 and first_channel % block == 0
+    return is_pow2(block) and heads % block == 0 and first_channel % block == 0
 
 
 def time_steps_pallas(proj: Array, first_channel: int, dt_bias: Array, a_log: Array, valid: Array,
@@ -307,7 +296,7 @@ def time_steps_pallas(proj: Array, first_channel: int, dt_bias: Array, a_log: Ar
                   pl.BlockSpec((block,), lambda bq, j: (j,)),
                   pl.BlockSpec((block,), lambda bq, j: (j,)),
                   pl.BlockSpec((None, None, chunk), lambda bq, j: (bq // chunks, bq % chunks, 0))],
-        out_specs=(head_major, head_major), interpret=_interpret(),
+        out_specs=(head_major, head_major), interpret=interpret(),
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
         name="mamba2_time_steps",
     )(proj, dt_bias.astype(jnp.float32), a_log.astype(jnp.float32), valid.astype(jnp.int32))

@@ -33,25 +33,17 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from .pallas_common import dot_precision, interpret, is_pow2
 from .ssd import matmul_fn
 
 
 Array = jax.Array
 
 
-def _interpret() -> bool:
-    """Pallas' interpreter unless the default backend is a GPU."""
-    return jax.default_backend() != "gpu"
-
-
-def _pow2(value: int) -> bool:
-    return value > 0 and value & (value - 1) == 0
-
-
 def supported(chunks: int, length: int, heads: int, head_dim: int, groups: int, state_size: int,
               d_inner: int) -> bool:
     """Whether the kernels take these shapes (power-of-two blocks, B and C on N-aligned channels)."""
-    return (all(_pow2(v) for v in (chunks, length, head_dim, state_size))
+    return (all(is_pow2(v) for v in (chunks, length, head_dim, state_size))
             and heads % groups == 0 and d_inner % state_size == 0 and length >= 16
             and head_dim >= 16 and state_size >= 16)
 
@@ -61,10 +53,6 @@ def _dot(a: Array, b: Array, precision, trans_b: bool = False) -> Array:
     contract = 1 if trans_b else 0
     return jax.lax.dot_general(a, b, (((1,), (contract,)), ((), ())), precision=precision,
                                preferred_element_type=jnp.float32)
-
-
-def _precision(dtype):
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 # ----------------------------------------------------------------------------- the chain
@@ -113,7 +101,7 @@ def pass_states_pallas(state: Array, cum_t: Array, contrib: Array, entering_dtyp
         out_shape=out_shape, grid=(batch, heads, flat // block),
         in_specs=[pl.BlockSpec((None, chunks, None, length), lambda b, h, i: (b, 0, h, 0)),
                   per_state, per_chunk],
-        out_specs=out_specs, interpret=_interpret(),
+        out_specs=out_specs, interpret=interpret(),
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
         name="ssd_pass_states",
     )(cum_t, state.reshape(batch, heads, flat), contrib.reshape(batch, chunks, heads, flat))
@@ -155,7 +143,7 @@ def state_contributions_pallas(xbc: Array, cum_t: Array, dt_t: Array, *, heads: 
     per_group = heads // groups
     b_first = heads * head_dim // state_size
     kernel = functools.partial(_contrib_kernel, length=length, matmul_dtype=jnp.dtype(matmul_dtype),
-                               precision=_precision(matmul_dtype))
+                               precision=dot_precision(matmul_dtype))
     head_row = pl.BlockSpec((None, None, None, length), lambda bq, h: (bq // chunks, bq % chunks, h, 0))
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((batch, chunks, heads, head_dim, state_size), jnp.float32),
@@ -167,7 +155,7 @@ def state_contributions_pallas(xbc: Array, cum_t: Array, dt_t: Array, *, heads: 
                   head_row, head_row],
         out_specs=pl.BlockSpec((None, None, None, head_dim, state_size),
                                lambda bq, h: (bq // chunks, bq % chunks, h, 0, 0)),
-        interpret=_interpret(),
+        interpret=interpret(),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="ssd_state_contributions",
     )(xbc, xbc, cum_t, dt_t)
@@ -230,7 +218,7 @@ def chunk_scan_pallas(xbc: Array, cum_t: Array, dt_t: Array, entering: Array, d_
     block = min(block, length)
     inner, per_group = heads * head_dim, heads // groups
     b_first, c_first = inner // state_size, inner // state_size + groups
-    precision = _precision(out_dtype)
+    precision = dot_precision(out_dtype)
 
     def chunk_of(bq):
         return bq // chunks, bq % chunks
@@ -272,7 +260,7 @@ def chunk_scan_pallas(xbc: Array, cum_t: Array, dt_t: Array, entering: Array, d_
                   pl.BlockSpec((1,), lambda bq, h, i: (h,))],
         out_specs=pl.BlockSpec((None, None, block, head_dim),
                                lambda bq, h, i: chunk_of(bq) + (i, h)),
-        interpret=_interpret(),
+        interpret=interpret(),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         name="ssd_chunk_scan",
     )(xbc, second, xbc, cum_t, dt_t, entering, d_skip.astype(jnp.float32))
