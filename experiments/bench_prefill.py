@@ -71,7 +71,7 @@ def non_embedding_params(params) -> int:
     return total
 
 
-def _model(preset: str, dtype, chunking: tuple[int | None, int | None] = (None, None),
+def preset_model(preset: str, dtype, chunking: tuple[int | None, int | None] = (None, None),
            backend: str | None = None):
     """(model, params) of `preset`, re-chunked to (C, G) where given and the model supports it, and
     with its `backend` replaced where given: the SSD backend of a Mamba2 preset, or for a hybrid
@@ -109,7 +109,7 @@ def _chunking_of(model) -> dict:
 def check_resume(preset: str, length: int, dtype, chunking=(None, None), backend=None) -> dict:
     """Bitwise check on this device: prefill(all) vs prefill(prefix) + prefill(rest, from its state),
     split at a multiple of C that is not a multiple of G C (every chunk changes its group slot)."""
-    model, params = _model(preset, dtype, chunking, backend)
+    model, params = preset_model(preset, dtype, chunking, backend)
     split, worst = resume_difference(model, params, length)
     return {"preset": preset, "length": length, "split": split, **_chunking_of(model),
             "backend": _backend_of(model), "bitwise": worst == 0.0, "max_abs_diff": worst}
@@ -123,7 +123,7 @@ def breakdown(preset: str, length: int, repeats: int, dtype, chunking=(None, Non
     per-step overhead of the layer loop. Hybrid presets: `hybrid_breakdown` (`backend` must be None).
     """
     from sparse_prefix.models.mamba2 import mamba2_group_step, mamba2_mixer_group
-    model, params = _model(preset, dtype, chunking, backend)
+    model, params = preset_model(preset, dtype, chunking, backend)
     if getattr(model, "family", None) == "hybrid":
         return hybrid_breakdown(model, params, preset, length, repeats)
     cfg = model.config
@@ -219,7 +219,7 @@ def bench_ours(preset: str, length: int, emit: int, repeats: int, dtype,
                chunking: tuple[int | None, int | None] = (None, None), backend=None) -> dict:
     """Time `model.prefill` of `length` tokens with `emit` evenly spaced on-grid checkpoints,
     with the preset re-chunked to `chunking` = (C, G) where given (None keeps the preset's)."""
-    model, params = _model(preset, dtype, chunking, backend)
+    model, params = preset_model(preset, dtype, chunking, backend)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model.vocab_size, size=(1, length), dtype=np.int32)
     if emit:

@@ -201,9 +201,9 @@ def main(argv=None) -> int:
                              "to FILE (gzipped when it ends in .gz): fusions, layouts, loops")
     args = parser.parse_args(argv)
 
-    from sparse_prefix.experiments.bench_prefill import _model
-    model, params = _model(args.preset, jnp.dtype(args.dtype),
-                           (args.chunk_size or None, args.chunks_per_step or None), args.backend)
+    from sparse_prefix.experiments.bench_prefill import preset_model
+    model, params = preset_model(args.preset, jnp.dtype(args.dtype),
+                                  (args.chunk_size or None, args.chunks_per_step or None), args.backend)
     for emit in [int(x) for x in args.emit.split(",") if x]:
         trace_dir = os.path.join(args.trace_dir, f"emit{emit}") if args.trace_dir else None
         profile(model, params, args.length, emit, args.calls, args.top, trace_dir)
