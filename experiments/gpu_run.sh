@@ -3,8 +3,10 @@
 # its own `timeout`; full logs go to $OUT (when set). Run from the repository root on the device machine:
 #   bash experiments/gpu_run.sh probe      # breakdown + per-kernel profile + command-buffer A/B
 #   bash experiments/gpu_run.sh solver     # placement solver: HLO loop/kernel counts, then timings
-#   bash experiments/gpu_run.sh hybrid     # qwen3.5 prefill table, emission, bitwise resume, resume speed
+#   bash experiments/gpu_run.sh hybrid     # qwen3.5 prefill table, emission, bitwise resume
+#   bash experiments/gpu_run.sh resume     # resume through the Engine at 50/90/98% overlap (qwen3.5-0.8b)
 #   bash experiments/gpu_run.sh mamba      # Mamba2 table of record with the peer, emission, bitwise resume
+#   bash experiments/gpu_run.sh kernels    # block-size sweep of the Mamba2 mixer's Pallas kernels
 #   bash experiments/gpu_run.sh replays PRESET SECONDS  # timed replays of both data sets (traces/*.xz)
 # The machine's own jax / flax are used; only the peer's wheel (carried in wheels/) is installed.
 set -uo pipefail
@@ -60,8 +62,15 @@ case "$phase" in
   hybrid)
     TAIL=40 step hybrid 330 $BENCH --presets qwen3.5-0.8b-group,qwen3.5-0.8b --lengths 2048,8192,16384 \
       --emit 1,8,32 --repeats 5 --check-resume ${BACKENDS:+--backend $BACKENDS} --out "$OUT/hybrid.json"
-    TAIL=40 step resume 200 python3 -m sparse_prefix.experiments.bench_resume \
-      --presets qwen3.5-0.8b-group,qwen3.5-0.8b --length 8192 --repeats 10 --out "$OUT/resume.json"
+    ;;
+  resume)
+    # ~395 s on a fresh machine (every program of the static step loop compiles): a call of its own
+    TAIL=40 step resume 450 python3 -m sparse_prefix.experiments.bench_resume \
+      --presets qwen3.5-0.8b --length 8192 --overlaps 0.5,0.9,0.98 --repeats 6 --out "$OUT/resume.json"
+    ;;
+  kernels)
+    TAIL=40 step kernels 240 python3 -m sparse_prefix.experiments.bench_kernels --preset mamba2-1.3b \
+      --repeats 20
     ;;
   mamba)
     TAIL=40 step mamba 420 $BENCH --presets mamba2-130m,mamba2-1.3b --lengths 2048,8192,16384 \
