@@ -258,8 +258,8 @@ def _use_pallas(cfg: Mamba2MixerConfig, chunks: int, length: int, dtype) -> bool
 
 
 def _pallas_mixer(params: MixerParams, cfg: Mamba2MixerConfig, proj: Array, state: RecurrentState,
-                  valid: Array, n_valid: Array, dt: Array, a: Array, want_exits: bool
-                  ) -> tuple[Array, Array | None, Array, Array]:
+                  valid: Array, n_valid: Array, dt: Array, a: Array, want_exits: bool,
+                  emit_ssm=None) -> tuple[Array, Array | None, Array, Array, Array | None]:
     """The mixer after in_proj on the GPU kernels (`mixer_pallas`, `ssd_pallas`); each stage falls
     back to XLA where its kernel does not take the shapes (dt / a: XLA's time steps for that case).
 
@@ -267,10 +267,13 @@ def _pallas_mixer(params: MixerParams, cfg: Mamba2MixerConfig, proj: Array, stat
       proj: [B, Q, C, Dp] the in_proj output in the compute dtype. state: the layer's state.
       valid: bool[B, Q, C]. n_valid: int32[B, Q]. dt: float32[B, Q, C, H]. a: float32[H].
       want_exits: also return the SSM state after every chunk.
+      emit_ssm: None, or (buffers float32[B, K, H, P, N], slot int32[B, Q]) for the chain kernel to
+        write each emitting chunk's exit into its slot in place (K a power of two).
 
     Returns:
       (y [B, Q, C, d] after out_proj, exits float32[B, Q, H, P, N] or None, final SSM state
-      float32[B, H, P, N], conv windows [B, Q, W-1, Dc] after each chunk).
+      float32[B, H, P, N], conv windows [B, Q, W-1, Dc] after each chunk, the emitted SSM buffers
+      with this call's states written (None without `emit_ssm`)).
     """
     from . import mixer_pallas
     from .ssd_pallas import ssd_chunks_pallas, time_steps
@@ -290,16 +293,16 @@ def _pallas_mixer(params: MixerParams, cfg: Mamba2MixerConfig, proj: Array, stat
         conv, windows = causal_conv_group(xbc, state.conv, params.conv_weight, params.conv_bias,
                                           n_valid)
         activated = jax.nn.silu(conv).astype(proj.dtype)
-    y, exits, final = ssd_chunks_pallas(
+    y, exits, final, emitted = ssd_chunks_pallas(
         activated, dt_t, cum_t, state.ssm, params.D.astype(jnp.float32), heads=cfg.nheads,
         head_dim=cfg.headdim, groups=cfg.ngroups, state_size=cfg.d_state, matmul_dtype=proj.dtype,
-        want_exits=want_exits)
+        want_exits=want_exits, emit=emit_ssm)
     if mixer_pallas.norm_supported(chunk, cfg.d_inner, cfg.ngroups):
         normed = mixer_pallas.gated_norm_pallas(y, proj, params.norm, cfg.ngroups, cfg.norm_eps)
         out = _linear(normed, params.out_proj, params.out_proj_bias)
     else:
         out = _gated_output(params, cfg, y, z, proj.dtype)
-    return out, exits, final, windows
+    return out, exits, final, windows, emitted
 
 
 def mamba2_mixer_group(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, state: RecurrentState,
@@ -334,9 +337,15 @@ def mamba2_mixer_group(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, st
     a = -jnp.exp(params.A_log.astype(jnp.float32))
     per_chunk = want_boundaries or emit is not None
     if _use_pallas(cfg, x.shape[1], x.shape[2], x.dtype):
-        out, exits, final, windows = _pallas_mixer(params, cfg, proj, state, valid, n_valid, dt, a,
-                                                   per_chunk)
+        # Emission straight from the chain kernel (no exits materialised, no scatter of them)
+        # when the slot count is a power of two, as the models' checkpoint buckets are by default.
+        slots = 0 if emit is None else emit[0].ssm.shape[1]
+        in_kernel = slots > 0 and slots & (slots - 1) == 0
+        out, exits, final, windows, emitted_ssm = _pallas_mixer(
+            params, cfg, proj, state, valid, n_valid, dt, a, per_chunk and not in_kernel,
+            (emit[0].ssm, emit[1]) if in_kernel else None)
     else:
+        emitted_ssm = None
         conv, windows = causal_conv_group(xbc, state.conv, params.conv_weight, params.conv_bias,
                                           n_valid)
         xs, b, c = _split_conv(cfg, jax.nn.silu(conv).astype(x.dtype))
@@ -352,7 +361,10 @@ def mamba2_mixer_group(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, st
         third = RecurrentState(ssm=exits, conv=windows)
     elif emit is not None:
         buffers, slot = emit
-        third = write_emitted(buffers, RecurrentState(ssm=exits, conv=windows), slot)
+        if emitted_ssm is not None:     # the chain kernel wrote the states; the windows here
+            third = RecurrentState(ssm=emitted_ssm, conv=write_emitted(buffers.conv, windows, slot))
+        else:
+            third = write_emitted(buffers, RecurrentState(ssm=exits, conv=windows), slot)
     return out, final, third
 
 

@@ -58,20 +58,32 @@ def _dot(a: Array, b: Array, precision, trans_b: bool = False) -> Array:
 # ----------------------------------------------------------------------------- the chain
 
 
-def _chain_kernel(cum_ref, state_ref, contrib_ref, *out_refs, chunks: int, length: int,
-                  want_exits: bool):
-    entering_ref, final_ref = out_refs[0], out_refs[-1]
+def _chain_kernel(*refs, chunks: int, length: int, want_exits: bool, emit_slots: int):
+    cum_ref, state_ref, contrib_ref = refs[:3]
+    slot_ref = refs[3] if emit_slots else None
+    outs = refs[5:] if emit_slots else refs[3:]     # (the buffer input, aliased, is refs[4])
+    entering_ref, final_ref = outs[0], outs[-1]
+    exits_ref = outs[1] if want_exits else None
+    emitted_ref = outs[-2] if emit_slots else None
     current = state_ref[...]
     for q in range(chunks):
         entering_ref[q, :] = current.astype(entering_ref.dtype)
         current = jnp.exp(cum_ref[q, length - 1]) * current + contrib_ref[q, :]
         if want_exits:
-            out_refs[1][q, :] = current
+            exits_ref[q, :] = current
+        if emit_slots:
+            slot = slot_ref[q]
+            exit_state = current
+
+            @pl.when(slot < emit_slots)
+            def _write():
+                emitted_ref[slot, :] = exit_state
     final_ref[...] = current
 
 
 def pass_states_pallas(state: Array, cum_t: Array, contrib: Array, entering_dtype,
-                       want_exits: bool, block: int = 1024) -> tuple[Array, Array | None, Array]:
+                       want_exits: bool, block: int = 1024, emit: tuple[Array, Array] | None = None
+                       ) -> tuple[Array, Array | None, Array, Array | None]:
     """`ssd.pass_states` as one kernel, each chunk's decay exp(cum_last) taken in the kernel.
 
     Args:
@@ -79,9 +91,13 @@ def pass_states_pallas(state: Array, cum_t: Array, contrib: Array, entering_dtyp
         (head-major, as the other kernels read it). contrib: float32[B, Q, H, P, N].
       entering_dtype: dtype of the entering states. want_exits: also return every chunk's exit.
       block: state elements per program (a power of two; clipped to P N).
+      emit: None, or (buffer float32[B, K, H, P, N], slot int32[B, Q]): write the state after
+        chunk q into buffer[b, slot[b, q]] where slot < K (K a power of two), in place -- the
+        checkpoint emission of `chunking.write_emitted` without materialising every exit.
 
     Returns:
-      (entering [B, Q, H, P, N], exits float32[B, Q, H, P, N] or None, final float32[B, H, P, N]).
+      (entering [B, Q, H, P, N], exits float32[B, Q, H, P, N] or None, final float32[B, H, P, N],
+      the emission buffer with the emitted states written in, or None).
     """
     batch, chunks, heads, head_dim, size = contrib.shape
     length = cum_t.shape[-1]
@@ -94,20 +110,36 @@ def pass_states_pallas(state: Array, cum_t: Array, contrib: Array, entering_dtyp
     if want_exits:
         out_shape.append(jax.ShapeDtypeStruct((batch, chunks, heads, flat), jnp.float32))
         out_specs.append(per_chunk)
+    inputs = [cum_t, state.reshape(batch, heads, flat), contrib.reshape(batch, chunks, heads, flat)]
+    in_specs = [pl.BlockSpec((None, chunks, None, length), lambda b, h, i: (b, 0, h, 0)),
+                per_state, per_chunk]
+    slots, aliases = 0, {}
+    if emit is not None:
+        buffer, slot = emit
+        slots = buffer.shape[1]
+        if slots & (slots - 1):
+            raise ValueError(f"in-kernel emission needs a power-of-two slot count, got {slots}")
+        per_slot = pl.BlockSpec((None, slots, None, block), lambda b, h, i: (b, 0, h, i))
+        inputs += [slot.astype(jnp.int32), buffer.astype(jnp.float32).reshape(batch, slots, heads, flat)]
+        in_specs += [pl.BlockSpec((None, chunks), lambda b, h, i: (b, 0)), per_slot]
+        aliases = {4: len(out_shape)}
+        out_shape.append(jax.ShapeDtypeStruct((batch, slots, heads, flat), jnp.float32))
+        out_specs.append(per_slot)
     out_shape.append(jax.ShapeDtypeStruct((batch, heads, flat), jnp.float32))
     out_specs.append(per_state)
     outs = pl.pallas_call(
-        functools.partial(_chain_kernel, chunks=chunks, length=length, want_exits=want_exits),
+        functools.partial(_chain_kernel, chunks=chunks, length=length, want_exits=want_exits,
+                          emit_slots=slots),
         out_shape=out_shape, grid=(batch, heads, flat // block),
-        in_specs=[pl.BlockSpec((None, chunks, None, length), lambda b, h, i: (b, 0, h, 0)),
-                  per_state, per_chunk],
-        out_specs=out_specs, interpret=interpret(),
+        in_specs=in_specs, out_specs=out_specs, input_output_aliases=aliases,
+        interpret=interpret(),
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
         name="ssd_pass_states",
-    )(cum_t, state.reshape(batch, heads, flat), contrib.reshape(batch, chunks, heads, flat))
+    )(*inputs)
     shape = (batch, chunks, heads, head_dim, size)
     exits = outs[1].reshape(shape) if want_exits else None
-    return outs[0].reshape(shape), exits, outs[-1].reshape(state.shape)
+    emitted = outs[-2].reshape(emit[0].shape) if emit is not None else None
+    return outs[0].reshape(shape), exits, outs[-1].reshape(state.shape), emitted
 
 
 # ----------------------------------------------------------------------------- the contributions
@@ -268,7 +300,8 @@ def chunk_scan_pallas(xbc: Array, cum_t: Array, dt_t: Array, entering: Array, d_
 
 def ssd_chunks_pallas(xbc: Array, dt_t: Array, cum_t: Array, state: Array, d_skip: Array, *,
                       heads: int, head_dim: int, groups: int, state_size: int, matmul_dtype,
-                      want_exits: bool) -> tuple[Array, Array | None, Array]:
+                      want_exits: bool, emit: tuple[Array, Array] | None = None
+                      ) -> tuple[Array, Array | None, Array, Array | None]:
     """Q chunks of SSD with the kernels: the GPU counterpart of `ssd.ssd_chunks` plus the D skip.
 
     Three kernels: the chunk contributions, the chain and the chunk outputs (above). Every kernel
@@ -280,19 +313,22 @@ def ssd_chunks_pallas(xbc: Array, dt_t: Array, cum_t: Array, state: Array, d_ski
         each chunk. state: float32[B, H, P, N]. d_skip: float32[H].
       heads, head_dim, groups, state_size: H, P, G, N. matmul_dtype: operand dtype (and y's).
       want_exits: return every chunk's exit state.
+      emit: None, or (buffer float32[B, K, H, P, N], slot int32[B, Q]) for the chain kernel to
+        write the emitted exit states into (`pass_states_pallas`).
 
     Returns:
       (y [B, Q, L, H P] in matmul_dtype with the D skip, exits float32[B, Q, H, P, N] or None,
-      final float32[B, H, P, N]).
+      final float32[B, H, P, N], the emission buffer or None).
     """
     contrib = state_contributions_pallas(xbc, cum_t, dt_t, heads=heads, head_dim=head_dim,
                                          groups=groups, state_size=state_size,
                                          matmul_dtype=matmul_dtype)
-    entering, exits, final = pass_states_pallas(state, cum_t, contrib, matmul_dtype, want_exits)
+    entering, exits, final, emitted = pass_states_pallas(state, cum_t, contrib, matmul_dtype,
+                                                         want_exits, emit=emit)
     y = chunk_scan_pallas(xbc, cum_t, dt_t, entering, d_skip, heads=heads, head_dim=head_dim,
                           groups=groups, state_size=state_size, out_dtype=matmul_dtype,
                           num_stages=3)
-    return y, exits, final
+    return y, exits, final, emitted
 
 
 def time_steps(dt: Array, a: Array) -> tuple[Array, Array]:

@@ -97,3 +97,21 @@ def test_chunk_scan_with_shared_scores_matches_per_head_scores():
     want = chunk_scan_pallas(xbc, cum_t, dt_t, entering, d_skip, **common)
     got = chunk_scan_pallas(xbc, cum_t, dt_t, entering, d_skip, shared_scores=True, **common)
     assert _rel(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("slots", [4, 3])   # in the chain kernel (power of two) / exits + scatter
+def test_pallas_emission_writes_the_chunked_backends_states_and_keeps_other_slots(mixer, slots):
+    cfg, params, state, x = mixer
+    pallas = dataclasses.replace(cfg, backend="pallas")
+    valid = np.arange(C)[None, None] < np.array([[16, 5], [0, 16]])[..., None]
+    rng = np.random.default_rng(4)
+    buffers = RecurrentState(*(rng.standard_normal((B, slots) + leaf.shape[1:]).astype(np.float32)
+                               for leaf in state))
+    slot = np.array([[2, slots], [slots, 0]], np.int32)          # slot K: not emitted
+    _, _, got = group_mixer(params, pallas, x[:, :Q], state, valid, False, emit=(buffers, slot))
+    _, _, want = group_mixer(params, cfg, x[:, :Q], state, valid, False, emit=(buffers, slot))
+    for got_leaf, want_leaf, before in zip(got, want, buffers):
+        assert _rel(got_leaf, want_leaf) < 1e-5
+        written = np.zeros(got_leaf.shape[:2], bool)
+        written[0, 2] = written[1, 0] = True
+        np.testing.assert_array_equal(np.asarray(got_leaf)[~written], before[~written])
