@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     from sparse_prefix.models import create
 
     model, params = create(args.preset, dtype=args.dtype)
+    prepare = getattr(model, "prepare_params", None)    # the Engine's serving layout
+    params = prepare(params) if callable(prepare) else params
     r = resume_position(args.length, args.overlap, model.chunk_size)
     rng = np.random.default_rng(0)
     prefix = rng.integers(0, model.vocab_size, r, dtype=np.int32)

@@ -75,29 +75,36 @@ def preset_model(preset: str, dtype, chunking: tuple[int | None, int | None] = (
            backend: str | None = None):
     """(model, params) of `preset`, re-chunked to (C, G) where given and the model supports it, and
     with its `backend` replaced where given: the SSD backend of a Mamba2 preset, or for a hybrid
-    preset its layer loop ("scan": `scan_layers=True`, "unroll": False)."""
+    preset its parameter layout and layer loop ("per-layer": `prepare_params`, the serving layout
+    and the default; "scan" / "unroll": the stacked params with `scan_layers` True / False)."""
     from sparse_prefix.models import create
     model, params = create(preset, dtype=dtype)
     if any(value is not None for value in chunking) and hasattr(model, "with_chunking"):
         model = model.with_chunking(*chunking)
-    if backend:
-        if getattr(model, "family", None) == "hybrid":
-            if backend not in ("scan", "unroll"):
-                raise ValueError(f"--backend for the hybrid {preset} is scan or unroll, got {backend!r}")
-            model = type(model)(dataclasses.replace(model.config, scan_layers=backend == "scan"),
-                                backend=model.backend, min_checkpoint_slots=model.min_checkpoint_slots)
-        else:
-            model = type(model)(model.config.replace(backend=backend))
+    hybrid = getattr(model, "family", None) == "hybrid"
+    if backend and hybrid:
+        if backend not in ("scan", "unroll", "per-layer"):
+            raise ValueError(f"--backend for the hybrid {preset} is scan, unroll (stacked params) "
+                             f"or per-layer (prepare_params, the default), got {backend!r}")
+        if backend != "per-layer":      # the stacked layout, as loaded (no prepare_params)
+            return type(model)(dataclasses.replace(model.config, scan_layers=backend == "scan"),
+                               backend=model.backend,
+                               min_checkpoint_slots=model.min_checkpoint_slots), params
+    elif backend:
+        model = type(model)(model.config.replace(backend=backend))
     prepare = getattr(model, "prepare_params", None)   # the serving layout, as the Engine uses
     return model, (prepare(params) if callable(prepare) else params)
 
 
-def _backend_of(model) -> str:
-    """The Mamba2 SSD backend of a Mamba2 model; a hybrid's layer loop (scan / unroll)."""
+def _backend_of(model, params=None) -> str:
+    """The Mamba2 SSD backend of a Mamba2 model; a hybrid's layout and layer loop (per-layer /
+    scan / unroll)."""
     mixer = getattr(model.config, "mixer", None)
     if mixer is not None:
         return mixer.backend
     scan = getattr(model.config, "scan_layers", None)
+    if isinstance(params, dict) and "per_layer" in params:
+        return "per-layer"
     return "-" if scan is None else ("scan" if scan else "unroll")
 
 
@@ -112,7 +119,7 @@ def check_resume(preset: str, length: int, dtype, chunking=(None, None), backend
     model, params = preset_model(preset, dtype, chunking, backend)
     split, worst = resume_difference(model, params, length)
     return {"preset": preset, "length": length, "split": split, **_chunking_of(model),
-            "backend": _backend_of(model), "bitwise": worst == 0.0, "max_abs_diff": worst}
+            "backend": _backend_of(model, params), "bitwise": worst == 0.0, "max_abs_diff": worst}
 
 
 def breakdown(preset: str, length: int, repeats: int, dtype, chunking=(None, None),
@@ -239,7 +246,7 @@ def bench_ours(preset: str, length: int, emit: int, repeats: int, dtype,
 
     times = timed(call, repeats, warmup)
     init_times = timed(lambda: jax.block_until_ready(model.init_state(1)), repeats)
-    backend = _backend_of(model)
+    backend = _backend_of(model, params)
     return {"impl": "sparse-prefix" + (f" {backend}" if backend != "-" else ""), "preset": preset,
             "length": length,
             "checkpoints": len(checkpoints),

@@ -177,6 +177,8 @@ def bench_preset(preset: str, length: int, overlaps: list[float], repeats: int, 
         params = model.init_params(jax.random.PRNGKey(seed))
     else:
         model, params = create(preset, dtype=dtype)
+    prepare = getattr(model, "prepare_params", None)    # the Engine's serving layout, for every call
+    params = prepare(params) if callable(prepare) else params
     chunk = int(model.chunk_size)
     if not chunk <= length <= model.max_length:
         raise ValueError(f"--length must lie in {chunk}..{model.max_length} for {preset}, got {length}")

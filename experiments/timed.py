@@ -365,6 +365,8 @@ def run_replay(plan: ReplayPlan, *, model: Any, params: Any, budget_s: float | N
     def snapshot() -> TimedReplay:
         return TimedReplay(tuple(timings), tuple(skipped), len(order), n_warm, slots, mean_length)
 
+    prepare = getattr(model, "prepare_params", None)     # once: every policy's Engine shares it
+    params = prepare(params) if callable(prepare) else params
     for policy in plan.policies:
         now = time.perf_counter()
         if deadline is not None and now + last_duration > deadline:

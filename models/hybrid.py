@@ -266,6 +266,15 @@ class HybridLM:
         """Random parameters (jitted): embed [V, d], layers, final_norm [d], lm_head [d, V] if untied."""
         return self._programs.init_params(key)
 
+    def prepare_params(self, params: dict) -> dict:
+        """The serving layout of `params` (`HybridStack.per_layer_params`): every layer's weights
+        as their own arrays under ``params["per_layer"]``, so no prefill step copies a layer's
+        weights out of the stacked unit (the layers run unrolled: longer compiles, ~7% faster
+        prefill of qwen3.5-0.8b on an H200). Every method takes either layout with the same
+        numbers; the Engine prepares its params. A copy: drop the stacked params afterwards to
+        keep one set of weights in memory."""
+        return self.stack.per_layer_params(params)
+
     def init_state(self, batch: int) -> State:
         """Zero state for `batch` rows: recurrent states, KV buffers [B, S, Hkv, D], length 0 (one
         jitted dispatch)."""
