@@ -71,12 +71,15 @@ def non_embedding_params(params) -> int:
     return total
 
 
+COMMAND_BUFFERS: str | None = None   # --command-buffers: the Mamba2 models' setting (None: default)
+
+
 def preset_model(preset: str, dtype, chunking: tuple[int | None, int | None] = (None, None),
            backend: str | None = None):
     """(model, params) of `preset`, re-chunked to (C, G) where given and the model supports it, and
     with its `backend` replaced where given: the SSD backend of a Mamba2 preset, or for a hybrid
-    preset its parameter layout and layer loop ("per-layer": `prepare_params`, the serving layout
-    and the default; "scan" / "unroll": the stacked params with `scan_layers` True / False)."""
+    preset its parameter layout and layer loop ("per-layer": `HybridLM.per_layer_params`; "scan" /
+    "unroll": the stacked params with `scan_layers` True / False; default: the preset's, stacked)."""
     from sparse_prefix.models import create
     model, params = create(preset, dtype=dtype)
     if any(value is not None for value in chunking) and hasattr(model, "with_chunking"):
@@ -85,13 +88,15 @@ def preset_model(preset: str, dtype, chunking: tuple[int | None, int | None] = (
     if backend and hybrid:
         if backend not in ("scan", "unroll", "per-layer"):
             raise ValueError(f"--backend for the hybrid {preset} is scan, unroll (stacked params) "
-                             f"or per-layer (prepare_params, the default), got {backend!r}")
-        if backend != "per-layer":      # the stacked layout, as loaded (no prepare_params)
-            return type(model)(dataclasses.replace(model.config, scan_layers=backend == "scan"),
-                               backend=model.backend,
-                               min_checkpoint_slots=model.min_checkpoint_slots), params
+                             f"or per-layer (per_layer_params), got {backend!r}")
+        if backend == "per-layer":
+            return model, model.per_layer_params(params)
+        return type(model)(dataclasses.replace(model.config, scan_layers=backend == "scan"),
+                           backend=model.backend, min_checkpoint_slots=model.min_checkpoint_slots), params
     elif backend:
         model = type(model)(model.config.replace(backend=backend))
+    if COMMAND_BUFFERS and getattr(model, "family", None) == "mamba2":
+        model = type(model)(model.config, command_buffers=COMMAND_BUFFERS)
     prepare = getattr(model, "prepare_params", None)   # the serving layout, as the Engine uses
     return model, (prepare(params) if callable(prepare) else params)
 
@@ -222,6 +227,18 @@ def hybrid_breakdown(model, params, preset: str, length: int, repeats: int) -> d
     return out
 
 
+def emission_positions(length: int, count: int, grid: int) -> np.ndarray:
+    """`count` checkpoint positions for an emission row: on the grid, evenly spaced, the last at
+    `length` (as the Engine emits: its planned positions and the request's end), distinct (fewer when
+    the grid has fewer than `count` positions in (0, length]). 32 at L = 8192, C = 256: every chunk
+    boundary. int64[<= count]."""
+    if count <= 0:
+        return np.zeros((0,), np.int64)
+    ends = np.linspace(length / count, length, count) // grid * grid
+    positions = np.unique(ends.astype(np.int64))
+    return positions[positions > 0][:count]
+
+
 def bench_ours(preset: str, length: int, emit: int, repeats: int, dtype,
                chunking: tuple[int | None, int | None] = (None, None), backend=None) -> dict:
     """Time `model.prefill` of `length` tokens with `emit` evenly spaced on-grid checkpoints,
@@ -229,12 +246,7 @@ def bench_ours(preset: str, length: int, emit: int, repeats: int, dtype,
     model, params = preset_model(preset, dtype, chunking, backend)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model.vocab_size, size=(1, length), dtype=np.int32)
-    if emit:
-        grid = model.chunk_size
-        positions = np.unique(np.linspace(0, length, emit + 2)[1:-1].astype(np.int64) // grid * grid)
-        positions = positions[positions > 0][:emit]
-    else:
-        positions = np.zeros((0,), np.int64)
+    positions = emission_positions(length, emit, model.chunk_size)
     checkpoints = positions.astype(np.int32)
     warmup = 2
     states = [model.init_state(1) for _ in range(repeats + warmup)]  # made (and ready) beforehand
@@ -297,6 +309,8 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk-size", default="", help="comma list of C to sweep (empty: preset's)")
     parser.add_argument("--chunks-per-step", default="",
                         help="comma list of G to sweep (empty: preset's)")
+    parser.add_argument("--command-buffers", default="", choices=["", "on", "off", "auto"],
+                        help="Mamba2LM(command_buffers=...) for the Mamba2 presets (default: the model's)")
     parser.add_argument("--backend", default="", help="Mamba2 SSD backends to compare, comma list of "
                         "chunked / pallas / sequential (Mamba2) or scan / unroll (hybrid layer loop); empty: "
                         "the preset's")
@@ -310,6 +324,8 @@ def main(argv=None) -> int:
     groups = [int(x) for x in args.chunks_per_step.split(",") if x] or [None]
     chunkings = [(size, group) for size in sizes for group in groups]
     backends = [x for x in args.backend.split(",") if x] or [None]
+    global COMMAND_BUFFERS
+    COMMAND_BUFFERS = args.command_buffers or None
 
     dtype = jnp.dtype(args.dtype)
     device = jax.devices()[0]

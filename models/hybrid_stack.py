@@ -3,9 +3,9 @@
 A pattern such as "GGGA" * 6 is a unit ("GGGA") repeated R (6) times. Parameters are stored stacked:
 ``params["layers"]`` is a tuple with one dict per unit position, every leaf with a leading [R] axis,
 so the prefill runs the unit once per repeat in a `lax.scan` (one compiled unit body, not 24 unrolled
-layers). `stack_layers` / `unstack_layers` convert from / to one dict per layer. For serving,
-`per_layer_params` gives every layer its own arrays (``params["per_layer"]``); the group step then
-runs the layers unrolled, with no per-step slicing of stacked weights (longer compiles, faster steps).
+layers). `stack_layers` / `unstack_layers` convert from / to one dict per layer. `per_layer_params`
+gives every layer its own arrays (``params["per_layer"]``); the group step then runs the layers
+unrolled, with no per-step slicing of stacked weights (longer compiles; see `HybridLM.per_layer_params`).
 
 Inside a prefill the state travels in the *unit layout* (`to_unit_state`), converted once per call:
   * recurrent: one `RecurrentState` per recurrent unit position, leaves [B, R, ...] (batch first, as
@@ -32,7 +32,7 @@ from .layers import normal_init, rms_norm
 from .mlp import init_mlp_params, swiglu
 
 Array = jax.Array
-PER_LAYER = "per_layer"     # the serving layout's key (`HybridStack.per_layer_params`)
+PER_LAYER = "per_layer"     # the per-layer layout's key (`HybridStack.per_layer_params`)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -99,18 +99,17 @@ class HybridStack:
 
     def layer_params(self, params: dict, layer: int) -> dict:
         """The parameters of pattern layer `layer` (a static slice of the stacked leaves, or the
-        layer's own dict in the serving layout of `per_layer_params`)."""
+        layer's own dict in the layout of `per_layer_params`)."""
         if PER_LAYER in params:
             return params[PER_LAYER][layer]
         repeat, position = self.layer_index(layer)
         return jax.tree_util.tree_map(lambda leaf: leaf[repeat], params["layers"][position])
 
     def per_layer_params(self, params: dict) -> dict:
-        """The serving layout: ``params["layers"]`` (stacked per unit position) replaced by
+        """The per-layer layout: ``params["layers"]`` (stacked per unit position) replaced by
         ``params["per_layer"]``, one dict per pattern layer with its own arrays. The group step then
-        runs the layers unrolled and reads every weight where it lies: a scan over the stacked
-        unit slices each layer's weights out of the stack on every step (on an H200, ~7 ms of a
-        ~91 ms qwen3.5-0.8b prefill of 8192 tokens went to those copies). Same numbers either way."""
+        runs the layers unrolled and reads every weight where it lies (a scan over the stacked unit
+        slices each layer's weights out of the stack on every step). Same numbers either way."""
         if not isinstance(params, dict) or ("layers" not in params and PER_LAYER not in params):
             raise TypeError("params must be a hybrid parameter dict with 'layers' (stacked) or "
                             f"'{PER_LAYER}', got {type(params).__name__}")
@@ -221,7 +220,7 @@ class HybridStack:
         """The group step of `run_chunks`: G consecutive chunks through every layer.
 
         Args:
-          params: stacked parameters, or the per-layer serving layout (`per_layer_params`).
+          params: stacked parameters, or the per-layer layout (`per_layer_params`).
           state: the unit layout (module docstring).
           tokens, positions: int32[B, G, C].  valid: bool[B, G, C] (a prefix of every chunk).
           want_boundaries: return the recurrent state after each chunk (static).

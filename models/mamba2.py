@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_prefix.chunking import (EmittingGroupStep, check_decode_args, check_prefill_args, check_state,
-                                    prepare_prefill_args, resolve_step_loop, run_chunks, scan_chunks)
+                                    prefill_compiler_options, prepare_prefill_args, resolve_step_loop,
+                                    run_chunks, scan_chunks)
 from sparse_prefix.protocol import Checkpoints, MemoryProfile, RecurrentState, State, restore_state
 
 from .checkpoint_io import register_family
@@ -303,11 +304,13 @@ class _Programs:
     """
 
     def __init__(self, cfg: Mamba2Config, donate: bool, decoder: "_Programs | None" = None,
-                 static_steps: bool = False):
+                 static_steps: bool = False, compiler_options: tuple = ()):
         self.traces = 0
         self.static_steps = static_steps
+        self.compiler_options = compiler_options
         donate_state = (1,) if donate else ()
-        self.prefill = jax.jit(functools.partial(self._prefill, cfg), donate_argnums=donate_state)
+        self.prefill = jax.jit(functools.partial(self._prefill, cfg), donate_argnums=donate_state,
+                               compiler_options=dict(compiler_options) or None)
         # `FusablePrefill.prefill_program` (one object: engines cache fused programs on it)
         self.program = lambda params, tokens, state, checkpoints, lengths: self._prefill(
             cfg, params, state, tokens, lengths, checkpoints)
@@ -358,11 +361,12 @@ def _first_slots(emitted: Checkpoints, slots: int) -> Checkpoints:
 
 
 @functools.lru_cache(maxsize=None)
-def _programs(cfg: Mamba2Config, donate: bool, static_steps: bool = False) -> _Programs:
+def _programs(cfg: Mamba2Config, donate: bool, static_steps: bool = False,
+              compiler_options: tuple = ()) -> _Programs:
     if cfg.chunks_per_step == 1:
-        return _Programs(cfg, donate, static_steps=static_steps)
+        return _Programs(cfg, donate, static_steps=static_steps, compiler_options=compiler_options)
     return _Programs(cfg, donate, decoder=_programs(cfg.replace(chunks_per_step=1), donate, static_steps),
-                     static_steps=static_steps)
+                     static_steps=static_steps, compiler_options=compiler_options)
 
 
 class Mamba2LM:
@@ -379,12 +383,16 @@ class Mamba2LM:
       step_loop: the prefill's loop over group steps (`chunking.STEP_LOOPS`): "dynamic" (counted on
         the device, one program per padded width), "static" (counted on the host, one program per
         step count, no host round trip per step), "auto" (static on a GPU). Same numbers either way.
+      command_buffers: XLA command buffers (CUDA graphs) for the prefill program on a GPU: "on",
+        "off" or "auto" (= "off": on an H200 the graph update at the start of every call cost
+        mamba2-1.3b ~2 ms of a 66 ms prefill of 8192 tokens; `chunking.prefill_compiler_options`).
+        Same numbers either way; engines fusing the restore use the same options.
     """
 
     family = "mamba2"
 
     def __init__(self, config: Mamba2Config, *, min_checkpoint_slots: int = 4,
-                 donate_state: bool = True, step_loop: str = "auto"):
+                 donate_state: bool = True, step_loop: str = "auto", command_buffers: str = "auto"):
         if not isinstance(config, Mamba2Config):
             raise TypeError(f"config must be a Mamba2Config, got {type(config).__name__}")
         if not isinstance(min_checkpoint_slots, int) or min_checkpoint_slots < 1:
@@ -393,7 +401,9 @@ class Mamba2LM:
         self.min_checkpoint_slots = min_checkpoint_slots
         self.donate_state = bool(donate_state)
         self.step_loop = resolve_step_loop(step_loop)
-        self._programs = _programs(config, self.donate_state, self.step_loop == "static")
+        self.command_buffers = command_buffers
+        self._programs = _programs(config, self.donate_state, self.step_loop == "static",
+                                   prefill_compiler_options(command_buffers, auto_default="off"))
         self._abstract: dict[int, State] = {}
 
     chunk_size = property(lambda self: self.config.chunk_size)
@@ -416,7 +426,8 @@ class Mamba2LM:
                                                     ("chunks_per_step", chunks_per_step))
                    if value is not None}
         return Mamba2LM(self.config.replace(**changes), min_checkpoint_slots=self.min_checkpoint_slots,
-                        donate_state=self.donate_state, step_loop=self.step_loop)
+                        donate_state=self.donate_state, step_loop=self.step_loop,
+                        command_buffers=self.command_buffers)
 
     def init_params(self, key: Array) -> Mamba2Params:
         return init_mamba2_params(key, self.config)
@@ -465,6 +476,12 @@ class Mamba2LM:
         """`FusablePrefill.prefill_program`: ``(params, tokens, state, checkpoints, lengths)``, the pure
         program `prefill` jits (same object each time)."""
         return self._programs.program
+
+    @property
+    def prefill_compiler_options(self) -> tuple:
+        """The XLA compiler options `prefill` is jitted with ((name, value) pairs; engines that fuse
+        the restore into the prefill jit theirs with the same)."""
+        return self._programs.compiler_options
 
     def prepare_prefill(self, tokens, checkpoints, lengths=None, state_length=None
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

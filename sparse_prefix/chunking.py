@@ -182,6 +182,25 @@ def resolve_step_loop(step_loop: str) -> str:
     return step_loop
 
 
+COMMAND_BUFFERS = ("on", "off", "auto")
+
+
+def prefill_compiler_options(command_buffers: str, auto_default: str = "on") -> tuple:
+    """XLA compiler options of a prefill program, as a hashable tuple of (name, value) pairs.
+
+    `command_buffers` "off" turns XLA's command buffers (CUDA graphs) off for the program on a GPU:
+    every kernel is launched on its own, and nothing is re-recorded when a call's buffers move (with
+    them on, the loop body's graph is updated at the first step of every call while the GPU waits).
+    "auto" takes `auto_default`. Off a GPU there is nothing to set: ().
+    """
+    if command_buffers not in COMMAND_BUFFERS:
+        raise ValueError(f"command_buffers must be one of {COMMAND_BUFFERS}, got {command_buffers!r}")
+    mode = auto_default if command_buffers == "auto" else command_buffers
+    if mode == "off" and jax.default_backend() == "gpu":
+        return (("xla_gpu_enable_command_buffer", ""),)
+    return ()
+
+
 def plan_steps(lengths: np.ndarray, checkpoints: np.ndarray, chunk_size: int, chunks_per_step: int) -> int:
     """Group steps a call needs (host side, numpy): `plan_chunks`' chunk count over G, rounded up.
 

@@ -129,7 +129,8 @@ class _EndPlanner:
 
 
 @functools.lru_cache(maxsize=64)
-def _fused_program(prefill: Any, slab_packing: Packing, pool_packing: Packing | None, batch: int):
+def _fused_program(prefill: Any, slab_packing: Packing, pool_packing: Packing | None, batch: int,
+                   compiler_options: tuple = ()):
     """One jitted program per (model program, store layout, batch size), shared by every engine of an
     equal model: the store's gather, then the model's prefill program (`FusablePrefill`); the scratch
     KV (argument 3) is donated and comes back as the final KV."""
@@ -139,7 +140,7 @@ def _fused_program(prefill: Any, slab_packing: Packing, pool_packing: Packing | 
         state = State(recurrent=recurrent, kv=kv, length=resumed)
         return prefill(params, tokens, state, checkpoints, lengths)
 
-    return jax.jit(run, donate_argnums=3)
+    return jax.jit(run, donate_argnums=3, compiler_options=dict(compiler_options) or None)
 
 
 @jax.jit
@@ -390,7 +391,8 @@ class Engine:
         emitted leaves with the model's padded K (slots past the requested ones are padding)."""
         tokens, checkpoints, lengths = self.model.prepare_prefill(tokens, checkpoints, lengths, resumed)
         program = _fused_program(self.model.prefill_program, self.store.slab_packing,
-                                 self.store.pool_packing, len(slots))
+                                 self.store.pool_packing, len(slots),
+                                 tuple(getattr(self.model, "prefill_compiler_options", ())))
         with self.store.gather_inputs(slots, table) as inputs:
             return program(self.params, *inputs, resumed, tokens, checkpoints, lengths)
 

@@ -113,9 +113,9 @@ def test_rows_resumed_in_other_group_slots_match_the_uncached_run_bitwise(groupe
 
 def test_per_layer_params_give_the_same_prefill_decode_and_forward(grouped):
     model, params = grouped
-    prepared = model.prepare_params(params)
+    prepared = model.per_layer_params(params)
     assert "layers" not in prepared and len(prepared["per_layer"]) == len(model.config.pattern)
-    assert model.prepare_params(prepared) is prepared                 # already prepared: as is
+    assert model.per_layer_params(prepared) is prepared               # already prepared: as is
     tokens = np.random.default_rng(12).integers(0, 256, (2, WIDTH)).astype(np.int32)
     ckpts = np.array([[8, 16, 24, 0], [5, 16, 0, 0]], np.int32)
     runs = [model.prefill(p, tokens, model.init_state(2), ckpts) for p in (params, prepared)]
@@ -125,7 +125,7 @@ def test_per_layer_params_give_the_same_prefill_decode_and_forward(grouped):
     for got, want in zip(jax.tree_util.tree_leaves(steps[1]), jax.tree_util.tree_leaves(steps[0])):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
     with pytest.raises(TypeError, match="per_layer"):
-        model.prepare_params({"embed": params["embed"]})
+        model.per_layer_params({"embed": params["embed"]})
 
 
 def test_compile_count_stays_fixed_across_lengths_and_checkpoint_counts(grouped):

@@ -204,3 +204,18 @@ def test_prepared_params_give_the_same_prefill_decode_and_forward(tiny):
                                np.asarray(model.forward(params, tokens)), rtol=1e-6, atol=1e-6)
     with pytest.raises(TypeError, match="Mamba2Params"):
         model.prepare_params({"layers": params.layers})
+
+
+def test_command_buffer_setting_is_validated_kept_by_rechunking_and_off_by_default_on_gpus(
+        tiny, monkeypatch):
+    from sparse_prefix.chunking import prefill_compiler_options
+    model, _ = tiny
+    with pytest.raises(ValueError, match="command_buffers"):
+        Mamba2LM(model.config, command_buffers="sometimes")
+    assert model.with_chunking(chunks_per_step=2).command_buffers == model.command_buffers
+    assert model.prefill_compiler_options == prefill_compiler_options(model.command_buffers, "off")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    off = (("xla_gpu_enable_command_buffer", ""),)
+    assert prefill_compiler_options("auto", auto_default="off") == off
+    assert prefill_compiler_options("off") == off and prefill_compiler_options("on") == ()
+    assert prefill_compiler_options("auto") == ()
