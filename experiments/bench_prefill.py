@@ -239,6 +239,43 @@ def emission_positions(length: int, count: int, grid: int) -> np.ndarray:
     return positions[positions > 0][:count]
 
 
+def bench_emission_interleaved(preset: str, length: int, emits: list[int], repeats: int, dtype,
+                               chunking=(None, None), backend=None) -> list[dict]:
+    """Emission overhead measured in rounds: every round times one call of each checkpoint count,
+    K = 0 first, in the same process on one set of params (the machine's drift hits every count
+    alike). The overhead of K is the median over rounds of t_K / t_0 - 1 (paired within a round).
+
+    Returns one row per count (K = 0 included) as `bench_ours` does, plus "overhead" (K > 0) and
+    "interleaved": True.
+    """
+    model, params = preset_model(preset, dtype, chunking, backend)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, model.vocab_size, size=(1, length), dtype=np.int32)
+    counts = [0] + [k for k in emits if k > 0]
+    checkpoints = {k: emission_positions(length, k, model.chunk_size).astype(np.int32) for k in counts}
+    warmup = 2
+    states = [model.init_state(1) for _ in range((repeats + warmup) * len(counts))]
+    jax.block_until_ready(states)
+    times: dict[int, list[float]] = {k: [] for k in counts}
+    for round_ in range(repeats + warmup):
+        for k in counts:
+            start = time.perf_counter()
+            jax.block_until_ready(model.prefill(params, tokens, states.pop(), checkpoints[k]))
+            if round_ >= warmup:
+                times[k].append(time.perf_counter() - start)
+    backend_name = _backend_of(model, params)
+    rows = []
+    for k in counts:
+        row = {"impl": "sparse-prefix" + (f" {backend_name}" if backend_name != "-" else ""),
+               "preset": preset, "length": length, "checkpoints": len(checkpoints[k]),
+               "median_s": statistics.median(times[k]), "min_s": min(times[k]), "interleaved": True,
+               "non_embedding_params": non_embedding_params(params), **_chunking_of(model)}
+        if k:
+            row["overhead"] = statistics.median(t / t0 - 1 for t, t0 in zip(times[k], times[0]))
+        rows.append(row)
+    return rows
+
+
 def bench_ours(preset: str, length: int, emit: int, repeats: int, dtype,
                chunking: tuple[int | None, int | None] = (None, None), backend=None) -> dict:
     """Time `model.prefill` of `length` tokens with `emit` evenly spaced on-grid checkpoints,
@@ -300,6 +337,9 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", default="2048,8192,16384")
     parser.add_argument("--emit", default="", help="checkpoint counts to time at the emit length")
     parser.add_argument("--emit-length", type=int, default=8192)
+    parser.add_argument("--emit-interleaved", action="store_true",
+                        help="time the --emit counts and K = 0 in alternating rounds; report the paired "
+                             "median overhead (bench_emission_interleaved)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--peer", action="store_true")
@@ -346,9 +386,14 @@ def main(argv=None) -> int:
                         if peer:
                             peer["non_embedding_params"] = row["non_embedding_params"]
                             rows.append(peer)
-            for emit in [int(x) for x in args.emit.split(",") if x]:
-                rows.append(bench_ours(preset, args.emit_length, emit, args.repeats, dtype, chunking,
-                                       backend))
+            emits = [int(x) for x in args.emit.split(",") if x]
+            if emits and args.emit_interleaved:
+                rows.extend(bench_emission_interleaved(preset, args.emit_length, emits, args.repeats,
+                                                       dtype, chunking, backend))
+            else:
+                for emit in emits:
+                    rows.append(bench_ours(preset, args.emit_length, emit, args.repeats, dtype,
+                                           chunking, backend))
             if args.breakdown:
                 for length in lengths:
                     row = breakdown(preset, length, args.repeats, dtype, chunking, backend)
@@ -364,9 +409,11 @@ def main(argv=None) -> int:
         row["tokens_per_s"] = row["length"] / row["median_s"]
         row["mfu"] = flops / row["median_s"] / rate
         init = f"{row['init_state_s'] * 1e3:8.2f}" if "init_state_s" in row else f"{'-':>8s}"
+        extra = f"  overhead {row['overhead']:+.1%} (interleaved)" if "overhead" in row else \
+            ("  (interleaved)" if row.get("interleaved") else "")
         print(f"{row['impl']:34s} {row['preset']:14s} {row.get('chunk_size', 0):4d} "
               f"{row.get('chunks_per_step', 0):3d} {row['length']:6d} {row['checkpoints']:3d} "
-              f"{row['median_s'] * 1e3:9.2f} {row['tokens_per_s']:10.0f} {row['mfu']:6.1%} {init}")
+              f"{row['median_s'] * 1e3:9.2f} {row['tokens_per_s']:10.0f} {row['mfu']:6.1%} {init}{extra}")
     for check in checks:
         print(f"resume bitwise {'OK  ' if check['bitwise'] else 'FAIL'} {check['preset']} "
               f"{check['backend']} "
