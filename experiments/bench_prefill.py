@@ -357,6 +357,9 @@ def main(argv=None) -> int:
     parser.add_argument("--breakdown", action="store_true",
                         help="time init_state / prefill / one step / one layer / a projection "
                              "(Mamba2 and hybrid presets)")
+    parser.add_argument("--check-emission", type=int, default=0, metavar="K",
+                        help="per preset: K checkpoints emitted at --emit-length, the first, middle and "
+                             "last compared with prefills that stop there (bitwise expected)")
     parser.add_argument("--check-resume", action="store_true",
                         help="bitwise resume check per (preset, C, G) at the largest length")
     args = parser.parse_args(argv)
@@ -402,6 +405,14 @@ def main(argv=None) -> int:
             if args.check_resume:
                 checks.append(check_resume(preset, max(lengths), dtype, chunking, backend))
                 print(f"resume check: {checks[-1]}")
+            if args.check_emission:
+                from sparse_prefix.testing import emission_difference
+                model, params = preset_model(preset, dtype, chunking, backend)
+                positions = emission_positions(args.emit_length, args.check_emission, model.chunk_size)
+                worst = emission_difference(model, params, args.emit_length, positions,
+                                            check=sorted({0, len(positions) // 2, len(positions) - 1}))
+                print(f"emission check: {preset} K={len(positions)} L={args.emit_length} "
+                      f"{'bitwise OK' if worst == 0.0 else 'FAIL'} max|diff|={worst:.3g}")
     print(f"\n{'impl':34s} {'preset':14s} {'C':>4s} {'G':>3s} {'L':>6s} {'K':>3s} {'ms':>9s} "
           f"{'tok/s':>10s} {'MFU':>6s} {'init ms':>8s}")
     for row in rows:

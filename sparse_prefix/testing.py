@@ -25,7 +25,7 @@ so models that donate their state buffers are fine.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -308,3 +308,24 @@ def resume_difference(model, params, length: int, split: int | None = None) -> t
     worst = max(float(np.max(np.abs(np.asarray(got, np.float64) - np.asarray(want, np.float64))))
                 for got, want in pairs)
     return split, worst
+
+
+def emission_difference(model, params, length: int, positions, check: Sequence[int] | None = None
+                        ) -> float:
+    """Max |difference| between checkpoint states emitted by one prefill of `length` random tokens
+    at `positions` and the final states of prefills that stop at those positions (0.0: bitwise, as
+    on the chunk grid it must be). `check`: the indices of `positions` to compare (default all;
+    each costs one prefill)."""
+    positions = np.asarray(positions, np.int32)
+    tokens = np.random.default_rng(2).integers(0, model.vocab_size, size=(1, length), dtype=np.int32)
+    none = np.zeros((0,), np.int32)
+    _, _, emitted = model.prefill(params, tokens, model.init_state(1), positions)
+    worst = 0.0
+    for index in (range(len(positions)) if check is None else check):
+        _, state, _ = model.prefill(params, tokens, model.init_state(1), none,
+                                    np.array([positions[index]], np.int32))
+        for got, want in zip(jax.tree_util.tree_leaves(emitted.recurrent),
+                             jax.tree_util.tree_leaves(state.recurrent)):
+            difference = np.abs(np.asarray(got[:, index], np.float64) - np.asarray(want, np.float64))
+            worst = max(worst, float(np.max(difference)))
+    return worst

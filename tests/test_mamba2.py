@@ -219,3 +219,22 @@ def test_command_buffer_setting_is_validated_kept_by_rechunking_and_off_by_defau
     assert prefill_compiler_options("auto", auto_default="off") == off
     assert prefill_compiler_options("off") == off and prefill_compiler_options("on") == ()
     assert prefill_compiler_options("auto") == ()
+
+
+def test_kernel_path_emits_every_real_slot_into_buffers_zeroed_only_at_padding():
+    """The GPU-kernel path (Pallas' interpreter here) starts its checkpoint buffers from
+    `padding_zeroed_buffers`: every real slot must still be written by the prefill (it would read
+    0 otherwise), padding slots read 0 (their fill is tested in test_pallas_common)."""
+    model, params = create("mamba2-tiny", dtype=jnp.float32)
+    kernels = Mamba2LM(model.config.replace(backend="pallas", chunks_per_step=2), donate_state=False)
+    reference = Mamba2LM(kernels.config.replace(backend="chunked"), donate_state=False)
+    tokens = np.random.default_rng(3).integers(0, model.vocab_size, (2, 80)).astype(np.int32)
+    ckpts = np.array([[16, 48, 64, 80], [32, 0, 0, 0]], np.int32)       # 4 slots: no slicing
+    got = kernels.prefill(params, tokens, kernels.init_state(2), ckpts)[2]
+    want = reference.prefill(params, tokens, reference.init_state(2), ckpts)[2]
+    np.testing.assert_array_equal(got.lengths, want.lengths)
+    for got_leaf, want_leaf in zip(jax.tree_util.tree_leaves(got.recurrent),
+                                   jax.tree_util.tree_leaves(want.recurrent)):
+        assert float(jnp.min(jnp.abs(got_leaf[0]).reshape(4, -1).max(axis=1))) > 0   # all written
+        np.testing.assert_allclose(got_leaf, want_leaf, rtol=1e-5, atol=1e-6)
+        assert not np.any(np.asarray(got_leaf[1, 1:]))

@@ -107,3 +107,22 @@ def test_arguments_are_validated(tiny):
         check_model(model, params, batch=0)
     with pytest.raises(ValueError, match="length"):
         check_model(model, params, length=4)
+
+
+def test_emission_difference_is_zero_on_the_grid_and_sees_a_wrong_slot():
+    from sparse_prefix.models import create
+    from sparse_prefix.testing import emission_difference
+    model, params = create("mamba2-tiny", dtype=jnp.float32)
+    assert emission_difference(model, params, 64, [16, 32, 64]) == 0.0
+    assert emission_difference(model, params, 64, [16, 32, 64], check=[1]) == 0.0
+
+    class Shifted:                      # emits the states one slot off: must be caught
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def prefill(self, params, tokens, state, checkpoints, lengths=None):
+            logits, final, emitted = model.prefill(params, tokens, state, checkpoints, lengths)
+            rolled = jax.tree_util.tree_map(lambda leaf: jnp.roll(leaf, 1, axis=1), emitted.recurrent)
+            return logits, final, emitted._replace(recurrent=rolled)
+
+    assert emission_difference(Shifted(), params, 64, [16, 32, 64]) > 0.0
