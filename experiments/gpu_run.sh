@@ -61,7 +61,8 @@ case "$phase" in
     ;;
   hybrid)
     TAIL=40 step hybrid 330 $BENCH --presets qwen3.5-0.8b-group,qwen3.5-0.8b --lengths 2048,8192,16384 \
-      --emit 1,8,32 --repeats 5 --check-resume ${BACKENDS:+--backend $BACKENDS} --out "$OUT/hybrid.json"
+      --emit 1,8,32 --emit-interleaved --repeats 5 --check-resume --check-emission 32 \
+      ${BACKENDS:+--backend $BACKENDS} --out "$OUT/hybrid.json"
     ;;
   resume)
     # ~395 s on a fresh machine (every program of the static step loop compiles): a call of its own
@@ -74,8 +75,8 @@ case "$phase" in
     ;;
   mamba)
     TAIL=40 step mamba 420 $BENCH --presets mamba2-130m,mamba2-1.3b --lengths 2048,8192,16384 \
-      --emit 1,8,32 --repeats 5 --peer --peer-dtypes float32 --check-resume ${BACKENDS:+--backend $BACKENDS} \
-      --out "$OUT/mamba.json"
+      --emit 1,8,32 --emit-interleaved --repeats 5 --peer --peer-dtypes float32 --check-resume \
+      --check-emission 32 ${BACKENDS:+--backend $BACKENDS} --out "$OUT/mamba.json"
     ;;
   replays)
     preset=${2:-qwen3.5-0.8b-group} budget=${3:-200}
