@@ -329,3 +329,18 @@ def emission_difference(model, params, length: int, positions, check: Sequence[i
             difference = np.abs(np.asarray(got[:, index], np.float64) - np.asarray(want, np.float64))
             worst = max(worst, float(np.max(difference)))
     return worst
+
+
+def assert_same_model_outputs(model, params, other, tokens, checkpoints, *, decode_tolerance=1e-6
+                              ) -> None:
+    """Assert that two parameter layouts of one model (e.g. stacked vs per-layer) give the same
+    prefill -- logits, final state and emitted checkpoints, bit for bit -- and the same next decode
+    step (within `decode_tolerance`: decode programs may fuse differently per layout)."""
+    runs = [model.prefill(p, tokens, model.init_state(tokens.shape[0]), checkpoints)
+            for p in (params, other)]
+    for got, want in zip(jax.tree_util.tree_leaves(runs[1]), jax.tree_util.tree_leaves(runs[0])):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    steps = [model.decode(p, tokens[:, 0], run[1]) for p, run in zip((params, other), runs)]
+    for got, want in zip(jax.tree_util.tree_leaves(steps[1]), jax.tree_util.tree_leaves(steps[0])):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=decode_tolerance,
+                                   atol=decode_tolerance)

@@ -14,7 +14,7 @@ from sparse_prefix.models.gated_deltanet import GDNConfig
 from sparse_prefix.models.checkpoint_io import load_model, save_model
 from sparse_prefix.models.hybrid import (HybridConfig, HybridLM, hybrid_tiny_config,
                                          mamba2_attention_tiny_config)
-from sparse_prefix.testing import check_model
+from sparse_prefix.testing import assert_same_model_outputs, check_model
 
 WIDTH = 40  # every prefill here uses T = 40 (bucket 64) and K <= 4: one compilation per model
 
@@ -118,12 +118,7 @@ def test_per_layer_params_give_the_same_prefill_decode_and_forward(grouped):
     assert model.per_layer_params(prepared) is prepared               # already prepared: as is
     tokens = np.random.default_rng(12).integers(0, 256, (2, WIDTH)).astype(np.int32)
     ckpts = np.array([[8, 16, 24, 0], [5, 16, 0, 0]], np.int32)
-    runs = [model.prefill(p, tokens, model.init_state(2), ckpts) for p in (params, prepared)]
-    for got, want in zip(jax.tree_util.tree_leaves(runs[1]), jax.tree_util.tree_leaves(runs[0])):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    steps = [model.decode(p, tokens[:, 0], run[1]) for p, run in zip((params, prepared), runs)]
-    for got, want in zip(jax.tree_util.tree_leaves(steps[1]), jax.tree_util.tree_leaves(steps[0])):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    assert_same_model_outputs(model, params, prepared, tokens, ckpts)
     with pytest.raises(TypeError, match="per_layer"):
         model.per_layer_params({"embed": params["embed"]})
 

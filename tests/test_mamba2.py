@@ -8,7 +8,7 @@ import pytest
 from sparse_prefix.models import build, create
 from sparse_prefix.models.mamba2 import Mamba2LM
 from sparse_prefix.protocol import RecurrentLM, RecurrentState, State
-from sparse_prefix.testing import check_model
+from sparse_prefix.testing import assert_same_model_outputs, check_model
 
 B, T = 2, 59  # the shapes check_model uses on mamba2-tiny (C = 16): one T bucket (64), one K bucket
 
@@ -194,12 +194,7 @@ def test_prepared_params_give_the_same_prefill_decode_and_forward(tiny):
     assert model.prepare_params(prepared) is prepared                 # already prepared: as is
     tokens = np.random.default_rng(5).integers(0, model.vocab_size, (2, 40), dtype=np.int32)
     ckpts = np.array([[16, 32], [16, 32]], np.int32)
-    runs = [model.prefill(p, tokens, model.init_state(2), ckpts) for p in (params, prepared)]
-    for got, want in zip(jax.tree_util.tree_leaves(runs[1]), jax.tree_util.tree_leaves(runs[0])):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    steps = [model.decode(p, tokens[:, 0], run[1]) for p, run in zip((params, prepared), runs)]
-    for got, want in zip(jax.tree_util.tree_leaves(steps[1]), jax.tree_util.tree_leaves(steps[0])):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    assert_same_model_outputs(model, params, prepared, tokens, ckpts)
     np.testing.assert_allclose(np.asarray(model.forward(prepared, tokens)),
                                np.asarray(model.forward(params, tokens)), rtol=1e-6, atol=1e-6)
     with pytest.raises(TypeError, match="Mamba2Params"):
