@@ -26,13 +26,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args(argv)
-    from sparse_prefix.engine import Engine
+    from sparse_prefix.engine import Engine, serving_params
     from sparse_prefix.experiments.bench_resume import _distinct_tails, resume_position
     from sparse_prefix.models import create
 
     model, params = create(args.preset, dtype=args.dtype)
-    prepare = getattr(model, "prepare_params", None)    # the Engine's serving layout
-    params = prepare(params) if callable(prepare) else params
+    params = serving_params(model, params)
     r = resume_position(args.length, args.overlap, model.chunk_size)
     rng = np.random.default_rng(0)
     prefix = rng.integers(0, model.vocab_size, r, dtype=np.int32)

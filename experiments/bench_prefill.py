@@ -97,8 +97,8 @@ def preset_model(preset: str, dtype, chunking: tuple[int | None, int | None] = (
         model = type(model)(model.config.replace(backend=backend))
     if COMMAND_BUFFERS and getattr(model, "family", None) == "mamba2":
         model = type(model)(model.config, command_buffers=COMMAND_BUFFERS)
-    prepare = getattr(model, "prepare_params", None)   # the serving layout, as the Engine uses
-    return model, (prepare(params) if callable(prepare) else params)
+    from sparse_prefix.engine import serving_params
+    return model, serving_params(model, params)          # the layout the Engine serves with
 
 
 def _backend_of(model, params=None) -> str:

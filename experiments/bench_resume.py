@@ -168,7 +168,7 @@ def bench_preset(preset: str, length: int, overlaps: list[float], repeats: int, 
       {"preset", "calibration", "full_s", "full_times_s", "rows": one dict per overlap}; a row's
       "split_s" holds the hit's host split and the direct call's (module doc).
     """
-    from sparse_prefix.engine import Engine
+    from sparse_prefix.engine import Engine, serving_params
     from sparse_prefix.models import create
     from sparse_prefix.models.registry import build
 
@@ -177,8 +177,7 @@ def bench_preset(preset: str, length: int, overlaps: list[float], repeats: int, 
         params = model.init_params(jax.random.PRNGKey(seed))
     else:
         model, params = create(preset, dtype=dtype)
-    prepare = getattr(model, "prepare_params", None)    # the Engine's serving layout, for every call
-    params = prepare(params) if callable(prepare) else params
+    params = serving_params(model, params)          # the Engine's layout, for every call
     chunk = int(model.chunk_size)
     if not chunk <= length <= model.max_length:
         raise ValueError(f"--length must lie in {chunk}..{model.max_length} for {preset}, got {length}")

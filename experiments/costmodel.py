@@ -193,8 +193,9 @@ def calibrate(model: Any, params: Any, lengths: Sequence[int], *, repeats: int =
     Every call uses the Engine's shapes: tokens int32[1, width] (default ``model.max_length``) of
     which the first n are real (``lengths=[n]``), checkpoints int32[1, checkpoint_slots] all padding,
     so one compiled program serves every length, the same one an Engine with
-    ``min_checkpoint_slots=checkpoint_slots`` runs. The fresh state is built and synchronised outside
-    the timed region; the timed region ends when the logits are ready.
+    ``min_checkpoint_slots=checkpoint_slots`` runs (with the params in the Engine's layout,
+    `engine.serving_params`). The fresh state is built and synchronised outside the timed region;
+    the timed region ends when the logits are ready.
 
     Args:
       model, params: a `RecurrentLM` and its parameters.
@@ -208,6 +209,9 @@ def calibrate(model: Any, params: Any, lengths: Sequence[int], *, repeats: int =
     """
     import jax
 
+    from sparse_prefix.engine import serving_params
+
+    params = serving_params(model, params)
     width = int(model.max_length) if width is None else int(width)
     lengths = [int(n) for n in lengths]
     if any(not 1 <= n <= width for n in lengths):

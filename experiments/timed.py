@@ -349,7 +349,7 @@ def run_replay(plan: ReplayPlan, *, model: Any, params: Any, budget_s: float | N
     Returns:
       A `TimedReplay`.
     """
-    from sparse_prefix.engine import Engine
+    from sparse_prefix.engine import Engine, serving_params
 
     if budget_s is not None and (isinstance(budget_s, bool) or not isinstance(budget_s, (int, float))
                                  or not budget_s > 0):
@@ -365,8 +365,7 @@ def run_replay(plan: ReplayPlan, *, model: Any, params: Any, budget_s: float | N
     def snapshot() -> TimedReplay:
         return TimedReplay(tuple(timings), tuple(skipped), len(order), n_warm, slots, mean_length)
 
-    prepare = getattr(model, "prepare_params", None)     # once: every policy's Engine shares it
-    params = prepare(params) if callable(prepare) else params
+    params = serving_params(model, params)           # once: every policy's Engine shares it
     for policy in plan.policies:
         now = time.perf_counter()
         if deadline is not None and now + last_duration > deadline:

@@ -128,6 +128,13 @@ class _EndPlanner:
         return np.union1d(planned, [length]).astype(np.int64)
 
 
+def serving_params(model: Any, params: Any) -> Any:
+    """`params` in the layout the Engine serves with: `model.prepare_params(params)` where the model
+    has it (Mamba2: per-layer weights, no per-call slicing), else `params` as they are."""
+    prepare = getattr(model, "prepare_params", None)
+    return prepare(params) if callable(prepare) else params
+
+
 @functools.lru_cache(maxsize=64)
 def _fused_program(prefill: Any, slab_packing: Packing, pool_packing: Packing | None, batch: int,
                    compiler_options: tuple = ()):
@@ -192,8 +199,7 @@ class Engine:
         if isinstance(min_checkpoint_slots, bool) or not isinstance(min_checkpoint_slots, int) \
                 or min_checkpoint_slots < 1:
             raise ValueError(f"min_checkpoint_slots must be an int >= 1, got {min_checkpoint_slots!r}")
-        prepare = getattr(model, "prepare_params", None)
-        self.model, self.params = model, (prepare(params) if callable(prepare) else params)
+        self.model, self.params = model, serving_params(model, params)
         self.policy, self.eviction, self.namespace = policy, eviction, namespace
         self.chunk_size = int(model.chunk_size)
         self.layout = self.abstract(model, policy=policy, capacity_entries=capacity_entries,
