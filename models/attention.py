@@ -274,6 +274,18 @@ def _output(params: dict, cfg: AttentionConfig, out: Array, gate: Array | None) 
     return jnp.einsum("bte,ed->btd", out, params["o_proj"].astype(out.dtype))
 
 
+def read_positions(positions: Array, valid: Array) -> Array:
+    """The positions a chunk's queries read at: padded slots at -1, so they read no key at all.
+
+    A padded slot's own position is the call's base (`chunking.run_chunks`), so reading there made
+    every all-padding block of query rows walk the whole prefix in the kernel (a 256-token suffix
+    of a 1024-slot step resumed at 7936 read ~4x the keys it needed). Real rows are unchanged: a
+    key block's loop count is set by the deepest real row, and a row's output never depends on the
+    other rows (module docstring). positions int32[B, T], valid bool[B, T] -> int32[B, T].
+    """
+    return jnp.where(valid, positions, -1)
+
+
 def attention_chunk(params: dict, cfg: AttentionConfig, x: Array, cache: KVCache, positions: Array,
                     valid: Array, layer: Array | None = None) -> tuple[Array, KVCache]:
     """Gated attention over T query slots (one chunk, or the G chunks of a group flattened).
@@ -285,12 +297,13 @@ def attention_chunk(params: dict, cfg: AttentionConfig, x: Array, cache: KVCache
 
     Returns:
       (y [B, T, d] (garbage at padded slots), cache with the valid slots' K/V written). All K/V
-      are written before any query reads, and the key loop runs over blocks 0 .. (the last
-      position in x) // Bk: a query's result is the same whatever else x holds.
+      are written before any query reads, and the key loop runs over blocks 0 .. (the last real
+      position in x) // Bk: a query's result is the same whatever else x holds. Padded slots
+      read no key (`read_positions`).
     """
     q, k, v, gate = _project(params, cfg, x, positions)
     cache = write_kv(cache, k, v, positions, valid, layer)
-    out = attend(q, cache, positions, cfg.key_block, layer, cfg.kernel)
+    out = attend(q, cache, read_positions(positions, valid), cfg.key_block, layer, cfg.kernel)
     return _output(params, cfg, out, gate), cache
 
 

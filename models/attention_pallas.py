@@ -81,7 +81,8 @@ def _kernel(layer_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *, group: int, block
 
     init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
             jnp.zeros((rows, dim), jnp.float32))
-    _, total, acc = jax.lax.fori_loop(0, last // block_k + 1, body, init)
+    # blocks 0 .. last // block_k; none for a block of rows that all read nothing (last = -1)
+    _, total, acc = jax.lax.fori_loop(0, (last + block_k) // block_k, body, init)
     o_ref[...] = (acc / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)[:, None]).astype(o_ref.dtype)
 
 
@@ -92,8 +93,9 @@ def attend_pallas(q: Array, k: Array, v: Array, positions: Array, layer: Array |
     Args:
       q: [B, T, Hkv, G, D] (grouped query heads, compute dtype).
       k, v: the buffer, [B, S, Hkv, D], or [R, B, S, Hkv, D] read at `layer` (int32[]).
-      positions: int32[B, T], the absolute position of every query slot (padding slots: any
-        position in 0..S-1; their rows are garbage).
+      positions: int32[B, T], the absolute position of every query slot; -1 for a slot that
+        reads nothing (its row is zeros; a block of such rows runs no loop step at all). Padding
+        slots may carry -1 or any position in 0..S-1 (their rows are garbage either way).
       block_k: keys per loop step (power of two >= 16, divides S). block_q: query rows per program
         (clipped to a power of two >= 16 covering T).
 

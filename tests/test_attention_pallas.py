@@ -58,6 +58,23 @@ def test_pallas_read_ignores_stale_values_past_every_query(inputs):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.parametrize("read", ["pallas", "dense", "blocked"])
+def test_rows_at_position_minus_one_read_nothing_and_change_no_bit_of_the_real_rows(inputs, read):
+    q, k, v, positions = inputs
+    reads = {"pallas": lambda p: attend_pallas(q, k, v, p, block_k=16, block_q=16),
+             "dense": lambda p: _attend_dense(q, KVCache(k, v), p, None),
+             "blocked": lambda p: _attend_blocked(q, KVCache(k, v), p, 32, None)}[read]
+    padded = positions.copy()
+    padded[:, 16:] = positions[:, :1]             # padding as the driver lays it: at the base
+    silent = positions.copy()
+    silent[:, 16:] = -1                           # what attention_chunk passes for padded slots
+    silent[1, :] = -1                             # a whole row of the batch reads nothing
+    want, got = np.asarray(reads(padded)), np.asarray(reads(silent))
+    np.testing.assert_array_equal(got[0, :16], want[0, :16])
+    np.testing.assert_array_equal(got[:, 16:], 0.0)
+    np.testing.assert_array_equal(got[1], 0.0)
+
+
 def test_pallas_shape_support_is_reported_not_guessed():
     assert supported(256, 16384, 64)
     assert not supported(8, 128, 16)         # head_dim below Triton's 16
