@@ -52,9 +52,6 @@ class AttentionConfig:
         block on a GPU; `attention_pallas`; Pallas' interpreter off the GPU), or "auto" ("pallas"
         where the default backend is a GPU, else "xla"). "pallas" falls back to "xla" on shapes
         the kernel does not take (`attention_pallas.supported`).
-      key_split: keys per split of the Pallas read (`attention_pallas`, module docstring: one
-        program per head, query block and split, then an ordered merge), a multiple of
-        `PALLAS_KEY_BLOCK`; 0, or a value that does not divide the buffer: no split.
     """
 
     d_model: int
@@ -69,7 +66,6 @@ class AttentionConfig:
     output_gate: bool = True
     key_block: int = 0
     kernel: str = "xla"
-    key_split: int = 1024
 
     def __post_init__(self):
         for name in ("d_model", "num_heads", "num_kv_heads", "head_dim"):
@@ -83,10 +79,6 @@ class AttentionConfig:
             raise ValueError(f"AttentionConfig.key_block must be an int >= 0, got {self.key_block!r}")
         if self.kernel not in KERNELS:
             raise ValueError(f"AttentionConfig.kernel must be one of {KERNELS}, got {self.kernel!r}")
-        if (isinstance(self.key_split, bool) or not isinstance(self.key_split, int)
-                or self.key_split < 0 or self.key_split % PALLAS_KEY_BLOCK):
-            raise ValueError(f"AttentionConfig.key_split must be 0 or a positive multiple of "
-                             f"{PALLAS_KEY_BLOCK}, got {self.key_split!r}")
         if self.rotary_dim % 2 or not 0 <= self.rotary_dim <= self.head_dim:
             raise ValueError(f"AttentionConfig.rotary_dim must be even and in 0..{self.head_dim}, "
                              f"got {self.rotary_dim}")
@@ -200,15 +192,14 @@ def _grouped_values(weights: Array, v: Array) -> Array:
 
 
 def attend(q: Array, cache: KVCache, positions: Array, key_block: int = 0,
-           layer: Array | None = None, kernel: str = "xla", key_split: int = 0) -> Array:
+           layer: Array | None = None, kernel: str = "xla") -> Array:
     """Queries q [B, T, H, D] against the buffer, keys at positions <= the query's own.
 
     `layer` (int32[]) selects one layer of a stacked cache ([R, B, S, Hkv, D] leaves; see `write_kv`).
     Returns [B, T, H*D] in q.dtype. Dense: softmax in float32 (HF's order: scores * D^-1/2, softmax,
     cast, times V). Blocked (key_block > 0): the same softmax accumulated block by block. With
     kernel "pallas" (and a shape `attention_pallas.supported` takes) the blocked read runs as one
-    kernel with blocks of `PALLAS_KEY_BLOCK` keys, whatever key_block is, its key axis cut in
-    splits of `key_split` keys where that divides the buffer (`AttentionConfig.key_split`).
+    kernel with blocks of `PALLAS_KEY_BLOCK` keys, whatever key_block is.
     """
     batch, length, heads, dim = q.shape
     kv_heads = cache.k.shape[-2]
@@ -217,9 +208,8 @@ def attend(q: Array, cache: KVCache, positions: Array, key_block: int = 0,
     if kernel == "auto":
         kernel = "pallas" if jax.default_backend() == "gpu" else "xla"
     if kernel == "pallas" and attention_pallas.supported(dim, max_length, PALLAS_KEY_BLOCK):
-        split = key_split if key_split and max_length % key_split == 0 else 0
         out = attention_pallas.attend_pallas(q, cache.k, cache.v, positions, layer,
-                                             block_k=PALLAS_KEY_BLOCK, split_k=split)
+                                             block_k=PALLAS_KEY_BLOCK)
     elif key_block:
         out = _attend_blocked(q, cache, positions, key_block, layer)
     else:
@@ -313,8 +303,7 @@ def attention_chunk(params: dict, cfg: AttentionConfig, x: Array, cache: KVCache
     """
     q, k, v, gate = _project(params, cfg, x, positions)
     cache = write_kv(cache, k, v, positions, valid, layer)
-    out = attend(q, cache, read_positions(positions, valid), cfg.key_block, layer, cfg.kernel,
-                 cfg.key_split)
+    out = attend(q, cache, read_positions(positions, valid), cfg.key_block, layer, cfg.kernel)
     return _output(params, cfg, out, gate), cache
 
 

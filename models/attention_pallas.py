@@ -15,15 +15,6 @@ sits in the call: a resume on the chunk grid stays bitwise (same kernel, same bl
 differ from the XLA path by rounding (probabilities enter the V product in the compute dtype, as in
 the XLA path, but the running sums are per key block of `block_k`).
 
-Key splits (`split_k`): one program walking every key block of a deep row is latency-bound (qwen3.5
-has 8 query heads, so a 1024-row step is 128 programs on 132 SMs, each looping up to S / block_k
-times; a 256-row resumed suffix is 32). So the key axis is cut at fixed absolute positions into
-splits of `split_k` keys: one program per (head, query block, split) runs the online softmax over
-its split's blocks, and a second kernel merges the splits' (max, sum, accumulator) in the order
-0, 1, ... The cut points are absolute, a split wholly beyond a row is an exact no-op for it in the
-merge (weight exp(-inf) = 0), so a row's output still depends only on its query, its position and
-the buffer.
-
 On a machine without a GPU the kernel runs in Pallas' interpreter (the tests compare it there with
 the XLA path). Shapes: B batch, T query slots, Hkv KV heads, G query heads per KV head, D head dim,
 S the buffer length (a multiple of `block_k`), R stacked layers.
@@ -95,82 +86,8 @@ def _kernel(layer_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, *, group: int, block
     o_ref[...] = (acc / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)[:, None]).astype(o_ref.dtype)
 
 
-def _split_kernel(layer_ref, pos_ref, q_ref, k_ref, v_ref, top_ref, total_ref, acc_ref, *,
-                  group: int, block_k: int, split_blocks: int):
-    """One (row, head, query block, key split) program: the online softmax over the split's blocks
-    up to the block's deepest row; writes the split's (max, sum, accumulator) only when it has a
-    block to visit (the merge reads exactly those splits)."""
-    b = pl.program_id(0)
-    head = pl.program_id(1)
-    split = pl.program_id(3)
-    kv_head = head // group
-    layer = layer_ref[0]
-    positions = pos_ref[...]                                               # int32[bq]
-    last = jnp.max(positions)
-    q = q_ref[...]                                                         # [bq, D]
-    rows, dim = q.shape
-    scale = dim ** -0.5
-    first = split * split_blocks
-    end = jnp.minimum(first + split_blocks, (last + block_k) // block_k)
-
-    def body(index, carry):
-        top, total, acc = carry
-        start = pl.multiple_of(index * block_k, block_k)
-        keys = k_ref[layer, b, pl.ds(start, block_k), kv_head, :].astype(q.dtype)    # [bk, D]
-        values = v_ref[layer, b, pl.ds(start, block_k), kv_head, :].astype(q.dtype)
-        scores = jax.lax.dot_general(q, keys, (((1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32) * scale       # [bq, bk]
-        key_pos = start + jax.lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
-        scores = jnp.where(key_pos <= positions[:, None], scores, -jnp.inf)
-        new_top = jnp.maximum(top, jnp.max(scores, axis=1))
-        safe_top = jnp.where(new_top > -jnp.inf, new_top, 0.0)
-        rescale = jnp.exp(jnp.where(top > -jnp.inf, top - safe_top, -jnp.inf))
-        weights = jnp.exp(scores - safe_top[:, None])
-        total = total * rescale + jnp.sum(weights, axis=1)
-        value_pos = start + jax.lax.broadcasted_iota(jnp.int32, (block_k, dim), 0)
-        values = jnp.where(value_pos <= last, values, jnp.zeros_like(values))
-        acc = acc * rescale[:, None] + jax.lax.dot_general(
-            weights.astype(q.dtype), values, (((1,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32)
-        return new_top, total, acc
-
-    @pl.when(end > first)
-    def _():
-        init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
-                jnp.zeros((rows, dim), jnp.float32))
-        top, total, acc = jax.lax.fori_loop(first, end, body, init)
-        top_ref[...] = top
-        total_ref[...] = total
-        acc_ref[...] = acc
-
-
-def _merge_kernel(pos_ref, top_ref, total_ref, acc_ref, o_ref, *, split_k: int, block_q: int):
-    """One (row, head, query block) program: merge the splits 0 .. last // split_k in order."""
-    b = pl.program_id(0)
-    head = pl.program_id(1)
-    rows = pl.ds(pl.program_id(2) * block_q, block_q)
-    last = jnp.max(pos_ref[...])
-
-    def body(split, carry):
-        top, total, acc = carry
-        split_top = top_ref[b, split, head, rows]                          # [bq]
-        new_top = jnp.maximum(top, split_top)
-        safe_top = jnp.where(new_top > -jnp.inf, new_top, 0.0)
-        keep = jnp.exp(jnp.where(top > -jnp.inf, top - safe_top, -jnp.inf))
-        take = jnp.exp(jnp.where(split_top > -jnp.inf, split_top - safe_top, -jnp.inf))
-        total = total * keep + total_ref[b, split, head, rows] * take
-        acc = acc * keep[:, None] + acc_ref[b, split, rows, head, :] * take[:, None]
-        return new_top, total, acc
-
-    dim = o_ref.shape[-1]
-    init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32),
-            jnp.zeros((block_q, dim), jnp.float32))
-    _, total, acc = jax.lax.fori_loop(0, (last + split_k) // split_k, body, init)
-    o_ref[...] = (acc / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)[:, None]).astype(o_ref.dtype)
-
-
 def attend_pallas(q: Array, k: Array, v: Array, positions: Array, layer: Array | None = None, *,
-                  block_k: int = 64, block_q: int = 64, split_k: int = 0) -> Array:
+                  block_k: int = 64, block_q: int = 64) -> Array:
     """Causal attention of q against a KV buffer, keys at positions <= each query's own.
 
     Args:
@@ -180,8 +97,7 @@ def attend_pallas(q: Array, k: Array, v: Array, positions: Array, layer: Array |
         reads nothing (its row is zeros; a block of such rows runs no loop step at all). Padding
         slots may carry -1 or any position in 0..S-1 (their rows are garbage either way).
       block_k: keys per loop step (power of two >= 16, divides S). block_q: query rows per program
-        (clipped to a power of two >= 16 covering T). split_k: keys per split (module docstring), a
-        multiple of block_k dividing S; 0 or S: one program walks all of a row's keys.
+        (clipped to a power of two >= 16 covering T).
 
     Returns:
       float32-accurate attention output [B, T, Hkv, G, D] in q.dtype.
@@ -194,9 +110,6 @@ def attend_pallas(q: Array, k: Array, v: Array, positions: Array, layer: Array |
     if not supported(dim, buffer_length, block_k):
         raise ValueError(f"attend_pallas needs a power-of-two head_dim >= 16 and block_k dividing the "
                          f"buffer length, got head_dim {dim}, block_k {block_k}, S {buffer_length}")
-    if split_k < 0 or (split_k and (split_k % block_k or buffer_length % split_k)):
-        raise ValueError(f"split_k must be 0 or a multiple of block_k {block_k} dividing the buffer "
-                         f"length {buffer_length}, got {split_k}")
     block_q = min(block_q, _pow2_at_least(length, 16))
     padded = -(-length // block_q) * block_q
     heads = kv_heads * group
@@ -204,10 +117,6 @@ def attend_pallas(q: Array, k: Array, v: Array, positions: Array, layer: Array |
     if padded != length:
         q_heads = jnp.pad(q_heads, ((0, 0), (0, padded - length), (0, 0), (0, 0)))
         positions = jnp.pad(positions, ((0, 0), (0, padded - length)), mode="edge")
-    if split_k and split_k < buffer_length:
-        out = _attend_split(q_heads, k, v, positions.astype(jnp.int32), layer, group=group,
-                            block_k=block_k, block_q=block_q, split_k=split_k)
-        return out[:, :length].reshape(batch, length, kv_heads, group, dim)
     kernel = functools.partial(_kernel, group=group, block_k=block_k)
     per_rows = pl.BlockSpec((None, block_q, None, dim), lambda b, h, i: (b, i, h, 0))
     out = pl.pallas_call(
@@ -221,41 +130,3 @@ def attend_pallas(q: Array, k: Array, v: Array, positions: Array, layer: Array |
         name="attend_blocked",
     )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), positions.astype(jnp.int32), q_heads, k, v)
     return out[:, :length].reshape(batch, length, kv_heads, group, dim)
-
-
-def _attend_split(q_heads: Array, k: Array, v: Array, positions: Array, layer, *, group: int,
-                  block_k: int, block_q: int, split_k: int) -> Array:
-    """The split read (module docstring): q_heads [B, T', H, D] (T' a multiple of block_q), the
-    stacked buffer [R, B, S, Hkv, D], positions int32[B, T'] -> [B, T', H, D] in q's dtype.
-    Partial results are float32 [B, S / split_k, H, T'] (max, sum) and [B, S / split_k, T', H, D]."""
-    batch, padded, heads, dim = q_heads.shape
-    splits = k.shape[2] // split_k
-    layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
-    grid_rows = padded // block_q
-    params = pltriton.CompilerParams(num_warps=8 if dim >= 128 else 4, num_stages=2)
-    stats_spec = pl.BlockSpec((None, None, None, block_q), lambda b, h, i, s: (b, s, h, i))
-    top, total, acc = pl.pallas_call(
-        functools.partial(_split_kernel, group=group, block_k=block_k,
-                          split_blocks=split_k // block_k),
-        out_shape=(jax.ShapeDtypeStruct((batch, splits, heads, padded), jnp.float32),
-                   jax.ShapeDtypeStruct((batch, splits, heads, padded), jnp.float32),
-                   jax.ShapeDtypeStruct((batch, splits, padded, heads, dim), jnp.float32)),
-        grid=(batch, heads, grid_rows, splits),
-        in_specs=[pl.BlockSpec((1,), lambda b, h, i, s: (0,)),
-                  pl.BlockSpec((None, block_q), lambda b, h, i, s: (b, i)),
-                  pl.BlockSpec((None, block_q, None, dim), lambda b, h, i, s: (b, i, h, 0)),
-                  pl.no_block_spec, pl.no_block_spec],
-        out_specs=(stats_spec, stats_spec,
-                   pl.BlockSpec((None, None, block_q, None, dim), lambda b, h, i, s: (b, s, i, h, 0))),
-        interpret=interpret(), compiler_params=params, name="attend_split",
-    )(layer, positions, q_heads, k, v)
-    return pl.pallas_call(
-        functools.partial(_merge_kernel, split_k=split_k, block_q=block_q),
-        out_shape=jax.ShapeDtypeStruct((batch, padded, heads, dim), q_heads.dtype),
-        grid=(batch, heads, grid_rows),
-        in_specs=[pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
-                  pl.no_block_spec, pl.no_block_spec, pl.no_block_spec],
-        out_specs=pl.BlockSpec((None, block_q, None, dim), lambda b, h, i: (b, i, h, 0)),
-        interpret=interpret(), compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
-        name="attend_merge",
-    )(positions, top, total, acc)

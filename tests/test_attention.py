@@ -156,8 +156,6 @@ def test_a_chunk_reads_the_same_bits_in_any_group_slot_of_a_stacked_cache(params
     (dict(rotary_dim=10), "rotary_dim"),
     (dict(head_dim=0), "head_dim"),
     (dict(key_block=-1), "key_block"),
-    (dict(key_split=100), "key_split"),
-    (dict(key_split=-64), "key_split"),
 ])
 def test_bad_attention_configs_raise_named_errors(kwargs, message):
     base = dict(d_model=16, num_heads=4, num_kv_heads=2, head_dim=8, rotary_dim=4)

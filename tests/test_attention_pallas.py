@@ -38,37 +38,6 @@ def test_pallas_read_matches_the_dense_and_blocked_xla_reads(inputs):
     np.testing.assert_allclose(got, blocked, atol=2e-6)
 
 
-@pytest.mark.parametrize("split_k", [32, 64])
-def test_split_read_matches_the_dense_read_and_reads_stacked_layers(inputs, split_k):
-    q, k, v, positions = inputs                    # S = 128: 4 or 2 splits; rows reach past 64
-    got = np.asarray(attend_pallas(q, k, v, positions, block_k=16, block_q=16, split_k=split_k))
-    np.testing.assert_allclose(got, np.asarray(_attend_dense(q, KVCache(k, v), positions, None)),
-                               atol=2e-6)
-    stacked = attend_pallas(q, np.stack([-k, k]), np.stack([np.full_like(v, np.nan), v]), positions,
-                            jnp.int32(1), block_k=16, block_q=16, split_k=split_k)
-    np.testing.assert_array_equal(np.asarray(stacked), got)
-
-
-def test_a_split_rows_result_does_not_depend_on_where_it_sits_in_the_call(inputs):
-    """What a resume on the chunk grid needs: the same query at the same position gives the same
-    bits in a call of 24 rows at any offset and in a call of one row (other splits visited,
-    other rows in its block, stale keys beyond it)."""
-    q, k, v, positions = inputs
-    full = np.asarray(attend_pallas(q, k, v, positions, block_k=16, block_q=16, split_k=32))
-    stale_k, stale_v = k.copy(), v.copy()
-    stale_k[1, 72:] = 1e30
-    stale_v[1, 72:] = np.nan
-    alone = attend_pallas(q[1:, 11:12], stale_k[1:], stale_v[1:], positions[1:, 11:12],
-                          block_k=16, block_q=16, split_k=32)        # the row at position 71
-    np.testing.assert_array_equal(np.asarray(alone)[0, 0], full[1, 11])
-
-
-def test_split_read_rejects_a_split_that_does_not_tile_the_buffer(inputs):
-    q, k, v, positions = inputs
-    with pytest.raises(ValueError, match="split_k"):
-        attend_pallas(q, k, v, positions, block_k=16, block_q=16, split_k=48)
-
-
 def test_pallas_read_of_a_stacked_cache_reads_only_the_given_layer(inputs):
     q, k, v, positions = inputs
     stacked_k = np.stack([np.full_like(k, 7.0), k, -k])
@@ -89,11 +58,10 @@ def test_pallas_read_ignores_stale_values_past_every_query(inputs):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-@pytest.mark.parametrize("read", ["pallas", "split", "dense", "blocked"])
+@pytest.mark.parametrize("read", ["pallas", "dense", "blocked"])
 def test_rows_at_position_minus_one_read_nothing_and_change_no_bit_of_the_real_rows(inputs, read):
     q, k, v, positions = inputs
     reads = {"pallas": lambda p: attend_pallas(q, k, v, p, block_k=16, block_q=16),
-             "split": lambda p: attend_pallas(q, k, v, p, block_k=16, block_q=16, split_k=32),
              "dense": lambda p: _attend_dense(q, KVCache(k, v), p, None),
              "blocked": lambda p: _attend_blocked(q, KVCache(k, v), p, 32, None)}[read]
     padded = positions.copy()
@@ -119,19 +87,17 @@ def test_pallas_kernel_is_a_checked_config_choice():
                         kernel="flash")
 
 
-@pytest.mark.parametrize("max_length, key_split, length, split", [(64, 1024, 48, 24), (128, 64, 96, 72)])
-def test_prefill_and_decode_with_the_pallas_kernel_resume_bitwise_and_match_the_xla_kernel(
-        max_length, key_split, length, split):
-    base = hybrid_tiny_config()                     # the second case reads in 2 key splits of 64
-    attention = dataclasses.replace(base.attention, head_dim=16, kernel="pallas", key_split=key_split)
-    config = dataclasses.replace(base, attention=attention, chunks_per_step=2, max_length=max_length)
+def test_prefill_and_decode_with_the_pallas_kernel_resume_bitwise_and_match_the_xla_kernel():
+    base = hybrid_tiny_config()
+    attention = dataclasses.replace(base.attention, head_dim=16, kernel="pallas")
+    config = dataclasses.replace(base, attention=attention, chunks_per_step=2, max_length=64)
     model = HybridLM(config, dtype=jnp.float32, donate_state=False)
     reference = HybridLM(dataclasses.replace(config, attention=dataclasses.replace(attention,
                                                                                    kernel="xla")),
                          dtype=jnp.float32, donate_state=False)
     params = model.init_params(jax.random.PRNGKey(0))
-    assert resume_difference(model, params, length, split=split) == (split, 0.0)  # C = 8, not on G C
-    tokens = np.random.default_rng(1).integers(0, config.vocab_size, (1, length), dtype=np.int32)
+    assert resume_difference(model, params, 48, split=24) == (24, 0.0)   # C = 8, not on G C = 16
+    tokens = np.random.default_rng(1).integers(0, config.vocab_size, (1, 48), dtype=np.int32)
     none = np.zeros((0,), np.int32)
     want_logits, want_state, _ = model.prefill(params, tokens, model.init_state(1), none)
     xla_logits, xla_state, _ = reference.prefill(params, tokens, reference.init_state(1), none)
