@@ -44,7 +44,7 @@ from .checkpoint_io import register_family
 from .layers import rms_norm
 from .mamba2_mixer import (BACKENDS, Mamba2MixerConfig, MixerParams, full_precision, gated_rms_norm,
                            init_mamba2_mixer, mamba2_mixer_chunk, mamba2_mixer_decode,
-                           mamba2_mixer_group, mamba2_mixer_state)
+                           mamba2_mixer_group, mamba2_mixer_state, uses_kernels)
 from .registry import register
 
 Array = jax.Array
@@ -273,7 +273,17 @@ def mamba2_emitting_step(params: Mamba2Params, cfg: Mamba2Config) -> EmittingGro
             lambda leaf: jnp.zeros((leaf.shape[0], slots) + leaf.shape[1:], leaf.dtype),
             state.recurrent)
 
-    return EmittingGroupStep(step, init_buffers, lambda buffers: buffers)
+    def init_padding(state, real):
+        """On the GPU-kernel path: one launch that zeroes only the padding slots of every layer's
+        buffers (`pallas_common.padding_zeroed_buffers`); the prefill writes the real ones."""
+        from .pallas_common import padding_zeroed_buffers
+        leaves, tree = jax.tree_util.tree_flatten(state.recurrent)
+        buffers = padding_zeroed_buffers([(leaf.shape[1:], leaf.dtype) for leaf in leaves], real)
+        return jax.tree_util.tree_unflatten(tree, buffers)
+
+    kernels = uses_kernels(cfg.mixer, cfg.chunks_per_step, cfg.chunk_size, cfg.compute_dtype)
+    return EmittingGroupStep(step, init_buffers, lambda buffers: buffers,
+                             init_padding if kernels else None)
 
 
 def mamba2_chunk_step(params: Mamba2Params, cfg: Mamba2Config, state: State, tokens: Array,

@@ -248,9 +248,10 @@ def ssd_backend(backend: str, dtype, platform: str) -> str:
     return "pallas" if platform == "gpu" and jnp.dtype(dtype) != jnp.float32 else "chunked"
 
 
-def _use_pallas(cfg: Mamba2MixerConfig, chunks: int, length: int, dtype) -> bool:
-    """The Pallas kernels when `ssd_backend` says so and the shapes qualify (Pallas is imported
-    only then: its import costs ~1 s)."""
+def uses_kernels(cfg: Mamba2MixerConfig, chunks: int, length: int, dtype) -> bool:
+    """Whether `mamba2_mixer_group` on `chunks` chunks of `length` tokens in `dtype` runs the GPU
+    (Pallas) kernels: when `ssd_backend` says so and the shapes qualify (Pallas is imported only
+    then: its import costs ~1 s)."""
     if ssd_backend(cfg.backend, dtype, jax.default_backend()) != "pallas":
         return False
     from .ssd_pallas import supported
@@ -336,7 +337,7 @@ def mamba2_mixer_group(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, st
     dt = jnp.where(valid[..., None], _time_step(params, cfg, dt_raw), 0.0)
     a = -jnp.exp(params.A_log.astype(jnp.float32))
     per_chunk = want_boundaries or emit is not None
-    if _use_pallas(cfg, x.shape[1], x.shape[2], x.dtype):
+    if uses_kernels(cfg, x.shape[1], x.shape[2], x.dtype):
         # Emission straight from the chain kernel (no exits materialised, no scatter of them)
         # when the slot count is a power of two, as the models' checkpoint buckets are by default.
         slots = 0 if emit is None else emit[0].ssm.shape[1]

@@ -103,11 +103,16 @@ class EmittingGroupStep(NamedTuple):
         slots, in any layout the step likes (layer-stacked, per layer, ...); carried in the loop.
       to_recurrent: ``to_recurrent(buffers) -> tuple``: the buffers in the protocol layout (the
         structure of `State.recurrent`, leaves [B, K, ...]), called once per call.
+      init_padding: None, or ``init_padding(state, real) -> buffers`` (real bool[B, K]: the slots a
+        checkpoint fills): buffers like `init_buffers`' whose padding slots are zero and whose real
+        slots may hold anything -- `run_chunks` writes every real slot exactly once per call, so
+        zeroing them first is wasted bandwidth. Used instead of `init_buffers` when given.
     """
 
     step: Callable
     init_buffers: Callable
     to_recurrent: Callable
+    init_padding: Callable | None = None
 
 
 def write_emitted(buffers, states, slot: Array):
@@ -256,7 +261,10 @@ def run_chunks(step, state: State, tokens: Array, lengths: Array, checkpoints: A
     plan = plan_chunks(lengths, checkpoints, chunk_size)
     base = state.length.astype(jnp.int32)
     rows = jnp.arange(batch)
-    buffers = emitting.init_buffers(state, slots) if slots else None
+    if slots and emitting.init_padding is not None:
+        buffers = emitting.init_padding(state, checkpoints > 0)
+    else:
+        buffers = emitting.init_buffers(state, slots) if slots else None
     last_hidden = jnp.zeros((batch, hidden_size), hidden_dtype)
     slots_of = jax.vmap(lambda chunk: chunk_slots(plan, chunk, chunk_size), out_axes=1)
 

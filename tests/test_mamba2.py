@@ -216,10 +216,10 @@ def test_command_buffer_setting_is_validated_kept_by_rechunking_and_off_by_defau
     assert prefill_compiler_options("auto") == ()
 
 
-def test_kernel_path_emits_every_checkpoint_as_the_xla_path_does():
-    """The GPU-kernel path (Pallas' interpreter here; the chain kernel writes the emitted states in
-    place for a power-of-two slot count) against the XLA path: every real slot written, padding
-    slots zero."""
+def test_kernel_path_emits_every_real_slot_into_buffers_zeroed_only_at_padding():
+    """The GPU-kernel path (Pallas' interpreter here) starts its checkpoint buffers from
+    `padding_zeroed_buffers`: every real slot must still be written by the prefill (it would read
+    0 otherwise), padding slots read 0 (their fill is tested in test_pallas_common)."""
     model, params = create("mamba2-tiny", dtype=jnp.float32)
     kernels = Mamba2LM(model.config.replace(backend="pallas", chunks_per_step=2), donate_state=False)
     reference = Mamba2LM(kernels.config.replace(backend="chunked"), donate_state=False)
