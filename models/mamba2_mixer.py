@@ -322,7 +322,9 @@ def mamba2_mixer_group(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, st
       emit: None, or (buffers, slot): this layer's checkpoint buffers (a `RecurrentState` with
         leaves [B, K, ...]) and int32[B, Q], the slot the state after chunk q is written to (K: not
         emitted) -- the opt-in emission of `sparse_prefix.chunking.run_chunks`; exclusive with
-        `want_boundaries`.
+        `want_boundaries`. With `buffers.conv` None the conv windows are not written here: the
+        third result's conv is then every chunk's window [B, Q, W-1, Dc], for the caller to write
+        (Mamba2LM writes all layers' at once).
 
     Returns:
       (y [B, Q, C, d] in x.dtype -- garbage on padded slots --, the state after the last chunk,
@@ -362,10 +364,10 @@ def mamba2_mixer_group(params: MixerParams, cfg: Mamba2MixerConfig, x: Array, st
         third = RecurrentState(ssm=exits, conv=windows)
     elif emit is not None:
         buffers, slot = emit
-        if emitted_ssm is not None:     # the chain kernel wrote the states; the windows here
-            third = RecurrentState(ssm=emitted_ssm, conv=write_emitted(buffers.conv, windows, slot))
-        else:
-            third = write_emitted(buffers, RecurrentState(ssm=exits, conv=windows), slot)
+        # the chain kernel wrote the emitted SSM states (emitted_ssm), or they are scattered here
+        ssm = emitted_ssm if emitted_ssm is not None else write_emitted(buffers.ssm, exits, slot)
+        conv = windows if buffers.conv is None else write_emitted(buffers.conv, windows, slot)
+        third = RecurrentState(ssm=ssm, conv=conv)
     return out, final, third
 
 
