@@ -291,19 +291,24 @@ class Engine:
           at the same batch size) and its `RequestStats`.
         """
         rows, per_row_hints, batch = self._requests(tokens, hints)
-        logits, _, stats = self._run(rows, per_row_hints, self._namespace(namespace), self.planner)
-        return PrefillResult(logits, tuple(stats)) if batch else PrefillResult(_first_row(logits), stats[0])
+        logits, _, stats = self._run(rows, per_row_hints, self._namespace(namespace), self.planner,
+                                     first_row=not batch)
+        return PrefillResult(logits, tuple(stats)) if batch else PrefillResult(logits, stats[0])
 
     def _namespace(self, namespace: str | None) -> str | None:
         _check_namespace(namespace)
         return self.namespace if namespace is None else namespace
 
     def _run(self, rows: list[np.ndarray], hints: list[tuple[int, ...]], group: str | None,
-             planner: Any, keep_final: bool = False) -> tuple[jax.Array, State | None, list[RequestStats]]:
+             planner: Any, keep_final: bool = False, first_row: bool = False
+             ) -> tuple[jax.Array, State | None, list[RequestStats]]:
         """Plan, restore, prefill and commit a validated batch; returns (logits [B, V], final, stats).
 
         Unless `keep_final`, the final state's KV goes back to the store as scratch for the next
-        restore (and None is returned in its place)."""
+        restore (and None is returned in its place). With `first_row` the logits returned are row 0's
+        [V], cut by a kernel queued right behind the prefill -- before the commit's writes, which the
+        device runs in order after it: cut afterwards, the answer waited for the store's writes
+        (~0.9 ms of a 16 ms 98%-overlap hit of qwen3.5-0.8b on an H200)."""
         start = time.perf_counter()
         plans: list[RequestPlan] = []
         with self._lock:
@@ -324,6 +329,8 @@ class Engine:
                                                           *self._prefill_args(plans))
             else:
                 logits, final, emitted = self._prefill(plans, state)
+            if first_row:
+                logits = _first_row(logits)
         except BaseException:
             with self._lock:
                 for plan in plans:

@@ -1,9 +1,9 @@
 """The Engine's host cost on a hit (issue 7): counted device dispatches and waits, never timed.
 
-A hit issues exactly one gather and one prefill (plus the compiled slice of its logits), a request
-that stores states adds one scatter of states and one of KV pages, the model is handed host-side
-lengths (so its checks never wait for the gather), and the engine waits on the device once, after
-its commit. A device failure surfacing at that wait drops the cache rather than serve unwritten
+A hit issues exactly one gather and one prefill, then the compiled slice of its logits (queued
+before the commit's writes, so the answer never waits for them), a request that stores states adds
+one scatter of states and one of KV pages, the model is handed host-side lengths (so its checks
+never wait for the gather), and the engine waits on the device once, after its commit. A device failure surfacing at that wait drops the cache rather than serve unwritten
 states. ToyLM programs compile in well under a second, shared with tests/test_engine.py.
 """
 
@@ -53,6 +53,13 @@ def counted(monkeypatch):
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(store_module, name, logged)
+    first_row = engine_module._first_row
+
+    def logged_first_row(logits):
+        events.append("_first_row")
+        return logits if isinstance(logits, _FailingWait) else first_row(logits)
+
+    monkeypatch.setattr(engine_module, "_first_row", logged_first_row)
     block = jax.block_until_ready
 
     def logged_block(x):
@@ -76,16 +83,22 @@ def test_a_hit_dispatches_one_gather_and_one_prefill_and_waits_once(counted):
     events.clear()
     hit = engine.prefill(np.concatenate([PREFIX, [7, 8, 9, 10]]))
     assert hit.stats.resume_position == 16 and hit.stats.checkpoints_stored == 0
-    assert events == ["_gather_state", "prefill", "wait"]
+    assert events == ["_gather_state", "prefill", "_first_row", "wait"]
     np.testing.assert_array_equal(hit.last_logits, uncached(recorder, engine.params,
                                                             [np.concatenate([PREFIX, [7, 8, 9, 10]])])[0])
 
 
-def test_a_storing_request_adds_one_scatter_of_states_and_one_of_pages_before_its_wait(counted):
+def test_a_storing_request_cuts_its_answer_before_one_scatter_of_states_and_one_of_pages(counted):
     engine, _, events = counted
     result = engine.prefill(np.concatenate([PREFIX, [3, 4, 5]]), hints=[8, 16])
     assert result.stats.checkpoints_stored == 2
-    assert events == ["_gather_state", "prefill", "_insert_rows", "_write_pages", "wait"]
+    assert events == ["_gather_state", "prefill", "_first_row", "_insert_rows", "_write_pages", "wait"]
+
+
+def test_a_batch_returns_the_prefills_own_logits_without_a_slice(counted):
+    engine, _, events = counted
+    result = engine.prefill([np.concatenate([PREFIX, [3]]), np.concatenate([PREFIX, [4, 5]])])
+    assert "_first_row" not in events and result.last_logits.shape[0] == 2
 
 
 def test_the_model_gets_host_lengths_so_its_checks_never_wait_for_the_gather(counted):
