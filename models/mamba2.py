@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_prefix.chunking import (EmittingGroupStep, write_emitted, check_decode_args, check_prefill_args, check_state,
+from sparse_prefix.chunking import (EmittingGroupStep, check_decode_args, check_prefill_args, check_state,
                                     prefill_compiler_options, prepare_prefill_args, resolve_step_loop,
-                                    run_chunks, scan_chunks)
+                                    run_chunks, scan_chunks, write_emitted)
 from sparse_prefix.protocol import Checkpoints, MemoryProfile, RecurrentState, State, restore_state
 
 from .checkpoint_io import register_family
@@ -248,8 +248,8 @@ class EmittedBuffers(NamedTuple):
     Attributes:
       ssm: per layer float32[B, K, H, P, N] (the protocol layout; the chain kernel writes in place).
       conv: [B, K, n_layer, W-1, Dc], every layer's conv windows in one array: one scatter per step
-        writes all layers' emitted windows (48 scatters of a few KB each cost ~0.9 ms per
-        mamba2-1.3b call of 8192 tokens on an H200, almost all launch latency).
+        writes all layers' emitted windows (one scatter per layer and step, 192 of a few KB each,
+        cost ~0.9 ms per mamba2-1.3b call of 8192 tokens on an H200, almost all launch latency).
     """
 
     ssm: tuple
