@@ -138,9 +138,12 @@ class HybridConfig:
 class _Programs:
     """The jitted programs of one (config, backend, donation); `traces` counts compilations."""
 
-    def __init__(self, stack: HybridStack, donate: bool, static_steps: bool = False):
+    def __init__(self, stack: HybridStack, donate: bool, static_steps: bool = False,
+                 compiler_options: tuple = ()):
         self.stack = stack
         self.static_steps = static_steps
+        self.compiler_options = compiler_options
+        self.fit_verdicts: dict[int, bool] = {}     # batch size -> `HybridLM.verify_step_fit`
         # forward (training, references) reads attention KV densely with XLA and runs the GDN state
         # recursion as an XLA scan: reverse-mode AD cannot go through the blocked read's while loop
         # nor the Pallas kernels; forward's logits equal prefill's within tolerance.
@@ -157,7 +160,8 @@ class _Programs:
         self.donate = donate
         argnums = (2,) if donate else ()
         self.program = self._prefill          # one object: engines cache fused programs on it
-        self.prefill = jax.jit(self._prefill, donate_argnums=argnums)
+        self.prefill = jax.jit(self._prefill, donate_argnums=argnums,
+                               compiler_options=dict(compiler_options) or None)
         self.decode = jax.jit(self._decode, donate_argnums=argnums)
         self.forward = jax.jit(self._forward)
         self.init_params = jax.jit(stack.init_params)
@@ -172,7 +176,7 @@ class _Programs:
                                             checkpoints, chunk_size=config.chunk_size,
                                             hidden_size=config.d_model, hidden_dtype=stack.dtype,
                                             chunks_per_step=config.chunks_per_step,
-                                            static_steps=self.static_steps)
+                                            static_steps=self.static_steps, fit_single_chunk=True)
         final = stack.from_unit_state(final, state, tokens.shape[1])
         emitted = emitted._replace(recurrent=stack.unstack_recurrent(emitted.recurrent, axis=2))
         return stack.logits(params, hidden), final, emitted
@@ -204,8 +208,29 @@ def _first_slots(emitted: Checkpoints, slots: int) -> Checkpoints:
 
 
 @functools.lru_cache(maxsize=16)
-def _programs(config: HybridConfig, backend: str, donate: bool, static_steps: bool = False) -> _Programs:
-    return _Programs(HybridStack(config, backend), donate, static_steps)
+def _programs(config: HybridConfig, backend: str, donate: bool, static_steps: bool = False,
+              compiler_options: tuple = ()) -> _Programs:
+    return _Programs(HybridStack(config, backend), donate, static_steps, compiler_options)
+
+
+FIT_STEPS = ("auto", "on", "off")
+GEMMS = ("auto", "cublas", "xla")
+
+
+def gemm_compiler_options(gemm: str) -> tuple:
+    """XLA compiler options of a prefill program for its matmuls, as (name, value) pairs.
+
+    "cublas" (and "auto") on a GPU turn XLA's Triton GEMM fusions off, so every matmul runs a
+    cuBLAS kernel. On an H200 (jax 0.11.2, qwen3.5-0.8b, one run): 84.9 vs 95.4 ms for 8192 tokens,
+    and every GEMM row came out with the same bits at 256, 512, 1024 and 8192 rows -- with Triton
+    GEMMs the autotuner picked split-K configurations for the small-M shapes, whose rows differ
+    from the large-M ones -- which is what lets a one-chunk call run one chunk exactly (`fit_steps`).
+    "xla": XLA's own choice. Off a GPU: ()."""
+    if gemm not in GEMMS:
+        raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
+    if gemm != "xla" and jax.default_backend() == "gpu":
+        return (("xla_gpu_enable_triton_gemm", False),)
+    return ()
 
 
 class HybridLM:
@@ -223,12 +248,20 @@ class HybridLM:
       step_loop: the prefill's loop over group steps (`chunking.STEP_LOOPS`): "dynamic" (counted on
         the device, one program per padded width), "static" (counted on the host, one program per
         step count, no host round trip per step), "auto" (static on a GPU). Same numbers either way.
+      fit_steps: whether a call that lays out a single chunk (a short resumed suffix) runs that one
+        chunk (G = 1) instead of a G-chunk step padded with G - 1 empty chunks: "on", "off", or
+        "auto" (on for a batch size once `verify_step_fit` found the two bit-for-bit equal on this
+        backend -- checked at the first such call, with random weights and tokens). Only "auto"
+        and "off" are exact by construction; "on" trusts the backend. No effect when G = 1.
+      gemm: the prefill's matmul kernels (`gemm_compiler_options`): "auto" / "cublas" (cuBLAS on a
+        GPU: faster there, and row-for-row the same bits at every row count), or "xla".
     """
 
     family = "hybrid"
 
     def __init__(self, config: HybridConfig, *, dtype=None, backend: str = "chunked",
-                 min_checkpoint_slots: int = 4, donate_state: bool = True, step_loop: str = "auto"):
+                 min_checkpoint_slots: int = 4, donate_state: bool = True, step_loop: str = "auto",
+                 fit_steps: str = "auto", gemm: str = "auto"):
         if not isinstance(config, HybridConfig):
             raise TypeError(f"config must be a HybridConfig, got {type(config).__name__}")
         if backend not in ("chunked", "sequential"):
@@ -239,7 +272,12 @@ class HybridLM:
         self.backend = backend
         self.min_checkpoint_slots = int(min_checkpoint_slots)
         self.step_loop = resolve_step_loop(step_loop)
-        self._programs = _programs(config, backend, bool(donate_state), self.step_loop == "static")
+        if fit_steps not in FIT_STEPS:
+            raise ValueError(f"fit_steps must be one of {FIT_STEPS}, got {fit_steps!r}")
+        self.fit_steps = fit_steps
+        self.gemm = gemm
+        self._programs = _programs(config, backend, bool(donate_state), self.step_loop == "static",
+                                   gemm_compiler_options(gemm))
         self._abstract: dict[int, State] = {}
 
     chunk_size = property(lambda self: self.config.chunk_size)
@@ -260,7 +298,8 @@ class HybridLM:
         step G and/or GDN sub-chunk c (`HybridConfig.with_chunking`); the parameters stay valid."""
         return HybridLM(self.config.with_chunking(chunk_size, chunks_per_step, sub_chunk),
                         backend=self.backend, min_checkpoint_slots=self.min_checkpoint_slots,
-                        donate_state=self._programs.donate, step_loop=self.step_loop)
+                        donate_state=self._programs.donate, step_loop=self.step_loop,
+                        fit_steps=self.fit_steps, gemm=self.gemm)
 
     def init_params(self, key: Array) -> dict:
         """Random parameters (jitted): embed [V, d], layers, final_norm [d], lm_head [d, V] if untied."""
@@ -329,12 +368,64 @@ class HybridLM:
         """`FusablePrefill.prefill_program`: the pure program `prefill` jits (same object each time)."""
         return self._programs.program
 
+    @property
+    def prefill_compiler_options(self) -> tuple:
+        """The XLA compiler options `prefill` is jitted with ((name, value) pairs; engines that fuse
+        the restore into the prefill jit theirs with the same)."""
+        return self._programs.compiler_options
+
     def prepare_prefill(self, tokens, checkpoints, lengths=None, state_length=None
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`FusablePrefill.prepare_prefill`: validated (tokens, checkpoints, lengths), T padded to
         C * 2^i (static step loop: to the steps the call needs, `chunking.padded_width`) and K to 0
-        or a power of two >= min_checkpoint_slots (`chunking.prepare_prefill_args`)."""
-        return prepare_prefill_args(self, tokens, checkpoints, lengths, state_length)
+        or a power of two >= min_checkpoint_slots (`chunking.prepare_prefill_args`). A call that
+        lays out one chunk gets the width C (run as one chunk) where `fits_one_chunk` allows it,
+        else at least 2C (one G-chunk step)."""
+        batch = np.shape(tokens)[0] if np.ndim(tokens) == 2 else None
+        fit = self.fits_one_chunk(batch) if batch else False
+        return prepare_prefill_args(self, tokens, checkpoints, lengths, state_length, fit_one_chunk=fit)
+
+    def fits_one_chunk(self, batch: int) -> bool:
+        """Whether a one-chunk call of `batch` rows runs as one chunk (`fit_steps`); "auto" runs
+        `verify_step_fit(batch)` the first time it is asked (models of an equal config share it)."""
+        if self.chunks_per_step == 1 or self.fit_steps == "off":
+            return False
+        if self.fit_steps == "on":
+            return True
+        verdicts = self._programs.fit_verdicts
+        if batch not in verdicts:
+            verdicts[batch] = self.verify_step_fit(batch)
+        return verdicts[batch]
+
+    def verify_step_fit(self, batch: int = 1) -> bool:
+        """Whether one chunk prefilled as a single-chunk step gives the bits it gets inside a G-chunk
+        step, on this backend, for `batch` rows: logits and every final-state leaf of a partial
+        chunk resumed from a one-chunk state, both ways, compared bitwise (random weights and
+        tokens; the kernels XLA picks depend on shapes, not values). Two extra compilations."""
+        batch = _check_batch(batch)
+        chunk, group = self.chunk_size, self.chunks_per_step
+        if group == 1:
+            return True
+        programs = self._programs
+        params = programs.init_params(jax.random.PRNGKey(0))
+        rng = np.random.default_rng(0)
+        wide = group * chunk if programs.static_steps else 2 * chunk
+        none = np.zeros((batch, 0), np.int32)
+
+        def call(tokens, state, width, lengths):
+            padded = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
+            return programs.prefill(params, padded, state, none, lengths)
+
+        first = rng.integers(0, self.vocab_size, (batch, chunk), dtype=np.int32)
+        _, start, _ = call(first, programs.init_state(batch), wide, np.full(batch, chunk, np.int32))
+        tail = rng.integers(0, self.vocab_size, (batch, chunk), dtype=np.int32)
+        part = np.full(batch, chunk - chunk // 4, np.int32)
+        results = []
+        for width in (wide, chunk):
+            state = jax.tree_util.tree_map(lambda leaf: leaf.copy(), start)
+            logits, final, _ = call(tail, state, width, part)
+            results.append([logits] + jax.tree_util.tree_leaves(final))
+        return all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(*results))
 
     def decode(self, params: dict, token, state: State) -> tuple[Array, State]:
         """`RecurrentLM.decode`: token int32[B] -> (logits f32[B, V], the state one token longer)."""

@@ -206,12 +206,12 @@ def prefill_compiler_options(command_buffers: str, auto_default: str = "on") -> 
     return ()
 
 
-def plan_steps(lengths: np.ndarray, checkpoints: np.ndarray, chunk_size: int, chunks_per_step: int) -> int:
-    """Group steps a call needs (host side, numpy): `plan_chunks`' chunk count over G, rounded up.
+def plan_chunk_count(lengths: np.ndarray, checkpoints: np.ndarray, chunk_size: int) -> int:
+    """Chunks a call lays out (host side, numpy): `plan_chunks`' count, the most over the rows (>= 1).
 
     Args:
       lengths: int[B] (>= 1).  checkpoints: int[B, K] relative to the call (<= 0: padding).
-      chunk_size: C.  chunks_per_step: G.
+      chunk_size: C.
     """
     lengths = np.asarray(lengths, np.int64)
     checkpoints = np.asarray(checkpoints, np.int64).reshape(lengths.shape[0], -1)
@@ -219,14 +219,23 @@ def plan_steps(lengths: np.ndarray, checkpoints: np.ndarray, chunk_size: int, ch
         if checkpoints.shape[1] else checkpoints
     start = np.concatenate([np.zeros((lengths.shape[0], 1), np.int64), boundary], axis=1)
     end = np.concatenate([boundary, lengths[:, None]], axis=1)
-    chunks = int(np.max(np.sum((end - start + chunk_size - 1) // chunk_size, axis=1)))
-    return max(1, -(-chunks // chunks_per_step))
+    return max(1, int(np.max(np.sum((end - start + chunk_size - 1) // chunk_size, axis=1))))
+
+
+def plan_steps(lengths: np.ndarray, checkpoints: np.ndarray, chunk_size: int, chunks_per_step: int) -> int:
+    """Group steps a call needs (host side, numpy): `plan_chunk_count` over G, rounded up.
+
+    Args:
+      lengths: int[B] (>= 1).  checkpoints: int[B, K] relative to the call (<= 0: padding).
+      chunk_size: C.  chunks_per_step: G.
+    """
+    return -(-plan_chunk_count(lengths, checkpoints, chunk_size) // chunks_per_step)
 
 
 def run_chunks(step, state: State, tokens: Array, lengths: Array, checkpoints: Array,
                *, chunk_size: int, hidden_size: int, hidden_dtype=jnp.float32,
-               chunks_per_step: int | None = None, static_steps: bool = False
-               ) -> tuple[Array, State, Checkpoints]:
+               chunks_per_step: int | None = None, static_steps: bool = False,
+               fit_single_chunk: bool = False) -> tuple[Array, State, Checkpoints]:
     """Drive a model's step over a prefill call, emitting recurrent states at `checkpoints`.
 
     Args:
@@ -246,11 +255,19 @@ def run_chunks(step, state: State, tokens: Array, lengths: Array, checkpoints: A
       static_steps: run exactly T / (G C) group steps (T must be a multiple of G C: the caller pads
         it to `plan_steps`; steps past the plan's last chunk are all padding, exact no-ops) instead
         of the device-counted loop (module docstring).
+      fit_single_chunk: a token width of exactly C runs single-chunk steps (G = 1; a plain group
+        step only) instead of G-chunk steps padded with G - 1 empty chunks: a short call (a
+        resumed suffix of one chunk) then costs one chunk of work. Exact only where the step
+        computes a chunk with the same bits at G = 1 as inside a G-chunk step (row-for-row equal
+        matmuls); the caller verifies that (`HybridLM.verify_step_fit`) and chooses the width
+        (`padded_width(fit_one_chunk=...)`).
 
     Returns:
       (hidden f32/hidden_dtype[B, d] at each row's last real token, final state, Checkpoints).
     """
     group_step, group = _group_step(step, chunks_per_step)
+    if fit_single_chunk and tokens.shape[1] == chunk_size and not isinstance(group_step, EmittingGroupStep):
+        group = 1
     if static_steps and tokens.shape[1] % (group * chunk_size):
         raise ValueError(f"static_steps needs a token width that is a multiple of G x C = "
                          f"{group * chunk_size}, got {tokens.shape[1]}")
@@ -347,28 +364,41 @@ def bucket_length(length: int, chunk_size: int, minimum: int | None = None) -> i
 
 
 def padded_width(total: int, lengths: np.ndarray, checkpoints: np.ndarray, *, chunk_size: int,
-                 chunks_per_step: int, static_steps: bool) -> int:
+                 chunks_per_step: int, static_steps: bool, fit_one_chunk: bool | None = None) -> int:
     """The token width T a prefill call of `total` token slots is padded (or cut) to: C * 2^i for the
     dynamic loop; exactly `plan_steps` x G x C for the static loop (slots past every row's length
-    are padding, so cutting them loses nothing)."""
+    are padding, so cutting them loses nothing).
+
+    `fit_one_chunk` is for programs that run a width of exactly C as single-chunk steps
+    (`run_chunks(fit_single_chunk=True)`): True gives a call that lays out one chunk the width C
+    (one chunk of work instead of a G-chunk step); False keeps every call of a G > 1 model at 2C or
+    more, so it runs G-chunk steps; None (programs without the rule) leaves the widths as above.
+    """
+    if fit_one_chunk is not None and chunks_per_step > 1:
+        if fit_one_chunk and plan_chunk_count(lengths, checkpoints, chunk_size) == 1:
+            return chunk_size
     if static_steps:
         return plan_steps(lengths, checkpoints, chunk_size, chunks_per_step) * chunks_per_step * chunk_size
-    return bucket_length(total, chunk_size)
+    width = bucket_length(total, chunk_size)
+    if fit_one_chunk is not None and chunks_per_step > 1 and width == chunk_size:
+        width = 2 * chunk_size
+    return width
 
 
-def prepare_prefill_args(model, tokens, checkpoints, lengths=None, state_length=None
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def prepare_prefill_args(model, tokens, checkpoints, lengths=None, state_length=None,
+                         fit_one_chunk: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`FusablePrefill.prepare_prefill` of the built-in models: validated (tokens int32[B, T],
     checkpoints int32[B, K], lengths int32[B]), T padded to `padded_width` (C * 2^i, or exactly the
     steps the call needs on the static step loop) and K to 0 or `checkpoint_bucket(K,
     model.min_checkpoint_slots)`. `model` supplies vocab_size, max_length, chunk_size,
-    chunks_per_step, step_loop and min_checkpoint_slots."""
+    chunks_per_step, step_loop and min_checkpoint_slots; `fit_one_chunk` as in `padded_width`."""
     tokens_np, lengths_np, ckpt_np = check_prefill_args(
         tokens, lengths, checkpoints, vocab_size=model.vocab_size, max_length=model.max_length,
         state_length=state_length)
     total, slots = tokens_np.shape[1], ckpt_np.shape[1]
     width = padded_width(total, lengths_np, ckpt_np, chunk_size=model.chunk_size,
-                         chunks_per_step=model.chunks_per_step, static_steps=model.step_loop == "static")
+                         chunks_per_step=model.chunks_per_step, static_steps=model.step_loop == "static",
+                         fit_one_chunk=fit_one_chunk)
     padded_slots = checkpoint_bucket(slots, model.min_checkpoint_slots) if slots else 0
     tokens_np = np.pad(tokens_np[:, :width], ((0, 0), (0, max(width - total, 0))))
     ckpt_np = np.pad(ckpt_np, ((0, 0), (0, padded_slots - slots)))

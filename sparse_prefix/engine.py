@@ -562,7 +562,8 @@ class Engine:
 
         Every call pads tokens to max_length and checkpoints to 0 slots (a request storing nothing)
         or `min_checkpoint_slots` (see `__init__`), so two programs per batch size serve every request
-        storing that few states; both are compiled here. A model on the static step loop
+        storing that few states; both are compiled here, and those of a one-chunk suffix where the
+        model gives it a width of its own (`HybridLM.fit_steps`). A model on the static step loop
         (`step_loop`, the default on a GPU) compiles once per step count as well: every count a
         suffix of up to `max_tokens` tokens (default max_length) takes is compiled here.
 
@@ -574,9 +575,11 @@ class Engine:
         if isinstance(max_tokens, bool) or not 1 <= top <= self.model.max_length:
             raise ValueError(f"max_tokens must be an int in 1..{self.model.max_length}, got {max_tokens!r}")
         static = getattr(self.model, "step_loop", "dynamic") == "static"
-        suffixes = [min(self.chunk_size, top)]
+        # a one-chunk suffix has a width of its own where the model runs it as one chunk (`fit_steps`)
+        suffixes = [min(self.chunk_size, top), min(2 * self.chunk_size, top)]
         if static:
-            suffixes = [min(steps * width, top) for steps in range(1, -(-top // width) + 1)]
+            suffixes += [min(steps * width, top) for steps in range(1, -(-top // width) + 1)]
+        suffixes = sorted(set(suffixes))
         for batch in batch_sizes:
             if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
                 raise ValueError(f"batch_sizes must be ints >= 1, got {batch!r}")

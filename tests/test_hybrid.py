@@ -67,7 +67,8 @@ def test_mamba2_attention_stack_with_two_chunks_per_step_passes_the_equivalence_
     before = model.compile_count
     report = check_model(model, scaled_params(model, seed=1), cross_bucket=False)  # hybrid-tiny has it
     assert report["bitwise_checks"] > 0 and report["max_decode_error"] < 1e-4
-    assert model.compile_count - before <= 2
+    # prefill width, decode, the one-chunk width (`fit_steps`), verify_step_fit's two K = 0 widths
+    assert model.compile_count - before <= 5
 
 
 def test_hybrid_tiny_with_two_chunks_per_step_passes_the_equivalence_matrix(grouped):
@@ -75,7 +76,8 @@ def test_hybrid_tiny_with_two_chunks_per_step_passes_the_equivalence_matrix(grou
     before = model.compile_count
     report = check_model(model, params)
     assert report["bitwise_checks"] > 0 and report["max_decode_error"] < 1e-4
-    assert model.compile_count - before <= 3            # two prefill widths (one cross-bucket), decode
+    # two prefill widths (one cross-bucket), decode, the one-chunk width, verify_step_fit's two
+    assert model.compile_count - before <= 6
 
 
 def test_group_steps_agree_with_unrolled_single_chunk_steps_within_float32_tolerance(tiny, grouped):
