@@ -58,7 +58,9 @@ class HybridConfig:
       dtype: the compute dtype's name (parameters, activations, conv windows, KV).
       chunks_per_step: G, the chunks every step of the prefill loop runs through all layers at once
         (matmuls over G * C rows). Exactness does not depend on G: a resume on the grid C is bitwise
-        for any G (the same G in both calls); G changes rounding, not the math.
+        for any G (the same G in both calls); G changes rounding, not the math. A call of a single
+        chunk may run as one chunk (`HybridLM.fit_steps`) where that was verified to give the same
+        bits as the chunk inside a G-chunk step.
       scan_layers: run the repeated pattern unit with a `lax.scan` (one compiled unit body); False
         unrolls it (longer compiles, no per-step slicing of the stacked weights).
     """
@@ -251,8 +253,8 @@ class HybridLM:
       fit_steps: whether a call that lays out a single chunk (a short resumed suffix) runs that one
         chunk (G = 1) instead of a G-chunk step padded with G - 1 empty chunks: "on", "off", or
         "auto" (on for a batch size once `verify_step_fit` found the two bit-for-bit equal on this
-        backend -- checked at the first such call, with random weights and tokens). Only "auto"
-        and "off" are exact by construction; "on" trusts the backend. No effect when G = 1.
+        backend -- checked at the first such call, with random weights and tokens). "off" is exact
+        by construction, "auto" by that check; "on" trusts the backend. No effect when G = 1.
       gemm: the prefill's matmul kernels (`gemm_compiler_options`): "auto" / "cublas" (cuBLAS on a
         GPU: faster there, and row-for-row the same bits at every row count), or "xla".
     """
@@ -401,7 +403,8 @@ class HybridLM:
         """Whether one chunk prefilled as a single-chunk step gives the bits it gets inside a G-chunk
         step, on this backend, for `batch` rows: logits and every final-state leaf of a partial
         chunk resumed from a one-chunk state, both ways, compared bitwise (random weights and
-        tokens; the kernels XLA picks depend on shapes, not values). Two extra compilations."""
+        tokens; the kernels XLA picks depend on shapes, not values). Two extra compilations, and a
+        second set of (random) weights on the device while it runs."""
         batch = _check_batch(batch)
         chunk, group = self.chunk_size, self.chunks_per_step
         if group == 1:
@@ -487,7 +490,8 @@ def qwen35_config(*, layers: int = 24, max_length: int = 16384, chunk_size: int 
       * chunk_size C = 256, the exactness grid the engine snaps checkpoints to;
       * chunks_per_step G = 4: every prefill step runs all layers on 1024 tokens (matmuls of 1024
         rows keep an H100 busy), and a call pays at most G - 1 = 3 padded chunks (768 tokens) at
-        its tail -- what a short resumed suffix costs on top of its own chunks;
+        its tail -- except a call of one chunk (a short resumed suffix), which runs that chunk
+        alone where `HybridLM.fit_steps` allows it (9-11 vs 14-15 ms on an H200);
       * GDN sub-chunk c = C (default): the state recursion takes one step per chunk (L / 256
         sequential steps per layer; c = 64 would take 4x as many tiny dependent matmuls) at ~c
         intra-chunk FLOPs per token (~6 MFLOP per token and layer at c = 256, 15% of a layer's);
