@@ -384,7 +384,7 @@ class HybridLM:
         lays out one chunk gets the width C (run as one chunk) where `fits_one_chunk` allows it,
         else at least 2C (one G-chunk step)."""
         batch = np.shape(tokens)[0] if np.ndim(tokens) == 2 else None
-        fit = self.fits_one_chunk(batch) if batch else False
+        fit = (lambda: self.fits_one_chunk(batch)) if batch else False   # asked for one-chunk calls only
         return prepare_prefill_args(self, tokens, checkpoints, lengths, state_length, fit_one_chunk=fit)
 
     def fits_one_chunk(self, batch: int) -> bool:

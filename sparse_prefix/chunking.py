@@ -364,7 +364,8 @@ def bucket_length(length: int, chunk_size: int, minimum: int | None = None) -> i
 
 
 def padded_width(total: int, lengths: np.ndarray, checkpoints: np.ndarray, *, chunk_size: int,
-                 chunks_per_step: int, static_steps: bool, fit_one_chunk: bool | None = None) -> int:
+                 chunks_per_step: int, static_steps: bool,
+                 fit_one_chunk: bool | Callable[[], bool] | None = None) -> int:
     """The token width T a prefill call of `total` token slots is padded (or cut) to: C * 2^i for the
     dynamic loop; exactly `plan_steps` x G x C for the static loop (slots past every row's length
     are padding, so cutting them loses nothing).
@@ -372,11 +373,13 @@ def padded_width(total: int, lengths: np.ndarray, checkpoints: np.ndarray, *, ch
     `fit_one_chunk` is for programs that run a width of exactly C as single-chunk steps
     (`run_chunks(fit_single_chunk=True)`): True gives a call that lays out one chunk the width C
     (one chunk of work instead of a G-chunk step); False keeps every call of a G > 1 model at 2C or
-    more, so it runs G-chunk steps; None (programs without the rule) leaves the widths as above.
+    more, so it runs G-chunk steps; a callable is asked (only) when the call lays out one chunk;
+    None (programs without the rule) leaves the widths as above.
     """
     if fit_one_chunk is not None and chunks_per_step > 1:
         if fit_one_chunk and plan_chunk_count(lengths, checkpoints, chunk_size) == 1:
-            return chunk_size
+            if not callable(fit_one_chunk) or fit_one_chunk():
+                return chunk_size
     if static_steps:
         return plan_steps(lengths, checkpoints, chunk_size, chunks_per_step) * chunks_per_step * chunk_size
     width = bucket_length(total, chunk_size)
@@ -386,7 +389,8 @@ def padded_width(total: int, lengths: np.ndarray, checkpoints: np.ndarray, *, ch
 
 
 def prepare_prefill_args(model, tokens, checkpoints, lengths=None, state_length=None,
-                         fit_one_chunk: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                         fit_one_chunk: bool | Callable[[], bool] | None = None
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`FusablePrefill.prepare_prefill` of the built-in models: validated (tokens int32[B, T],
     checkpoints int32[B, K], lengths int32[B]), T padded to `padded_width` (C * 2^i, or exactly the
     steps the call needs on the static step loop) and K to 0 or `checkpoint_bucket(K,

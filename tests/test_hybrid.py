@@ -63,12 +63,12 @@ def grouped(tiny):
 
 def test_mamba2_attention_stack_with_two_chunks_per_step_passes_the_equivalence_matrix():
     config = mamba2_attention_tiny_config().with_chunking(chunks_per_step=2)
-    model = HybridLM(config, dtype=jnp.float32)                      # donates its state
+    # donates its state; one-chunk calls keep 2-chunk steps (hybrid-tiny's matrix below runs them fitted)
+    model = HybridLM(config, dtype=jnp.float32, fit_steps="off")
     before = model.compile_count
     report = check_model(model, scaled_params(model, seed=1), cross_bucket=False)  # hybrid-tiny has it
     assert report["bitwise_checks"] > 0 and report["max_decode_error"] < 1e-4
-    # prefill width, decode, the one-chunk width (`fit_steps`), verify_step_fit's two K = 0 widths
-    assert model.compile_count - before <= 5
+    assert model.compile_count - before <= 2
 
 
 def test_hybrid_tiny_with_two_chunks_per_step_passes_the_equivalence_matrix(grouped):
