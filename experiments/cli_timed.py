@@ -80,6 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool) -> None:
     group.add_argument("--step-loop", choices=("auto", "static", "dynamic"), default="auto",
                        help="the model's prefill step loop (auto: static on a GPU; static compiles once per "
                             "step count, and a fused restore once more per policy's store shape)")
+    group.add_argument("--fit-steps", choices=("auto", "on", "off"), default=None,
+                       help="HybridLM(fit_steps=): a one-chunk call runs one chunk (hybrid presets; "
+                            "default: the model's, auto)")
+    group.add_argument("--gemm", choices=("auto", "cublas", "xla"), default=None,
+                       help="HybridLM(gemm=): the prefill's matmul kernels (hybrid presets; default: "
+                            "the model's, auto = cuBLAS on a GPU)")
     group.add_argument("--fuse-restore", choices=("auto", "yes", "no"), default="auto",
                        help="Engine(fuse_restore=): trace the store's gather into the prefill's program "
                             "(auto: on a GPU)")
@@ -143,8 +149,16 @@ def run(args: argparse.Namespace) -> int:
     capacity = args.capacity or CAPACITY[args.dataset]
     requests = load_trace_requests(args)
     model, params = create(args.preset, dtype=jnp.dtype(args.dtype))
-    if args.step_loop != "auto":
-        model = type(model)(model.config, step_loop=args.step_loop)
+    overrides = {"step_loop": args.step_loop} if args.step_loop != "auto" else {}
+    for name in ("fit_steps", "gemm"):
+        if getattr(args, name) is not None:
+            if not hasattr(model, name):
+                raise ValueError(f"--{name.replace('_', '-')} applies to hybrid presets, "
+                                 f"not {args.preset}")
+            overrides[name] = getattr(args, name)
+    if overrides:
+        kept = {name: getattr(model, name) for name in ("fit_steps", "gemm") if hasattr(model, name)}
+        model = type(model)(model.config, **{**kept, **overrides})
     if args.fold_vocab:
         requests = timed.fold_vocab(requests, int(model.vocab_size))
     timed.check_vocab(requests, int(model.vocab_size))       # before any device time is spent
@@ -156,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
               "eviction": args.eviction, "limit": args.limit, "max_tokens": args.max_tokens,
               "fold_vocab": args.fold_vocab, "background_resolve": args.background_resolve,
               "fuse_restore": args.fuse_restore, "step_loop": getattr(model, "step_loop", None),
+              "fit_steps": getattr(model, "fit_steps", None), "gemm": getattr(model, "gemm", None),
               "budget_s": args.budget_s, "device": f"{device.device_kind} ({device.platform})",
               "jax": jax.__version__, "date": datetime.date.today().isoformat(),
               "command": " ".join(shlex.quote(a) for a in sys.argv)}

@@ -286,6 +286,16 @@ def test_cli_refuses_ids_outside_the_vocabulary_before_timing(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_refuses_hybrid_only_settings_on_another_family(tmp_path, capsys):
+    trace = tmp_path / "trace.jsonl"
+    save_trace(trace, [Request("g", np.asarray([1, 2], np.int32))] * 2)
+    code = cli_timed.main(["--dataset", "quality", "--trace", str(trace), "--preset", "mamba2-tiny",
+                           "--fit-steps", "off", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "--fit-steps applies to hybrid presets" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_timed_path_imports_without_orbax_or_hypothesis():
     code = ("import sys\n"
             "class Block:\n"
