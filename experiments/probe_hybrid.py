@@ -8,7 +8,8 @@ A variant is a `;`-separated item of comma-separated settings: ``kb`` the attent
 (1: `scan_layers=False`), ``pallas`` (1: the Pallas attention kernel, 0: the XLA read), ``sc`` the GDN
 sub-chunk (the UT block and the step of its state recursion), ``static`` (1: the host-counted step
 loop, 0: the device-counted one; the only setting that also applies to Mamba2 presets), ``rec`` (1:
-the GDN state recursion as one Pallas kernel, 0: the XLA scan). Per variant, every length is timed as a fresh prefill (warm median of
+the GDN state recursion as one Pallas kernel, 0: the XLA scan), ``kp`` the Pallas attention read's
+key parts (`AttentionConfig.key_parts`). Per variant, every length is timed as a fresh prefill (warm median of
 `--repeats` calls of the public `model.prefill`, synchronised on its outputs, states made beforehand),
 ``--check-resume`` checks a resume on the chunk grid bitwise at the longest length,
 and ``--suffix R:N`` times N tokens prefilled from a state of R tokens (a deep, short resumed
@@ -31,13 +32,13 @@ from sparse_prefix.testing import resume_difference
 
 
 def parse_variant(text: str) -> dict:
-    """``"kb=1024,G=4"`` -> {"kb": 1024, "G": 4}; keys kb, G, C, unroll, pallas, sc, static, rec."""
+    """``"kb=1024,G=4"`` -> {"kb": 1024, "G": 4}; keys kb, G, C, unroll, pallas, sc, static, rec, kp."""
     out = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
-        if key not in ("kb", "G", "C", "unroll", "pallas", "sc", "static", "rec"):
+        if key not in ("kb", "G", "C", "unroll", "pallas", "sc", "static", "rec", "kp"):
             raise ValueError(f"unknown variant setting {key!r} in {text!r} "
-                             f"(kb, G, C, unroll, pallas, sc, static, rec)")
+                             f"(kb, G, C, unroll, pallas, sc, static, rec, kp)")
         out[key] = int(value)
     return out
 
@@ -58,6 +59,9 @@ def build(preset: str, variant: dict, dtype):
     if "kb" in variant:
         config = dataclasses.replace(config, attention=dataclasses.replace(config.attention,
                                                                            key_block=variant["kb"]))
+    if "kp" in variant:
+        config = dataclasses.replace(config, attention=dataclasses.replace(config.attention,
+                                                                           key_parts=variant["kp"]))
     if "pallas" in variant:
         config = dataclasses.replace(config, attention=dataclasses.replace(
             config.attention, kernel="pallas" if variant["pallas"] else "xla"))

@@ -32,6 +32,10 @@ from .layers import normal_init, rms_norm
 Array = jax.Array
 KERNELS = ("xla", "pallas", "auto")
 PALLAS_KEY_BLOCK = 64        # keys per step of the Pallas kernel's loop (head_dim 256 fits 64 x 256 tiles)
+# programs per query block of the Pallas read (AttentionConfig.key_parts): on an H200, qwen3.5-0.8b,
+# one chunk at depth 7936 75 vs 412 us per layer, the reads of an 8192-token prefill 1356 vs 1862 us
+# (with 4 warps, 3 stages; `experiments/bench_attention.py`, BENCHMARKS.md, ninth session)
+PALLAS_KEY_PARTS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +56,11 @@ class AttentionConfig:
         block on a GPU; `attention_pallas`; Pallas' interpreter off the GPU), or "auto" ("pallas"
         where the default backend is a GPU, else "xla"). "pallas" falls back to "xla" on shapes
         the kernel does not take (`attention_pallas.supported`).
+      key_parts: P of the Pallas read: a query block's key blocks dealt by index modulo P to P
+        programs, their softmaxes merged in a fixed order (`attention_pallas`). It sets the order
+        of the sums, so it is part of the model's numbers (every call of a model uses the same P,
+        which keeps resumes bitwise); P > 1 spreads a short deep read (a resumed one-chunk suffix)
+        over P times as many programs. The XLA reads ignore it.
     """
 
     d_model: int
@@ -66,6 +75,7 @@ class AttentionConfig:
     output_gate: bool = True
     key_block: int = 0
     kernel: str = "xla"
+    key_parts: int = PALLAS_KEY_PARTS
 
     def __post_init__(self):
         for name in ("d_model", "num_heads", "num_kv_heads", "head_dim"):
@@ -77,6 +87,8 @@ class AttentionConfig:
                              f"num_kv_heads ({self.num_kv_heads})")
         if not isinstance(self.key_block, int) or self.key_block < 0:
             raise ValueError(f"AttentionConfig.key_block must be an int >= 0, got {self.key_block!r}")
+        if isinstance(self.key_parts, bool) or not isinstance(self.key_parts, int) or self.key_parts < 1:
+            raise ValueError(f"AttentionConfig.key_parts must be an int >= 1, got {self.key_parts!r}")
         if self.kernel not in KERNELS:
             raise ValueError(f"AttentionConfig.kernel must be one of {KERNELS}, got {self.kernel!r}")
         if self.rotary_dim % 2 or not 0 <= self.rotary_dim <= self.head_dim:
@@ -192,14 +204,15 @@ def _grouped_values(weights: Array, v: Array) -> Array:
 
 
 def attend(q: Array, cache: KVCache, positions: Array, key_block: int = 0,
-           layer: Array | None = None, kernel: str = "xla") -> Array:
+           layer: Array | None = None, kernel: str = "xla", parts: int = 1) -> Array:
     """Queries q [B, T, H, D] against the buffer, keys at positions <= the query's own.
 
     `layer` (int32[]) selects one layer of a stacked cache ([R, B, S, Hkv, D] leaves; see `write_kv`).
     Returns [B, T, H*D] in q.dtype. Dense: softmax in float32 (HF's order: scores * D^-1/2, softmax,
     cast, times V). Blocked (key_block > 0): the same softmax accumulated block by block. With
     kernel "pallas" (and a shape `attention_pallas.supported` takes) the blocked read runs as one
-    kernel with blocks of `PALLAS_KEY_BLOCK` keys, whatever key_block is.
+    kernel with blocks of `PALLAS_KEY_BLOCK` keys, whatever key_block is, dealt to `parts`
+    programs per query block.
     """
     batch, length, heads, dim = q.shape
     kv_heads = cache.k.shape[-2]
@@ -209,7 +222,7 @@ def attend(q: Array, cache: KVCache, positions: Array, key_block: int = 0,
         kernel = "pallas" if jax.default_backend() == "gpu" else "xla"
     if kernel == "pallas" and attention_pallas.supported(dim, max_length, PALLAS_KEY_BLOCK):
         out = attention_pallas.attend_pallas(q, cache.k, cache.v, positions, layer,
-                                             block_k=PALLAS_KEY_BLOCK)
+                                             block_k=PALLAS_KEY_BLOCK, parts=parts)
     elif key_block:
         out = _attend_blocked(q, cache, positions, key_block, layer)
     else:
@@ -303,7 +316,8 @@ def attention_chunk(params: dict, cfg: AttentionConfig, x: Array, cache: KVCache
     """
     q, k, v, gate = _project(params, cfg, x, positions)
     cache = write_kv(cache, k, v, positions, valid, layer)
-    out = attend(q, cache, read_positions(positions, valid), cfg.key_block, layer, cfg.kernel)
+    out = attend(q, cache, read_positions(positions, valid), cfg.key_block, layer, cfg.kernel,
+                 cfg.key_parts)
     return _output(params, cfg, out, gate), cache
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sparse_prefix.models.attention import AttentionConfig, _attend_blocked, _attend_dense
-from sparse_prefix.models.attention_pallas import attend_pallas, supported
+from sparse_prefix.models.attention_pallas import attend_pallas, default_stages, supported
 from sparse_prefix.models.hybrid import HybridLM, hybrid_tiny_config
 from sparse_prefix.testing import resume_difference
 from sparse_prefix.protocol import KVCache
@@ -38,6 +38,26 @@ def test_pallas_read_matches_the_dense_and_blocked_xla_reads(inputs):
     np.testing.assert_allclose(got, blocked, atol=2e-6)
 
 
+@pytest.mark.parametrize("parts", [2, 3])
+def test_pallas_read_in_key_parts_matches_the_dense_read_and_gives_a_row_the_same_bits_anywhere(
+        inputs, parts):
+    q, k, v, positions = inputs
+    got = np.asarray(attend_pallas(q, k, v, positions, block_k=16, block_q=16, parts=parts))
+    dense = np.asarray(_attend_dense(q, KVCache(k, v), positions, None))
+    np.testing.assert_allclose(got, dense, atol=2e-6)
+    # the last 8 rows alone (another query block, a shallower deepest row): what a resume runs
+    alone = np.asarray(attend_pallas(q[:, 16:], k, v, positions[:, 16:], block_k=16, block_q=16,
+                                     parts=parts))
+    np.testing.assert_array_equal(alone, got[:, 16:])
+
+
+@pytest.mark.parametrize("parts", [0, -1, 1.5, True])
+def test_pallas_read_rejects_a_part_count_that_is_not_a_positive_int(inputs, parts):
+    q, k, v, positions = inputs
+    with pytest.raises(ValueError, match="parts"):
+        attend_pallas(q, k, v, positions, block_k=16, parts=parts)
+
+
 def test_pallas_read_of_a_stacked_cache_reads_only_the_given_layer(inputs):
     q, k, v, positions = inputs
     stacked_k = np.stack([np.full_like(k, 7.0), k, -k])
@@ -58,10 +78,11 @@ def test_pallas_read_ignores_stale_values_past_every_query(inputs):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-@pytest.mark.parametrize("read", ["pallas", "dense", "blocked"])
+@pytest.mark.parametrize("read", ["pallas", "pallas-parts", "dense", "blocked"])
 def test_rows_at_position_minus_one_read_nothing_and_change_no_bit_of_the_real_rows(inputs, read):
     q, k, v, positions = inputs
     reads = {"pallas": lambda p: attend_pallas(q, k, v, p, block_k=16, block_q=16),
+             "pallas-parts": lambda p: attend_pallas(q, k, v, p, block_k=16, block_q=16, parts=3),
              "dense": lambda p: _attend_dense(q, KVCache(k, v), p, None),
              "blocked": lambda p: _attend_blocked(q, KVCache(k, v), p, 32, None)}[read]
     padded = positions.copy()
@@ -85,6 +106,17 @@ def test_pallas_kernel_is_a_checked_config_choice():
     with pytest.raises(ValueError, match="kernel"):
         AttentionConfig(d_model=32, num_heads=2, num_kv_heads=1, head_dim=16, rotary_dim=4,
                         kernel="flash")
+    for parts in (0, 2.0, False):
+        with pytest.raises(ValueError, match="key_parts"):
+            AttentionConfig(d_model=32, num_heads=2, num_kv_heads=1, head_dim=16, rotary_dim=4,
+                            key_parts=parts)
+
+
+def test_pipeline_depth_is_the_deepest_that_fits_the_shared_memory():
+    assert default_stages(64, 64, 256) == 3                  # 3 x 64 KiB + 32 KiB fits 227 KiB
+    assert default_stages(64, 64, 256, shared_bytes=166_912) == 2
+    assert default_stages(64, 64, 512) == 1
+    assert default_stages(64, 64, 256, itemsize=4) == 1
 
 
 def test_prefill_and_decode_with_the_pallas_kernel_resume_bitwise_and_match_the_xla_kernel():
