@@ -19,8 +19,8 @@ Parts (`parts` = P > 1, `AttentionConfig.key_parts`): one program walking all of
 blocks is latency-bound when a call has few query blocks (qwen3.5-0.8b's one-chunk suffix: 8 heads x
 4 query blocks = 32 programs on an H200's 132 SMs, each looping d / 64 times at depth d). So the key
 blocks are dealt by index modulo P: program (.., p) runs the online softmax over blocks p, p + P,
-p + 2P, ... and writes its float32 (max, sum, accumulator); `_merge_parts` combines the P parts in
-the order 0 .. P - 1. Which blocks go to which part depends only on the block's absolute index and a
+p + 2P, ... and writes its float32 (max, sum, accumulator); a second kernel (`_merge_kernel`)
+combines the P parts in the order 0 .. P - 1. Which blocks go to which part depends only on the block's absolute index and a
 part that saw no key of a row weighs exactly 0 for it, so a row's output still depends only on its
 query, its position and the buffer -- for a fixed P (another P sums in another order).
 
@@ -90,7 +90,7 @@ def _kernel(layer_ref, pos_ref, q_ref, k_ref, v_ref, *out_refs, group: int, bloc
     part, part + P, part + 2 P, ... up to the block's deepest row (every block when P = 1).
 
     With P = 1 it writes the normalised output [bq, D]; with P > 1 the part's (max [bq], sum [bq],
-    accumulator [bq, D]) in float32 for `_merge_parts` (a part with no block to visit writes the
+    accumulator [bq, D]) in float32 for `_merge_kernel` (a part with no block to visit writes the
     empty softmax: max -inf, sum 0, accumulator 0)."""
     b = pl.program_id(0)
     head = pl.program_id(1)
@@ -141,21 +141,27 @@ def _kernel(layer_ref, pos_ref, q_ref, k_ref, v_ref, *out_refs, group: int, bloc
         acc_ref[...] = acc
 
 
-def _merge_parts(top: Array, total: Array, acc: Array, dtype) -> Array:
-    """The parts' softmaxes as one, in the fixed order 0, 1, ..., P - 1: top, total [B, P, H, T],
-    acc [B, P, T, H, D] (float32) -> [B, T, H, D] in dtype. A part that saw no key of a row
-    (max -inf) weighs exactly 0 for it, so the merge depends only on the row's own keys."""
-    best = jnp.max(top, axis=1)                                            # [B, H, T], exact
+def _merge_kernel(top_ref, total_ref, acc_ref, o_ref, *, parts: int, block_q: int):
+    """One (row, head, query block) program: the P parts' softmaxes of its rows as one, combined
+    in the fixed order 0, 1, ..., P - 1. A part that saw no key of a row (max -inf) weighs exactly
+    0 for it, so the merge depends only on the row's own keys. Its own kernel (not XLA ops) so that
+    every call runs the same code per row, whatever XLA would fuse around it."""
+    b = pl.program_id(0)
+    head = pl.program_id(1)
+    rows = pl.ds(pl.program_id(2) * block_q, block_q)
+    tops = [top_ref[b, part, head, rows] for part in range(parts)]          # [bq] each
+    best = tops[0]
+    for top in tops[1:]:
+        best = jnp.maximum(best, top)                                      # exact
     safe = jnp.where(best > -jnp.inf, best, 0.0)
-    merged_total = merged_acc = None
-    for part in range(top.shape[1]):
-        weight = jnp.exp(jnp.where(top[:, part] > -jnp.inf, top[:, part] - safe, -jnp.inf))
-        part_total = total[:, part] * weight
-        part_acc = acc[:, part] * jnp.moveaxis(weight, 1, 2)[..., None]   # [B, T, H, D]
-        merged_total = part_total if merged_total is None else merged_total + part_total
-        merged_acc = part_acc if merged_acc is None else merged_acc + part_acc
-    denominator = jnp.moveaxis(jnp.maximum(merged_total, jnp.finfo(jnp.float32).tiny), 1, 2)
-    return (merged_acc / denominator[..., None]).astype(dtype)
+    total = acc = None
+    for part, top in enumerate(tops):
+        weight = jnp.exp(jnp.where(top > -jnp.inf, top - safe, -jnp.inf))
+        part_total = total_ref[b, part, head, rows] * weight
+        part_acc = acc_ref[b, part, rows, head, :] * weight[:, None]       # [bq, D]
+        total = part_total if total is None else total + part_total
+        acc = part_acc if acc is None else acc + part_acc
+    o_ref[...] = (acc / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)[:, None]).astype(o_ref.dtype)
 
 
 def attend_pallas(q: Array, k: Array, v: Array, positions: Array, layer: Array | None = None, *,
@@ -232,5 +238,13 @@ def attend_pallas(q: Array, k: Array, v: Array, positions: Array, layer: Array |
                                     lambda b, h, i, p: (b, p, i, h, 0))),
             interpret=interpret(), compiler_params=params, name="attend_parts",
         )(*args)
-        out = _merge_parts(top, total, acc, q.dtype)
+        out = pl.pallas_call(
+            functools.partial(_merge_kernel, parts=parts, block_q=block_q),
+            out_shape=jax.ShapeDtypeStruct((batch, padded, heads, dim), q.dtype),
+            grid=(batch, heads, padded // block_q),
+            in_specs=[pl.no_block_spec, pl.no_block_spec, pl.no_block_spec],
+            out_specs=pl.BlockSpec((None, block_q, None, dim), lambda b, h, i: (b, i, h, 0)),
+            interpret=interpret(), compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
+            name="attend_merge",
+        )(top, total, acc)
     return out[:, :length].reshape(batch, length, kv_heads, group, dim)
