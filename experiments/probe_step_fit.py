@@ -5,9 +5,10 @@
 
 What `HybridLM(fit_steps="auto")` relies on, measured two ways in one process:
   * model: for each case N:R, N random tokens prefilled from a state of R tokens (R = 0: a fresh
-    state) by the preset at G = 1 and at its own G, one-chunk fitting off in both (so G alone
-    differs): the largest |difference| over the logits and every recurrent-state leaf (0: bitwise),
-    and the warm median of 5 timed calls each;
+    state) by the preset as a one-chunk call (``fit_steps="on"``) and in its own G-chunk steps
+    (``"off"``), over ``--draws`` token draws: the largest |difference| over the logits and every
+    recurrent-state leaf (0: bitwise), the draws that differed, and the warm median of 5 timed
+    calls each;
   * ``--ops``: the matmuls a qwen3.5-0.8b step runs (K x N), whose first rows must come out the same
     at 256, 512 and 8192 rows as at 1024, under each set of XLA compiler options (`OPTIONS`; an
     option this jaxlib does not know is reported as such), with the summed time of the 8192-row ones.
@@ -41,37 +42,48 @@ def parse_cases(text: str) -> list[tuple[int, int]]:
     return cases
 
 
-def model_rows(preset: str, cases, gemm: str, repeats: int = 5) -> list[dict]:
+def model_rows(preset: str, cases, gemm: str, repeats: int = 5, draws: int = 1) -> list[dict]:
+    """Per case N:R, the preset's one-chunk call (``fit_steps="on"``, "1") against the same call in
+    G-chunk steps (``fit_steps="off"``), over `draws` token draws (the state after R tokens made by
+    the G-chunk model): the largest |difference| over the logits and every recurrent-state leaf,
+    how many draws differed at all, and the warm median ms of the first draw's calls."""
     from sparse_prefix.models import create
     base, params = create(preset)
     group = base.chunks_per_step
-    models = {g: type(base)(base.config.with_chunking(None, g, None), backend=base.backend,
-                            fit_steps="off", gemm=gemm) for g in sorted({1, group})}
-    rng = np.random.default_rng(0)
+    models = {fit: type(base)(base.config, backend=base.backend, fit_steps=fit, gemm=gemm)
+              for fit in ("on", "off")}
     none = np.zeros((0,), np.int32)
     rows = []
     for count, start in cases:
-        tokens = rng.integers(0, base.vocab_size, (1, count), dtype=np.int32)
-        prefix = np.random.default_rng(5).integers(0, base.vocab_size, (1, start), dtype=np.int32)
-        leaves, times = {}, {}
-        for g, model in models.items():
-            state = model.init_state(1)
-            if start:
-                _, state, _ = models[group].prefill(params, prefix, state, none)
-            copies = [jax.tree_util.tree_map(lambda leaf: leaf.copy(), state) for _ in range(repeats + 3)]
-            jax.block_until_ready(copies)
-            logits, final, _ = model.prefill(params, tokens, copies.pop(), none)
-            leaves[g] = [np.asarray(x, np.float64) for x in [logits] + jax.tree_util.tree_leaves(final.recurrent)]
-            samples = []
-            for index in range(repeats + 2):
-                begin = time.perf_counter()
-                jax.block_until_ready(model.prefill(params, tokens, copies.pop(), none)[0])
-                if index >= 2:
-                    samples.append(time.perf_counter() - begin)
-            times[g] = statistics.median(samples) * 1e3
-        worst = max(float(np.max(np.abs(a - b))) for a, b in zip(leaves[1], leaves[group]))
-        rows.append({"tokens": count, "from": start, "max_diff": worst, "ms_g1": times[1],
-                     "ms_group": times[group], "group": group})
+        worst, differing, times = 0.0, 0, {}
+        for draw in range(draws):
+            rng = np.random.default_rng(draw)
+            tokens = rng.integers(0, base.vocab_size, (1, count), dtype=np.int32)
+            prefix = rng.integers(0, base.vocab_size, (1, start), dtype=np.int32)
+            leaves = {}
+            for fit, model in models.items():
+                state = model.init_state(1)
+                if start:
+                    _, state, _ = models["off"].prefill(params, prefix, state, none)
+                copies = [jax.tree_util.tree_map(lambda leaf: leaf.copy(), state)
+                          for _ in range(repeats + 3 if draw == 0 else 1)]
+                jax.block_until_ready(copies)
+                logits, final, _ = model.prefill(params, tokens, copies.pop(), none)
+                leaves[fit] = [np.asarray(x, np.float64)
+                               for x in [logits] + jax.tree_util.tree_leaves(final.recurrent)]
+                if draw:
+                    continue
+                samples = []
+                for index in range(repeats + 2):
+                    begin = time.perf_counter()
+                    jax.block_until_ready(model.prefill(params, tokens, copies.pop(), none)[0])
+                    if index >= 2:
+                        samples.append(time.perf_counter() - begin)
+                times[fit] = statistics.median(samples) * 1e3
+            diff = max(float(np.max(np.abs(a - b))) for a, b in zip(leaves["on"], leaves["off"]))
+            worst, differing = max(worst, diff), differing + (diff != 0.0)
+        rows.append({"tokens": count, "from": start, "max_diff": worst, "draws_differing": differing,
+                     "draws": draws, "ms_g1": times["on"], "ms_group": times["off"], "group": group})
     return rows
 
 
@@ -108,6 +120,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gemm", default="auto", choices=("auto", "cublas", "xla"))
     parser.add_argument("--ops", action="store_true", help="also the matmul row check per option set")
     parser.add_argument("--options", default="xla,cublas,autotune0")
+    parser.add_argument("--draws", type=int, default=1, help="token draws per case (bits compared on each)")
     args = parser.parse_args(argv)
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}; gemm={args.gemm}")
     if args.ops:
@@ -117,9 +130,10 @@ def main(argv=None) -> int:
             else:
                 print(f"  ops {row['options']:<10} rows differing: {row['differing'] or 'none'}; "
                       f"8192-row matmuls {row['ms_8192']:.3f} ms")
-    for row in model_rows(args.preset, parse_cases(args.cases), args.gemm):
-        print(f"  {row['tokens']:>5} tokens from {row['from']:>5}: G=1 vs G={row['group']} max |diff| "
-              f"{row['max_diff']:.3g}; ms G=1 {row['ms_g1']:.2f}, G={row['group']} {row['ms_group']:.2f}")
+    for row in model_rows(args.preset, parse_cases(args.cases), args.gemm, draws=args.draws):
+        print(f"  {row['tokens']:>5} tokens from {row['from']:>5}: one chunk vs G={row['group']} steps "
+              f"max |diff| {row['max_diff']:.3g} ({row['draws_differing']} of {row['draws']} draws "
+              f"differ); ms one chunk {row['ms_g1']:.2f}, G={row['group']} {row['ms_group']:.2f}")
     return 0
 
 
