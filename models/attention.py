@@ -32,10 +32,11 @@ from .layers import normal_init, rms_norm
 Array = jax.Array
 KERNELS = ("xla", "pallas", "auto")
 PALLAS_KEY_BLOCK = 64        # keys per step of the Pallas kernel's loop (head_dim 256 fits 64 x 256 tiles)
-# programs per query block of the Pallas read (AttentionConfig.key_parts): on an H200, qwen3.5-0.8b,
-# one chunk at depth 7936 75 vs 412 us per layer, the reads of an 8192-token prefill 1356 vs 1862 us
-# (with 4 warps, 3 stages; `experiments/bench_attention.py`, BENCHMARKS.md, ninth session)
-PALLAS_KEY_PARTS = 4
+# programs per query block of the Pallas read (AttentionConfig.key_parts). 4 parts read one chunk at
+# depth 7936 in 75 vs 279 us per layer on an H200 (qwen3.5-0.8b; `experiments/bench_attention.py`)
+# but slowed the whole 8192-token prefill by ~5% and, with them, the model's one-chunk calls no
+# longer matched its 4-chunk steps bit for bit on the GPU (BENCHMARKS.md, ninth session): 1.
+PALLAS_KEY_PARTS = 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -385,8 +385,7 @@ def _gated_norm_out(params: dict, cfg: GDNConfig, o: Array, z: Array, dtype) -> 
 
 
 def gdn_mixer_group(params: dict, cfg: GDNConfig, x: Array, state: RecurrentState, valid: Array,
-                    want_boundaries: bool = False, *, backend: str = "chunked",
-                    rule_chunks: int | None = None
+                    want_boundaries: bool = False, *, backend: str = "chunked"
                     ) -> tuple[Array, RecurrentState, RecurrentState | None]:
     """The GDN mixer over G consecutive chunks of a prefill layout at once (the prefill path).
 
@@ -403,12 +402,6 @@ def gdn_mixer_group(params: dict, cfg: GDNConfig, x: Array, state: RecurrentStat
         Padded slots leave the state exactly unchanged.
       want_boundaries: also return the state after each chunk (a static Python bool).
       backend: "chunked" (UT transform in sub-chunks) or "sequential" (token scan reference).
-      rule_chunks: the chunk count the delta rule's batched terms are laid out for (None: G). A call
-        of fewer chunks (a one-chunk call of a model stepping G chunks) is padded with empty chunks
-        up to it for the rule alone, so its batched matmuls have the shapes of a G-chunk step:
-        cuBLAS picks its kernel by batch count, and on an H200 a chunk's output and state came out
-        different alone and inside 4 chunks in 15 of 16 random draws. Empty chunks keep the state
-        bitwise.
 
     Returns:
       (y [B, G, C, d] in x.dtype (garbage at padded slots), state after the last chunk,
@@ -428,21 +421,14 @@ def gdn_mixer_group(params: dict, cfg: GDNConfig, x: Array, state: RecurrentStat
     k = jnp.where(mask[..., None], k, 0.0)
     precision = rule_precision(dtype)
     if backend == "chunked":
-        laid_out = max(group, rule_chunks or group)
-        extra = (laid_out - group) * chunk
-
-        def flat(t):  # [B, G, C, ...] -> [B, G' C, ...], empty chunks appended up to G' = laid_out
-            t = t.reshape((batch, group * chunk) + t.shape[3:])
-            return jnp.pad(t, [(0, 0), (0, extra)] + [(0, 0)] * (t.ndim - 2)) if extra else t
-
+        flat = lambda t: t.reshape((batch, group * chunk) + t.shape[3:])  # noqa: E731
         subs = chunk // cfg.sub_chunk
-        sub_valid = jnp.any(flat(valid).reshape(batch, laid_out * subs, cfg.sub_chunk), axis=-1)
+        sub_valid = jnp.any(valid.reshape(batch, group * subs, cfg.sub_chunk), axis=-1)
         o, ssm, entering = _delta_rule_blocks(flat(q), flat(k), flat(v), flat(g), flat(beta),
                                               state.ssm, sub_valid, cfg.sub_chunk, precision,
                                               cfg.solver, cfg.recurrence)
-        o = o[:, :group * chunk].reshape((batch, group, chunk) + o.shape[2:])
-        exits = (jnp.concatenate([entering[subs:group * subs:subs], ssm[None]], axis=0)
-                 if want_boundaries else None)
+        o = o.reshape((batch, group, chunk) + o.shape[2:])
+        exits = jnp.concatenate([entering[subs::subs], ssm[None]], axis=0) if want_boundaries else None
     else:
         def per_chunk(s, inputs):
             q_c, k_c, v_c, g_c, beta_c, real = inputs

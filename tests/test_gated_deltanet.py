@@ -200,19 +200,3 @@ def test_a_chunks_numbers_do_not_depend_on_its_slot_in_the_group(group_inputs):
     np.testing.assert_array_equal(y2[:, :2], y[:, 1:])
     np.testing.assert_array_equal(bounds2.ssm[:, :2], bounds.ssm[:, 1:])
     np.testing.assert_array_equal(bounds2.conv[:, :2], bounds.conv[:, 1:])
-
-
-def test_a_chunk_laid_out_for_a_whole_group_gives_the_bits_of_its_slot_in_the_group(group_inputs):
-    """`rule_chunks`: one chunk alone, its delta rule padded with empty chunks to the group's
-    shapes, gives bitwise the outputs and states it gets in slot 0 of a GROUP-chunk call (what a
-    one-chunk call of a model stepping GROUP chunks relies on; a GPU's batched matmuls pick their
-    kernels by batch count), and its boundaries cover only the real chunk."""
-    params, state, x, valid = group_inputs
-    alone = jax.jit(lambda p, x, s, v: gdn_mixer_group(p, CFG, x, s, v, True, rule_chunks=GROUP))
-    y, _, bounds = mixer_group(params, x, state, valid)
-    y1, final1, bounds1 = alone(params, x[:, :1], state, valid[:, :1])
-    np.testing.assert_array_equal(y1[:, 0], y[:, 0])
-    np.testing.assert_array_equal(final1.ssm, bounds.ssm[:, 0])
-    np.testing.assert_array_equal(final1.conv, bounds.conv[:, 0])
-    assert bounds1.ssm.shape[1] == 1
-    np.testing.assert_array_equal(bounds1.ssm[:, 0], final1.ssm)
