@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool) -> None:
                             "step count, and a fused restore once more per policy's store shape)")
     group.add_argument("--fit-steps", choices=("auto", "on", "off"), default=None,
                        help="HybridLM(fit_steps=): a one-chunk call runs one chunk (hybrid presets; "
-                            "default: the model's, auto)")
+                            "default: the model's, off; on / auto are faster and not bitwise on GPUs)")
     group.add_argument("--gemm", choices=("auto", "cublas", "xla"), default=None,
                        help="HybridLM(gemm=): the prefill's matmul kernels (hybrid presets; default: "
                             "the model's, auto = cuBLAS on a GPU)")

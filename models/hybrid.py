@@ -59,8 +59,8 @@ class HybridConfig:
       chunks_per_step: G, the chunks every step of the prefill loop runs through all layers at once
         (matmuls over G * C rows). Exactness does not depend on G: a resume on the grid C is bitwise
         for any G (the same G in both calls); G changes rounding, not the math. A call of a single
-        chunk may run as one chunk (`HybridLM.fit_steps`) where that was verified to give the same
-        bits as the chunk inside a G-chunk step.
+        chunk runs a padded G-chunk step too unless `HybridLM.fit_steps` says otherwise (not exact
+        on GPUs: see there).
       scan_layers: run the repeated pattern unit with a `lax.scan` (one compiled unit body); False
         unrolls it (longer compiles, no per-step slicing of the stacked weights).
     """
@@ -226,8 +226,8 @@ def gemm_compiler_options(gemm: str) -> tuple:
     cuBLAS kernel. On an H200 (jax 0.11.2, qwen3.5-0.8b, one run): 84.9 vs 95.4 ms for 8192 tokens,
     and every GEMM row came out with the same bits at 256, 512, 1024 and 8192 rows -- with Triton
     GEMMs the autotuner picked split-K configurations for the small-M shapes, whose rows differ
-    from the large-M ones -- which is what lets a one-chunk call run one chunk exactly (`fit_steps`).
-    "xla": XLA's own choice. Off a GPU: ()."""
+    from the large-M ones. (The GDN rule's batched matmuls still differ by batch count, which is
+    why `fit_steps` stays off by default.) "xla": XLA's own choice. Off a GPU: ()."""
     if gemm not in GEMMS:
         raise ValueError(f"gemm must be one of {GEMMS}, got {gemm!r}")
     if gemm != "xla" and jax.default_backend() == "gpu":
@@ -251,10 +251,14 @@ class HybridLM:
         the device, one program per padded width), "static" (counted on the host, one program per
         step count, no host round trip per step), "auto" (static on a GPU). Same numbers either way.
       fit_steps: whether a call that lays out a single chunk (a short resumed suffix) runs that one
-        chunk (G = 1) instead of a G-chunk step padded with G - 1 empty chunks: "on", "off", or
-        "auto" (on for a batch size once `verify_step_fit` found the two bit-for-bit equal on this
-        backend -- checked at the first such call, with random weights and tokens). "off" is exact
-        by construction, "auto" by that check; "on" trusts the backend. No effect when G = 1.
+        chunk (G = 1) instead of a G-chunk step padded with G - 1 empty chunks: "off" (default,
+        exact by construction), "on", or "auto" (on for a batch size once `verify_step_fit` found
+        the two bit-for-bit equal on random weights and tokens, at the first such call). Only "off"
+        keeps resumes bitwise: the GDN rule's batched matmuls run other kernels at G = 1 than at
+        G = 4 on a GPU (cuBLAS picks by batch count), and on an H200 a one-chunk call differed from
+        the 4-chunk step in 1 of 4 token draws after `verify_step_fit` had passed (BENCHMARKS.md,
+        ninth session) -- a sampled check proves nothing for other inputs. "on" / "auto" are for
+        speed measurements (9-11 vs 14-15 ms per one-chunk call on an H200). No effect when G = 1.
       gemm: the prefill's matmul kernels (`gemm_compiler_options`): "auto" / "cublas" (cuBLAS on a
         GPU: faster there, and row-for-row the same bits at every row count), or "xla".
     """
@@ -263,7 +267,7 @@ class HybridLM:
 
     def __init__(self, config: HybridConfig, *, dtype=None, backend: str = "chunked",
                  min_checkpoint_slots: int = 4, donate_state: bool = True, step_loop: str = "auto",
-                 fit_steps: str = "auto", gemm: str = "auto"):
+                 fit_steps: str = "off", gemm: str = "auto"):
         if not isinstance(config, HybridConfig):
             raise TypeError(f"config must be a HybridConfig, got {type(config).__name__}")
         if backend not in ("chunked", "sequential"):
@@ -490,8 +494,8 @@ def qwen35_config(*, layers: int = 24, max_length: int = 16384, chunk_size: int 
       * chunk_size C = 256, the exactness grid the engine snaps checkpoints to;
       * chunks_per_step G = 4: every prefill step runs all layers on 1024 tokens (matmuls of 1024
         rows keep an H100 busy), and a call pays at most G - 1 = 3 padded chunks (768 tokens) at
-        its tail -- except a call of one chunk (a short resumed suffix), which runs that chunk
-        alone where `HybridLM.fit_steps` allows it (9-11 vs 14-15 ms on an H200);
+        its tail (a one-chunk call too, unless `HybridLM.fit_steps` runs it alone: faster, not
+        exact on GPUs);
       * GDN sub-chunk c = C (default): the state recursion takes one step per chunk (L / 256
         sequential steps per layer; c = 64 would take 4x as many tiny dependent matmuls) at ~c
         intra-chunk FLOPs per token (~6 MFLOP per token and layer at c = 256, 15% of a layer's);

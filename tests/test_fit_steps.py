@@ -1,9 +1,11 @@
-"""A call that lays out one chunk runs one chunk (`HybridLM.fit_steps`), with the bits of a G-chunk step.
+"""A call that lays out one chunk runs one chunk (`HybridLM.fit_steps` "auto" / "on"), with the bits
+of a G-chunk step where the backend gives them.
 
-hybrid-tiny at G = 2 (C = 8): a one-chunk call gets the width C and runs as a single-chunk step; every
-other call (and every call with fit_steps="off", or after a failed `verify_step_fit`) keeps G-chunk
-steps. Resumes that end in a one-chunk suffix, through the model and through the Engine, must equal
-the uncached call bit for bit.
+hybrid-tiny at G = 2 (C = 8), fit_steps="auto": a one-chunk call gets the width C and runs as a
+single-chunk step; every other call (and every call with the default fit_steps="off", or after a
+failed `verify_step_fit`) keeps G-chunk steps. On this CPU the two give the same bits, so resumes
+that end in a one-chunk suffix, through the model and through the Engine, must equal the uncached
+call bit for bit. (On a GPU they need not: the default is "off".)
 """
 
 import dataclasses
@@ -27,7 +29,7 @@ def grouped_model(max_length=128, **kwargs):
 
 @pytest.fixture(scope="module")
 def fitted():
-    model = grouped_model()
+    model = grouped_model(fit_steps="auto")
     return model, model.init_params(np.array([0, 3], np.uint32))
 
 
@@ -60,10 +62,11 @@ def test_emitting_in_a_one_chunk_call_gives_the_states_of_a_group_step(fitted):
 
 
 def test_fit_steps_off_and_a_failed_verification_keep_one_chunk_calls_in_a_group_step(monkeypatch):
+    assert grouped_model().fit_steps == "off"                 # the default: exact by construction
     off = grouped_model(fit_steps="off")
     assert not off.fits_one_chunk(1)
     assert off.prepare_prefill(np.ones((1, 5), np.int32), NONE)[0].shape[1] >= 16
-    distinct = grouped_model(max_length=96)                # its own programs and verdicts
+    distinct = grouped_model(max_length=96, fit_steps="auto")   # its own programs and verdicts
     monkeypatch.setattr(HybridLM, "verify_step_fit", lambda self, batch=1: False)
     assert not distinct.fits_one_chunk(2)
     assert distinct.prepare_prefill(np.ones((2, 5), np.int32), NONE)[0].shape[1] >= 16
