@@ -1,7 +1,7 @@
 """Does one chunk get the same bits alone (G = 1) as inside a G-chunk step, on this backend?
 
     python -m sparse_prefix.experiments.probe_step_fit --preset qwen3.5-0.8b \
-        --cases 256:0,1024:0,164:8028 [--gemm auto|xla] [--ops]
+        --cases 256:0,192:256,164:8028 [--draws 4] [--gemm auto|xla] [--ops]
 
 What `HybridLM(fit_steps="auto")` relies on, measured two ways in one process:
   * model: for each case N:R, N random tokens prefilled from a state of R tokens (R = 0: a fresh
@@ -13,8 +13,9 @@ What `HybridLM(fit_steps="auto")` relies on, measured two ways in one process:
     at 256, 512 and 8192 rows as at 1024, under each set of XLA compiler options (`OPTIONS`; an
     option this jaxlib does not know is reported as such), with the summed time of the 8192-row ones.
 On an H200 (jax 0.11.2) XLA's autotuned Triton GEMMs differed by row count on 6 of 9 shapes and cuBLAS
-on none, and the whole model gave the same bits at G = 1 and G = 4 with cuBLAS only (BENCHMARKS.md,
-eighth session).
+on none (eighth session); with cuBLAS only the one-chunk call still differed from the 4-chunk step in
+1 of 4 draws at 256 tokens (the GDN rule's batched matmuls: ninth session), which is why
+`fit_steps` defaults to "off" (BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -20,9 +20,11 @@ blocks is latency-bound when a call has few query blocks (qwen3.5-0.8b's one-chu
 4 query blocks = 32 programs on an H200's 132 SMs, each looping d / 64 times at depth d). So the key
 blocks are dealt by index modulo P: program (.., p) runs the online softmax over blocks p, p + P,
 p + 2P, ... and writes its float32 (max, sum, accumulator); a second kernel (`_merge_kernel`)
-combines the P parts in the order 0 .. P - 1. Which blocks go to which part depends only on the block's absolute index and a
-part that saw no key of a row weighs exactly 0 for it, so a row's output still depends only on its
-query, its position and the buffer -- for a fixed P (another P sums in another order).
+combines the P parts in the order 0 .. P - 1. Which blocks go to which part depends only on the
+block's absolute index and a part that saw no key of a row weighs exactly 0 for it, so a row's
+output still depends only on its query, its position and the buffer -- for a fixed P (another P
+sums in another order). On an H200 P = 4 reads one deep chunk 3.7x faster but costs ~5% of a
+full qwen3.5-0.8b prefill, so models default to P = 1 (BENCHMARKS.md, ninth session).
 
 On a machine without a GPU the kernel runs in Pallas' interpreter (the tests compare it there with
 the XLA path). Shapes: B batch, T query slots, Hkv KV heads, G query heads per KV head, D head dim,
