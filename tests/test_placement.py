@@ -34,9 +34,14 @@ def close(a, b, rel=1e-9):
 
 @st.composite
 def small_pmfs(draw, max_depth=12):
-    """Random pmfs over 0..N (N <= max_depth) with zeros, some mass, sometimes integer counts."""
+    """Random pmfs over 0..N (N <= max_depth) with zeros, some mass, sometimes integer counts.
+
+    No subnormal weights: below float64's normal range a weight has too few mantissa bits for the
+    solvers' sums to rank placements (`Placement.positions_for` documents it); a CI run drew
+    [0, 0, 5e-324, 1]."""
     n = draw(st.integers(1, max_depth))
-    weights = draw(st.lists(st.one_of(st.just(0.0), st.floats(0.0, 10.0), st.integers(0, 5).map(float)),
+    weights = draw(st.lists(st.one_of(st.just(0.0), st.floats(0.0, 10.0, allow_subnormal=False),
+                                      st.integers(0, 5).map(float)),
                             min_size=n + 1, max_size=n + 1))
     if sum(weights) == 0:
         weights[draw(st.integers(0, n))] = 1.0

@@ -166,7 +166,10 @@ class Placement:
         """Optimal positions for the pmf truncated to depths 0..L (mass at depths > L dropped).
 
         Comes from the same solve (the argmin tables), so it costs O(budget). A length L > N
-        truncates nothing and returns the full optimum; every position is <= min(L, N).
+        truncates nothing and returns the full optimum; every position is <= min(L, N). It equals
+        `solve` on the truncated pmf as long as the truncated weights are not subnormal once the
+        pmf is scaled to a largest weight in [1, 2) (below ~2e-308 of the largest weight: too few
+        mantissa bits to rank placements; `solve` of the truncated pmf alone rescales them).
 
         Args:
           length: L, an int >= 0 (a request's length).
