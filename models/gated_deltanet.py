@@ -384,43 +384,8 @@ def _gated_norm_out(params: dict, cfg: GDNConfig, o: Array, z: Array, dtype) -> 
     return jnp.einsum("...e,ed->...d", gated, params["out_proj"].astype(dtype))
 
 
-def _rule_in_isolation(q: Array, k: Array, v: Array, g: Array, beta: Array, ssm: Array,
-                       sub_valid: Array, cfg: GDNConfig, precision, rule_tokens: int
-                       ) -> tuple[Array, Array, Array]:
-    """`_delta_rule_blocks` on exactly `rule_tokens` token slots, fenced by optimization barriers.
-
-    Inputs of T < rule_tokens slots are padded with empty sub-chunks (beta = 0, g = 0, k = 0: the
-    state passes them bit for bit) and the outputs cut back to T. The barriers keep XLA from fusing
-    anything outside into the rule or moving the pads and cuts into its matmuls, so every call --
-    a one-chunk call as much as a G-chunk step -- compiles the very same rule program: the batched
-    matmuls get the same batch count (cuBLAS picks its kernels by it) and every sub-chunk its bits.
-
-    Args:
-      q, k: f32[B, T, H, Dk].  v: f32[B, T, H, Dv].  g, beta: f32[B, T, H].  ssm: f32[B, H, Dk, Dv].
-      sub_valid: bool[B, T // c].  rule_tokens: the slots the rule runs on (>= T, a multiple of c).
-
-    Returns:
-      (o f32[B, T, H, Dv], final state f32[B, H, Dk, Dv], entering f32[rule_tokens // c, B, H, Dk, Dv]).
-    """
-    total = q.shape[1]
-    pad = rule_tokens - total
-    if pad < 0 or pad % cfg.sub_chunk:
-        raise ValueError(f"the rule's {rule_tokens} slots must cover the call's {total} in whole "
-                         f"sub-chunks of {cfg.sub_chunk}")
-    if pad:
-        widen = lambda t: jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2))  # noqa: E731
-        q, k, v, g, beta = (widen(t) for t in (q, k, v, g, beta))
-        sub_valid = jnp.pad(sub_valid, ((0, 0), (0, pad // cfg.sub_chunk)))
-    q, k, v, g, beta, ssm, sub_valid = jax.lax.optimization_barrier((q, k, v, g, beta, ssm, sub_valid))
-    o, ssm, entering = _delta_rule_blocks(q, k, v, g, beta, ssm, sub_valid, cfg.sub_chunk, precision,
-                                          cfg.solver, cfg.recurrence)
-    o, ssm, entering = jax.lax.optimization_barrier((o, ssm, entering))
-    return o[:, :total], ssm, entering
-
-
 def gdn_mixer_group(params: dict, cfg: GDNConfig, x: Array, state: RecurrentState, valid: Array,
-                    want_boundaries: bool = False, *, backend: str = "chunked",
-                    rule_chunks: int | None = None
+                    want_boundaries: bool = False, *, backend: str = "chunked"
                     ) -> tuple[Array, RecurrentState, RecurrentState | None]:
     """The GDN mixer over G consecutive chunks of a prefill layout at once (the prefill path).
 
@@ -437,10 +402,6 @@ def gdn_mixer_group(params: dict, cfg: GDNConfig, x: Array, state: RecurrentStat
         Padded slots leave the state exactly unchanged.
       want_boundaries: also return the state after each chunk (a static Python bool).
       backend: "chunked" (UT transform in sub-chunks) or "sequential" (token scan reference).
-      rule_chunks: the chunks the delta rule runs on ("chunked" only; default G, at least G): a
-        call of fewer chunks than the model's steps (a one-chunk call, `HybridLM.fit_steps`) runs
-        its projections, conv, norm and out_proj on its own G rows and the rule on `rule_chunks`
-        chunks (`_rule_in_isolation`), so it gets the bits of a `rule_chunks`-chunk step.
 
     Returns:
       (y [B, G, C, d] in x.dtype (garbage at padded slots), state after the last chunk,
@@ -463,12 +424,11 @@ def gdn_mixer_group(params: dict, cfg: GDNConfig, x: Array, state: RecurrentStat
         flat = lambda t: t.reshape((batch, group * chunk) + t.shape[3:])  # noqa: E731
         subs = chunk // cfg.sub_chunk
         sub_valid = jnp.any(valid.reshape(batch, group * subs, cfg.sub_chunk), axis=-1)
-        rule = max(group, rule_chunks or group)
-        o, ssm, entering = _rule_in_isolation(flat(q), flat(k), flat(v), flat(g), flat(beta),
-                                              state.ssm, sub_valid, cfg, precision, rule * chunk)
+        o, ssm, entering = _delta_rule_blocks(flat(q), flat(k), flat(v), flat(g), flat(beta),
+                                              state.ssm, sub_valid, cfg.sub_chunk, precision,
+                                              cfg.solver, cfg.recurrence)
         o = o.reshape((batch, group, chunk) + o.shape[2:])
-        exits = (jnp.concatenate([entering[subs::subs], ssm[None]], axis=0)[:group]
-                 if want_boundaries else None)
+        exits = jnp.concatenate([entering[subs::subs], ssm[None]], axis=0) if want_boundaries else None
     else:
         def per_chunk(s, inputs):
             q_c, k_c, v_c, g_c, beta_c, real = inputs

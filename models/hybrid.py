@@ -145,6 +145,7 @@ class _Programs:
         self.stack = stack
         self.static_steps = static_steps
         self.compiler_options = compiler_options
+        self.fit_verdicts: dict[int, bool] = {}     # batch size -> `HybridLM.verify_step_fit`
         # forward (training, references) reads attention KV densely with XLA and runs the GDN state
         # recursion as an XLA scan: reverse-mode AD cannot go through the blocked read's while loop
         # nor the Pallas kernels; forward's logits equal prefill's within tolerance.
@@ -250,14 +251,14 @@ class HybridLM:
         the device, one program per padded width), "static" (counted on the host, one program per
         step count, no host round trip per step), "auto" (static on a GPU). Same numbers either way.
       fit_steps: whether a call that lays out a single chunk (a short resumed suffix) runs that one
-        chunk (its projections, attention, MLP and norms on C rows) instead of a G-chunk step padded
-        with G - 1 empty chunks: "auto" (default: on for patterns of G and A layers, off with Mamba2
-        layers), "on" (G and A layers only) or "off". Exact by construction: every GDN layer runs
-        its delta rule on G chunks all the same, fenced by optimization barriers
-        (`gated_deltanet._rule_in_isolation`), so the rule compiles to the same program at every
-        call width (cuBLAS picks the rule's batched matmul kernels by batch count: a one-chunk rule
-        differed from the 4-chunk one on an H200, ninth session), and the other layers' work is
-        row-for-row the same at any row count (`gemm`). No effect when G = 1.
+        chunk (G = 1) instead of a G-chunk step padded with G - 1 empty chunks: "off" (default,
+        exact by construction), "on", or "auto" (on for a batch size once `verify_step_fit` found
+        the two bit-for-bit equal on random weights and tokens, at the first such call). Only "off"
+        keeps resumes bitwise: the GDN rule's batched matmuls run other kernels at G = 1 than at
+        G = 4 on a GPU (cuBLAS picks by batch count), and on an H200 a one-chunk call differed from
+        the 4-chunk step in 1 of 4 token draws after `verify_step_fit` had passed (BENCHMARKS.md,
+        ninth session) -- a sampled check proves nothing for other inputs. "on" / "auto" are for
+        speed measurements (9-11 vs 14-15 ms per one-chunk call on an H200). No effect when G = 1.
       gemm: the prefill's matmul kernels (`gemm_compiler_options`): "auto" / "cublas" (cuBLAS on a
         GPU: faster there, and row-for-row the same bits at every row count), or "xla".
     """
@@ -266,7 +267,7 @@ class HybridLM:
 
     def __init__(self, config: HybridConfig, *, dtype=None, backend: str = "chunked",
                  min_checkpoint_slots: int = 4, donate_state: bool = True, step_loop: str = "auto",
-                 fit_steps: str = "auto", gemm: str = "auto"):
+                 fit_steps: str = "off", gemm: str = "auto"):
         if not isinstance(config, HybridConfig):
             raise TypeError(f"config must be a HybridConfig, got {type(config).__name__}")
         if backend not in ("chunked", "sequential"):
@@ -279,9 +280,6 @@ class HybridLM:
         self.step_loop = resolve_step_loop(step_loop)
         if fit_steps not in FIT_STEPS:
             raise ValueError(f"fit_steps must be one of {FIT_STEPS}, got {fit_steps!r}")
-        if fit_steps == "on" and config.mamba is not None:
-            raise ValueError("fit_steps='on' needs a pattern of G and A layers: Mamba2 layers run "
-                             "their chunks' matmuls batched over the step's chunks (use 'auto' or 'off')")
         self.fit_steps = fit_steps
         self.gemm = gemm
         self._programs = _programs(config, backend, bool(donate_state), self.step_loop == "static",
@@ -390,21 +388,27 @@ class HybridLM:
         lays out one chunk gets the width C (run as one chunk) where `fits_one_chunk` allows it,
         else at least 2C (one G-chunk step)."""
         batch = np.shape(tokens)[0] if np.ndim(tokens) == 2 else None
-        return prepare_prefill_args(self, tokens, checkpoints, lengths, state_length,
-                                    fit_one_chunk=self.fits_one_chunk())
+        fit = (lambda: self.fits_one_chunk(batch)) if batch else False   # asked for one-chunk calls only
+        return prepare_prefill_args(self, tokens, checkpoints, lengths, state_length, fit_one_chunk=fit)
 
-    def fits_one_chunk(self, batch: int | None = None) -> bool:
-        """Whether a one-chunk call runs as one chunk (`fit_steps`; the same for every batch size)."""
+    def fits_one_chunk(self, batch: int) -> bool:
+        """Whether a one-chunk call of `batch` rows runs as one chunk (`fit_steps`); "auto" runs
+        `verify_step_fit(batch)` the first time it is asked (models of an equal config share it)."""
         if self.chunks_per_step == 1 or self.fit_steps == "off":
             return False
-        return self.config.mamba is None
+        if self.fit_steps == "on":
+            return True
+        verdicts = self._programs.fit_verdicts
+        if batch not in verdicts:
+            verdicts[batch] = self.verify_step_fit(batch)
+        return verdicts[batch]
+
     def verify_step_fit(self, batch: int = 1) -> bool:
         """Whether one chunk prefilled as a single-chunk step gives the bits it gets inside a G-chunk
         step, on this backend, for `batch` rows: logits and every final-state leaf of a partial
         chunk resumed from a one-chunk state, both ways, compared bitwise (random weights and
-        tokens). A diagnostic of one draw (`fit_steps` does not ask it: a sampled check proves
-        nothing for other inputs; see `experiments/probe_step_fit.py` for many draws). Two extra
-        compilations, and a second set of (random) weights on the device while it runs."""
+        tokens; the kernels XLA picks depend on shapes, not values). Two extra compilations, and a
+        second set of (random) weights on the device while it runs."""
         batch = _check_batch(batch)
         chunk, group = self.chunk_size, self.chunks_per_step
         if group == 1:

@@ -65,8 +65,7 @@ GATED_DELTANET = MixerKind(
     init_params=lambda key, config, letter, dtype: init_gdn_params(key, config.gdn, dtype),
     init_state=lambda config, letter, batch, dtype: init_gdn_state(config.gdn, batch, dtype),
     group=lambda params, config, letter, x, state, positions, valid, backend, want, layer: gdn_mixer_group(
-        params, config.gdn, x, state, valid, want, backend=backend,
-        rule_chunks=config.chunks_per_step),
+        params, config.gdn, x, state, valid, want, backend=backend),
     step=lambda params, config, letter, x, state, position: gdn_mixer_step(params, config.gdn, x, state),
 )
 

@@ -76,8 +76,8 @@ def test_hybrid_tiny_with_two_chunks_per_step_passes_the_equivalence_matrix(grou
     before = model.compile_count
     report = check_model(model, params)
     assert report["bitwise_checks"] > 0 and report["max_decode_error"] < 1e-4
-    # two prefill widths (one cross-bucket), decode, the one-chunk width
-    assert model.compile_count - before <= 4
+    # two prefill widths (one cross-bucket), decode, the one-chunk width, verify_step_fit's two
+    assert model.compile_count - before <= 6
 
 
 def test_group_steps_agree_with_unrolled_single_chunk_steps_within_float32_tolerance(tiny, grouped):
