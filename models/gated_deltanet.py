@@ -34,13 +34,13 @@ import numpy as np
 
 from sparse_prefix.protocol import RecurrentState
 
-from . import gdn_pallas
+from . import gdn_pallas, gdn_solve_pallas
 from .group_conv import causal_conv_group
 from .layers import causal_conv_step, normal_init
 
 Array = jax.Array
 _L2_EPS = 1e-6
-SOLVERS = ("doubling", "triangular")      # the UT solve (see GDNConfig.solver)
+SOLVERS = ("doubling", "triangular", "pallas", "auto")   # the UT solve (see GDNConfig.solver)
 RECURRENCES = ("xla", "pallas", "auto")   # the sub-chunk state recursion (see GDNConfig.recurrence)
 
 
@@ -63,8 +63,12 @@ class GDNConfig:
       sub_chunk: c, the UT-transform block and the step of the state recursion; the model's chunk
         size must be a multiple of it. Bigger c: fewer sequential steps (L / c per layer), more
         intra-chunk FLOPs (~c per token).
-      solver: the UT solve, "doubling" (`unit_lower_inverse`: batched matmuls) or "triangular"
-        (`jax.lax.linalg.triangular_solve`).
+      solver: the UT solve, "doubling" (`unit_lower_inverse`: batched matmuls, ~35 kernels per layer
+        and step), "triangular" (`jax.lax.linalg.triangular_solve`), "pallas" (one Triton kernel of
+        blocked forward substitution: `gdn_solve_pallas`; Pallas' interpreter off the GPU) or
+        "auto" ("pallas" where the default backend is a GPU, the model computes in reduced precision
+        and `gdn_solve_pallas.supported` takes the shape, else "doubling"). "pallas" falls back to
+        "doubling" on shapes the kernel does not take.
       recurrence: the sub-chunk state recursion: "xla" (a `lax.scan`, two matmuls per step),
         "pallas" (one Triton kernel looping over the sub-chunks on the device: `gdn_pallas`;
         Pallas' interpreter off the GPU), or "auto" ("pallas" where the default backend is a GPU and
@@ -208,6 +212,18 @@ def use_pallas_recurrence(recurrence: str, sub_chunk: int, head_k_dim: int, head
     return recurrence == "pallas" and gdn_pallas.supported(sub_chunk, head_k_dim, head_v_dim)
 
 
+def use_pallas_solver(solver: str, sub_chunk: int, width: int, precision=None) -> bool:
+    """Whether `solver` resolves to the Pallas UT solve (`gdn_solve_pallas`) for a [c, c] system with
+    `width` right-hand columns: "pallas", or "auto" on a GPU backend for reduced-precision (TF32)
+    matmuls, where `gdn_solve_pallas.supported` takes the shape."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if solver == "auto":
+        fast = precision != jax.lax.Precision.HIGHEST
+        solver = "pallas" if jax.default_backend() == "gpu" and fast else "doubling"
+    return solver == "pallas" and gdn_solve_pallas.supported(sub_chunk, width)
+
+
 def _recurrence_scan(u: Array, w: Array, k_to_end: Array, end_decay: Array, keep: Array,
                      state: Array, precision) -> tuple[Array, Array, Array]:
     """The sub-chunk state recursion as a `lax.scan` (shapes as `gdn_pallas.delta_recurrence_pallas`).
@@ -239,7 +255,7 @@ def _delta_rule_blocks(q: Array, k: Array, v: Array, g: Array, beta: Array, stat
     Args:
       q, k: f32[B, T, H, Dk].  v: f32[B, T, H, Dv].  g, beta: f32[B, T, H] (0 at padded slots).
       state: f32[B, H, Dk, Dv].  sub_valid: bool[B, T // c], sub-chunks holding a real token.
-      sub_chunk: c.  precision: of every matmul.  solver: "doubling" or "triangular" (the UT solve).
+      sub_chunk: c.  precision: of every matmul.  solver: the UT solve (see GDNConfig.solver).
       recurrence: "xla", "pallas" or "auto" (the state recursion; see GDNConfig.recurrence).
 
     Returns:
@@ -266,7 +282,9 @@ def _delta_rule_blocks(q: Array, k: Array, v: Array, g: Array, beta: Array, stat
     strict = jnp.tril(jnp.ones((sub_chunk, sub_chunk), bool), -1)
     lower = jnp.where(strict, beta[..., :, None] * kk * decay, 0.0)
     rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(cum))[..., None] * k], axis=-1)
-    if solver == "doubling":
+    if use_pallas_solver(solver, sub_chunk, rhs.shape[-1], precision):
+        solved = gdn_solve_pallas.unit_lower_solve_pallas(lower, rhs, precision)
+    elif solver in ("doubling", "pallas", "auto"):
         solved = jnp.matmul(unit_lower_inverse(lower, precision), rhs, precision=precision)
     else:
         system = lower + jnp.eye(sub_chunk, dtype=lower.dtype)
@@ -300,7 +318,8 @@ def gated_delta_chunked(q: Array, k: Array, v: Array, g: Array, beta: Array, sta
       state: f32[B, H, Dk, Dv], the state before the first token.
       sub_chunk: c; T must be a multiple of it.  precision: of every matmul (see `rule_precision`).
       valid: bool[B, T] real slots (default all); a sub-chunk without one keeps the state bitwise.
-      solver: the UT solve, "doubling" (`unit_lower_inverse`) or "triangular" (`triangular_solve`).
+      solver: the UT solve, "doubling" (`unit_lower_inverse`), "triangular" (`triangular_solve`),
+        "pallas" (`gdn_solve_pallas`) or "auto" (see GDNConfig.solver).
       recurrence: the state recursion, "xla", "pallas" or "auto" (see GDNConfig.recurrence).
 
     Returns:

@@ -146,17 +146,20 @@ class _Programs:
         self.static_steps = static_steps
         self.compiler_options = compiler_options
         self.fit_verdicts: dict[int, bool] = {}     # batch size -> `HybridLM.verify_step_fit`
-        # forward (training, references) reads attention KV densely with XLA and runs the GDN state
-        # recursion as an XLA scan: reverse-mode AD cannot go through the blocked read's while loop
-        # nor the Pallas kernels; forward's logits equal prefill's within tolerance.
+        # forward (training, references) reads attention KV densely with XLA, runs the GDN state
+        # recursion as an XLA scan and the UT solve by doubling: reverse-mode AD cannot go through
+        # the blocked read's while loop nor the Pallas kernels; forward's logits equal prefill's
+        # within tolerance.
         config = stack.config
         if config.attention is not None and (config.attention.key_block
                                              or config.attention.kernel != "xla"):
             config = dataclasses.replace(config, attention=dataclasses.replace(
                 config.attention, key_block=0, kernel="xla"))
-        if config.gdn is not None and config.gdn.recurrence != "xla":
-            config = dataclasses.replace(config, gdn=dataclasses.replace(config.gdn,
-                                                                         recurrence="xla"))
+        if config.gdn is not None and (config.gdn.recurrence != "xla"
+                                       or config.gdn.solver in ("pallas", "auto")):
+            solver = "doubling" if config.gdn.solver in ("pallas", "auto") else config.gdn.solver
+            config = dataclasses.replace(config, gdn=dataclasses.replace(
+                config.gdn, recurrence="xla", solver=solver))
         self.forward_stack = HybridStack(config, stack.backend)
         self.traces = 0
         self.donate = donate
@@ -503,7 +506,9 @@ def qwen35_config(*, layers: int = 24, max_length: int = 16384, chunk_size: int 
         read (key blocks looped on the device: no host round trip per block), elsewhere XLA's read
         in blocks of `key_block` (0 = dense);
       * the GDN state recursion is `recurrence="auto"`: on a GPU, for bf16 models, one Pallas kernel
-        looping over the sub-chunks on the device (`gdn_pallas`), elsewhere a `lax.scan`.
+        looping over the sub-chunks on the device (`gdn_pallas`), elsewhere a `lax.scan`;
+      * the GDN UT solve is `solver="auto"`: on a GPU, for bf16 models, one Pallas kernel of blocked
+        forward substitution (`gdn_solve_pallas`), elsewhere the doubling's batched matmuls.
     """
     if layers % 4:
         raise ValueError(f"layers must be a multiple of 4 (GGGA groups), got {layers}")
@@ -512,7 +517,8 @@ def qwen35_config(*, layers: int = 24, max_length: int = 16384, chunk_size: int 
         chunk_size=chunk_size, max_length=max_length, chunks_per_step=chunks_per_step,
         gdn=GDNConfig(d_model=1024, num_k_heads=16, num_v_heads=16, head_k_dim=128, head_v_dim=128,
                       conv_width=4, norm_eps=1e-6,
-                      sub_chunk=chunk_size if sub_chunk is None else sub_chunk, recurrence="auto"),
+                      sub_chunk=chunk_size if sub_chunk is None else sub_chunk, recurrence="auto",
+                      solver="auto"),
         attention=AttentionConfig(d_model=1024, num_heads=8, num_kv_heads=2, head_dim=256,
                                   rotary_dim=64, rope_theta=10_000_000.0, norm_eps=1e-6,
                                   key_block=key_block, kernel=attention_kernel),

@@ -86,7 +86,7 @@ def config_from_hf(config: Any, *, max_length: int = 16384, chunk_size: int = 25
                       head_v_dim=int(text["linear_value_head_dim"]),
                       conv_width=int(text.get("linear_conv_kernel_dim", 4)), norm_eps=eps,
                       sub_chunk=chunk_size if sub_chunk is None else sub_chunk,
-                      recurrence="auto"),
+                      recurrence="auto", solver="auto"),
         attention=AttentionConfig(d_model=d_model, num_heads=int(text["num_attention_heads"]),
                                   num_kv_heads=int(text["num_key_value_heads"]), head_dim=head_dim,
                                   rotary_dim=int(head_dim * partial), rope_theta=theta, norm_eps=eps,
