@@ -38,7 +38,9 @@ from .pallas_common import _largest_pow2_divisor, interpret, is_pow2
 Array = jax.Array
 
 BLOCK = 32       # rows per forward-substitution block (the nilpotent inverse's size)
-BLOCK_V = 32     # columns of R per program
+BLOCK_V = 64     # columns of R per program. H200 (jax 0.11.2, 64 systems of 256 x 256, TF32):
+                 # block 32 / 64 columns 184 us, 32 / 32 344 us, 16 / 16 406 us; XLA's doubling
+                 # and product 211 us (one jitted call each, median of 20)
 
 
 def _fits(value: int) -> bool:
