@@ -15,7 +15,8 @@ What `HybridLM(fit_steps="auto")` relies on, measured two ways in one process:
 On an H200 (jax 0.11.2) XLA's autotuned Triton GEMMs differed by row count on 6 of 9 shapes and cuBLAS
 on none (eighth session); with cuBLAS only the one-chunk call still differed from the 4-chunk step in
 1 of 4 draws at 256 tokens (the GDN rule's batched matmuls: ninth session), which is why
-`fit_steps` defaults to "off" (BENCHMARKS.md).
+`fit_steps` defaults to "off" (BENCHMARKS.md); with the rule run on the step's 4 chunks between
+optimization barriers every draw differed (tenth session: the layers around it compile per row count).
 """
 
 from __future__ import annotations

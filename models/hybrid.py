@@ -260,10 +260,14 @@ class HybridLM:
         keeps resumes bitwise: the GDN rule's batched matmuls run other kernels at G = 1 than at
         G = 4 on a GPU (cuBLAS picks by batch count), and on an H200 a one-chunk call differed from
         the 4-chunk step in 1 of 4 token draws after `verify_step_fit` had passed (BENCHMARKS.md,
-        ninth session) -- a sampled check proves nothing for other inputs. "on" / "auto" are for
-        speed measurements (9-11 vs 14-15 ms per one-chunk call on an H200). No effect when G = 1.
+        ninth session) -- a sampled check proves nothing for other inputs. Running the one-chunk
+        call's rule on G chunks between optimization barriers did not help (tenth session: 12 of
+        12 draws differed; XLA compiles the other layers per row count too, e.g. other cuBLAS
+        algorithms for the projections). "on" / "auto" are for speed measurements (9-11 vs 14-15
+        ms per one-chunk call on an H200). No effect when G = 1.
       gemm: the prefill's matmul kernels (`gemm_compiler_options`): "auto" / "cublas" (cuBLAS on a
-        GPU: faster there, and row-for-row the same bits at every row count), or "xla".
+        GPU: faster there, and in a standalone test row-for-row the same bits at every row count;
+        inside the model not guaranteed, see `fit_steps`), or "xla".
     """
 
     family = "hybrid"
