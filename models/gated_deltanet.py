@@ -207,9 +207,14 @@ def use_pallas_recurrence(recurrence: str, sub_chunk: int, head_k_dim: int, head
     if recurrence not in RECURRENCES:
         raise ValueError(f"recurrence must be one of {RECURRENCES}, got {recurrence!r}")
     if recurrence == "auto":
-        fast = precision != jax.lax.Precision.HIGHEST
-        recurrence = "pallas" if jax.default_backend() == "gpu" and fast else "xla"
+        recurrence = "pallas" if _pallas_by_default(precision) else "xla"
     return recurrence == "pallas" and gdn_pallas.supported(sub_chunk, head_k_dim, head_v_dim)
+
+
+def _pallas_by_default(precision) -> bool:
+    """What "auto" means for the rule's kernels: Pallas on a GPU backend for reduced-precision (TF32)
+    matmuls; Triton's float32 (HIGHEST) dots skip the tensor cores."""
+    return jax.default_backend() == "gpu" and precision != jax.lax.Precision.HIGHEST
 
 
 def use_pallas_solver(solver: str, sub_chunk: int, width: int, precision=None) -> bool:
@@ -219,8 +224,7 @@ def use_pallas_solver(solver: str, sub_chunk: int, width: int, precision=None) -
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if solver == "auto":
-        fast = precision != jax.lax.Precision.HIGHEST
-        solver = "pallas" if jax.default_backend() == "gpu" and fast else "doubling"
+        solver = "pallas" if _pallas_by_default(precision) else "doubling"
     return solver == "pallas" and gdn_solve_pallas.supported(sub_chunk, width)
 
 
