@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_prefix.chunking import EmitTarget, write_emitted
 from sparse_prefix.protocol import RecurrentState
 
 from . import gdn_pallas, gdn_solve_pallas
@@ -244,9 +245,17 @@ def _recurrence_scan(u: Array, w: Array, k_to_end: Array, end_decay: Array, keep
     return state, entering, v_new
 
 
+def _exits(entering: Array, final: Array, groups: int) -> Array:
+    """The state after each of G chunks from the recursion's outputs: entering f32[n, B, H, Dk, Dv]
+    (n sub-chunks, n / G per chunk) and the final state [B, H, Dk, Dv] -> f32[B, G, H, Dk, Dv]."""
+    subs = entering.shape[0] // groups
+    return jnp.moveaxis(jnp.concatenate([entering[subs::subs], final[None]], axis=0), 0, 1)
+
+
 def _delta_rule_blocks(q: Array, k: Array, v: Array, g: Array, beta: Array, state: Array,
                        sub_valid: Array, sub_chunk: int, precision, solver: str,
-                       recurrence: str = "xla") -> tuple[Array, Array, Array]:
+                       recurrence: str = "xla", exits: tuple | None = None
+                       ) -> tuple[Array, Array, Array, Array | None]:
     """The chunked gated delta rule over T tokens in sub-chunks of c (module docstring), float32.
 
     Every sub-chunk's intra terms (decays, the UT transform, the q k^T block) are computed at once;
@@ -261,10 +270,14 @@ def _delta_rule_blocks(q: Array, k: Array, v: Array, g: Array, beta: Array, stat
       state: f32[B, H, Dk, Dv].  sub_valid: bool[B, T // c], sub-chunks holding a real token.
       sub_chunk: c.  precision: of every matmul.  solver: the UT solve (see GDNConfig.solver).
       recurrence: "xla", "pallas" or "auto" (the state recursion; see GDNConfig.recurrence).
+      exits: None, or (buffers f32[B, K, R, H, Dk, Dv], slot int32[B, G], layer int32 scalar): the T
+        tokens are G chunks; the state after chunk g of row b goes to buffers[b, slot[b, g], layer]
+        where slot[b, g] < K (written by the Pallas recursion itself, or by one scatter after the
+        XLA scan).
 
     Returns:
       (o f32[B, T, H, Dv], final state f32[B, H, Dk, Dv], entering f32[T // c, B, H, Dk, Dv]: the
-      state before each sub-chunk).
+      state before each sub-chunk, the written buffers (None without `exits`)).
     """
     batch, total, heads, _ = k.shape
     dv = v.shape[-1]
@@ -298,16 +311,22 @@ def _delta_rule_blocks(q: Array, k: Array, v: Array, g: Array, beta: Array, stat
     k_to_end = k * jnp.exp(cum[..., -1:] - cum)[..., None]
     end_decay = jnp.exp(cum[..., -1])[..., None, None]
     keep = jnp.moveaxis(sub_valid, 1, 0)[:, :, None, None, None]   # [n, B, 1, 1, 1]
-    recursion = (gdn_pallas.delta_recurrence_pallas
-                 if use_pallas_recurrence(recurrence, sub_chunk, k.shape[-1], dv, precision)
-                 else _recurrence_scan)
-    state, entering, v_new = recursion(u, w, k_to_end, end_decay, keep, state, precision)
+    written = None
+    if use_pallas_recurrence(recurrence, sub_chunk, k.shape[-1], dv, precision):
+        state, entering, v_new, *written = gdn_pallas.delta_recurrence_pallas(
+            u, w, k_to_end, end_decay, keep, state, precision, exits=exits)
+        written = written[0] if written else None
+    else:
+        state, entering, v_new = _recurrence_scan(u, w, k_to_end, end_decay, keep, state, precision)
+        if exits is not None:
+            buffers, slot, layer = exits
+            written = write_emitted(buffers, _exits(entering, state, slot.shape[1]), slot, layer)
     attn = jnp.einsum("...id,...jd->...ij", q, k, precision=precision) * decay
     q_decayed = q * jnp.exp(cum)[..., None]
     out = (jnp.einsum("...cd,...de->...ce", q_decayed, entering, precision=precision)
            + jnp.einsum("...ij,...je->...ie", attn, v_new, precision=precision))
     out = jnp.moveaxis(out, 3, 2).swapaxes(0, 1).reshape(batch, total, heads, dv)
-    return out, state, entering
+    return out, state, entering, written
 
 
 def gated_delta_chunked(q: Array, k: Array, v: Array, g: Array, beta: Array, state: Array,
@@ -335,8 +354,8 @@ def gated_delta_chunked(q: Array, k: Array, v: Array, g: Array, beta: Array, sta
     if valid is None:
         valid = jnp.ones((batch, total), bool)
     sub_valid = jnp.any(valid.reshape(batch, total // sub_chunk, sub_chunk), axis=-1)
-    out, state, _ = _delta_rule_blocks(q, k, v, g, beta, state, sub_valid, sub_chunk, precision,
-                                       solver, recurrence)
+    out, state, _, _ = _delta_rule_blocks(q, k, v, g, beta, state, sub_valid, sub_chunk, precision,
+                                          solver, recurrence)
     return out, state
 
 
@@ -408,7 +427,8 @@ def _gated_norm_out(params: dict, cfg: GDNConfig, o: Array, z: Array, dtype) -> 
 
 
 def gdn_mixer_group(params: dict, cfg: GDNConfig, x: Array, state: RecurrentState, valid: Array,
-                    want_boundaries: bool = False, *, backend: str = "chunked"
+                    want_boundaries: bool = False, *, backend: str = "chunked",
+                    emit: EmitTarget | None = None
                     ) -> tuple[Array, RecurrentState, RecurrentState | None]:
     """The GDN mixer over G consecutive chunks of a prefill layout at once (the prefill path).
 
@@ -425,10 +445,15 @@ def gdn_mixer_group(params: dict, cfg: GDNConfig, x: Array, state: RecurrentStat
         Padded slots leave the state exactly unchanged.
       want_boundaries: also return the state after each chunk (a static Python bool).
       backend: "chunked" (UT transform in sub-chunks) or "sequential" (token scan reference).
+      emit: None, or where to write the state after each chunk instead of returning it
+        (`EmitTarget`: buffers RecurrentState(ssm f32[B, K, R, Hv, Dk, Dv], conv [B, K, R, W-1, Dc]),
+        slot int32[B, G], layer): the Pallas recursion writes the ssm states from inside its loop,
+        the conv windows take one scatter (`write_emitted` semantics).
 
     Returns:
       (y [B, G, C, d] in x.dtype (garbage at padded slots), state after the last chunk,
-      boundaries: RecurrentState with leaves [B, G, ...] when `want_boundaries`, else None).
+      boundaries: RecurrentState with leaves [B, G, ...] when `want_boundaries`; the written
+      buffers with `emit`; else None).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -443,15 +468,18 @@ def gdn_mixer_group(params: dict, cfg: GDNConfig, x: Array, state: RecurrentStat
     g = jnp.where(mask, g, 0.0)
     k = jnp.where(mask[..., None], k, 0.0)
     precision = rule_precision(dtype)
+    want_boundaries = want_boundaries or emit is not None
+    written = None
     if backend == "chunked":
         flat = lambda t: t.reshape((batch, group * chunk) + t.shape[3:])  # noqa: E731
         subs = chunk // cfg.sub_chunk
         sub_valid = jnp.any(valid.reshape(batch, group * subs, cfg.sub_chunk), axis=-1)
-        o, ssm, entering = _delta_rule_blocks(flat(q), flat(k), flat(v), flat(g), flat(beta),
-                                              state.ssm, sub_valid, cfg.sub_chunk, precision,
-                                              cfg.solver, cfg.recurrence)
+        o, ssm, entering, written = _delta_rule_blocks(
+            flat(q), flat(k), flat(v), flat(g), flat(beta), state.ssm, sub_valid, cfg.sub_chunk,
+            precision, cfg.solver, cfg.recurrence,
+            None if emit is None else (emit.buffers.ssm, emit.slot, emit.layer))
         o = o.reshape((batch, group, chunk) + o.shape[2:])
-        exits = jnp.concatenate([entering[subs::subs], ssm[None]], axis=0) if want_boundaries else None
+        exits = _exits(entering, ssm, group) if want_boundaries and written is None else None
     else:
         def per_chunk(s, inputs):
             q_c, k_c, v_c, g_c, beta_c, real = inputs
@@ -461,12 +489,17 @@ def gdn_mixer_group(params: dict, cfg: GDNConfig, x: Array, state: RecurrentStat
 
         inputs = tuple(jnp.swapaxes(t, 0, 1) for t in (q, k, v, g, beta, n_valid > 0))
         ssm, (o, exits) = jax.lax.scan(per_chunk, state.ssm, inputs)
-        o = jnp.swapaxes(o, 0, 1)
+        o, exits = jnp.swapaxes(o, 0, 1), jnp.moveaxis(exits, 0, 1)
     y = _gated_norm_out(params, cfg, o, z, dtype)
     final = RecurrentState(ssm=ssm, conv=windows[:, -1])
     if not want_boundaries:
         return y, final, None
-    return y, final, RecurrentState(ssm=jnp.moveaxis(exits, 0, 1), conv=windows)
+    if emit is None:
+        return y, final, RecurrentState(ssm=exits, conv=windows)
+    if written is None:
+        written = write_emitted(emit.buffers.ssm, exits, emit.slot, emit.layer)
+    conv = write_emitted(emit.buffers.conv, windows, emit.slot, emit.layer)
+    return y, final, RecurrentState(ssm=written, conv=conv)
 
 
 def gdn_mixer_chunk(params: dict, cfg: GDNConfig, x: Array, state: RecurrentState, valid: Array,

@@ -67,8 +67,12 @@ def _dot(a: Array, b: Array, precision, contract_a: int = 1) -> Array:
                                preferred_element_type=jnp.float32)
 
 
-def _kernel(end_ref, keep_ref, state_ref, u_ref, w_ref, k_ref, final_ref, entering_ref, v_new_ref,
-            *, steps: int, sub_chunk: int, block_c: int, block_v: int, precision):
+def _kernel(end_ref, keep_ref, state_ref, u_ref, w_ref, k_ref, *refs, steps: int, sub_chunk: int,
+            block_c: int, block_v: int, precision, exits: tuple[int, int] | None):
+    if exits is None:
+        final_ref, entering_ref, v_new_ref = refs
+    else:   # slot int32[B, G], layer int32[1], the buffers (input, aliased to the last output)
+        slot_ref, layer_ref, _, final_ref, entering_ref, v_new_ref, exits_ref = refs
     b = pl.program_id(0)
     h = pl.program_id(1)
     cols = pl.ds(pl.multiple_of(pl.program_id(2) * block_v, block_v), block_v)
@@ -83,14 +87,22 @@ def _kernel(end_ref, keep_ref, state_ref, u_ref, w_ref, k_ref, final_ref, enteri
             part = _dot(k_ref[i, b, h, rows, :], v_new, precision, contract_a=0)    # [Dk, bv]
             update = part if update is None else update + part
         s_new = end_ref[i, b, h] * s + update
-        return jnp.where(keep_ref[i, b] != 0, s_new, s)
+        s_new = jnp.where(keep_ref[i, b] != 0, s_new, s)
+        if exits is not None:                      # the state after a chunk, where it is emitted
+            subs, slots = exits
+            target = slot_ref[b, i // subs]
+
+            @pl.when((i % subs == subs - 1) & (target < slots))
+            def _():
+                exits_ref[b, target, layer_ref[0], h, :, cols] = s_new
+        return s_new
 
     final_ref[...] = jax.lax.fori_loop(0, steps, step, state_ref[...])
 
 
 def delta_recurrence_pallas(u: Array, w: Array, k_to_end: Array, end_decay: Array, keep: Array,
                             state: Array, precision, *, block_v: int = BLOCK_V,
-                            block_c: int = BLOCK_C) -> tuple[Array, Array, Array]:
+                            block_c: int = BLOCK_C, exits: tuple | None = None) -> tuple:
     """The state recursion of `gated_deltanet._delta_rule_blocks` as one kernel (same semantics).
 
     Args:
@@ -100,10 +112,15 @@ def delta_recurrence_pallas(u: Array, w: Array, k_to_end: Array, end_decay: Arra
       precision: of the matmuls (`gated_deltanet.rule_precision`).
       block_v: value columns per program (clipped to Dv).  block_c: sub-chunk rows per piece
         (clipped to c). Both powers of two >= 16 dividing Dv, c.
+      exits: None, or (buffers f32[B, K, R, H, Dk, Dv], slot int32[B, G], layer int32 scalar): the
+        n sub-chunks form G chunks of n / G; the state after chunk g of row b is written to
+        buffers[b, slot[b, g], layer] where slot[b, g] < K (the in-place emission of a layer-stacked
+        prefill: `sparse_prefix.chunking.write_emitted` semantics, no other byte of the buffers is
+        touched; the buffers are aliased to the last output).
 
     Returns:
       (final state f32[B, H, Dk, Dv], entering f32[n, B, H, Dk, Dv] (entering[i]: the state before
-      sub-chunk i), v_new f32[n, B, H, c, Dv]).
+      sub-chunk i), v_new f32[n, B, H, c, Dv]), and the written buffers last when `exits` is given.
     """
     steps, batch, heads, sub_chunk, dv = u.shape
     dk = w.shape[-1]
@@ -113,23 +130,42 @@ def delta_recurrence_pallas(u: Array, w: Array, k_to_end: Array, end_decay: Arra
     block_v, block_c = min(block_v, dv), min(block_c, sub_chunk)
     if not (_pow2_at_least_16(block_v) and _pow2_at_least_16(block_c)):
         raise ValueError(f"block_v and block_c must be powers of two >= 16, got {block_v}, {block_c}")
-    kernel = functools.partial(_kernel, steps=steps, sub_chunk=sub_chunk, block_c=block_c,
-                               block_v=block_v, precision=precision)
-    per_state = pl.BlockSpec((None, None, dk, block_v), lambda b, h, j: (b, h, 0, j))
     f32 = jnp.float32
-    final, entering, v_new = pl.pallas_call(
+    out_shape = [jax.ShapeDtypeStruct((batch, heads, dk, dv), f32),
+                 jax.ShapeDtypeStruct((steps, batch, heads, dk, dv), f32),
+                 jax.ShapeDtypeStruct((steps, batch, heads, sub_chunk, dv), f32)]
+    per_state = pl.BlockSpec((None, None, dk, block_v), lambda b, h, j: (b, h, 0, j))
+    in_specs = [pl.no_block_spec, pl.no_block_spec, per_state,
+                pl.no_block_spec, pl.no_block_spec, pl.no_block_spec]
+    out_specs = [per_state, pl.no_block_spec, pl.no_block_spec]
+    operands = [end_decay.reshape(steps, batch, heads).astype(f32),
+                keep.reshape(steps, batch).astype(jnp.int32),
+                state.astype(f32), u.astype(f32), w.astype(f32), k_to_end.astype(f32)]
+    aliases, static_exits = {}, None
+    if exits is not None:
+        buffers, slot, layer = exits
+        groups = slot.shape[1]
+        if (buffers.ndim != 6 or buffers.shape[0] != batch or buffers.shape[3:] != (heads, dk, dv)
+                or buffers.dtype != f32 or slot.shape[0] != batch or steps % groups):
+            raise ValueError(f"exits needs f32 buffers [B={batch}, K, R, {heads}, {dk}, {dv}] and a "
+                             f"slot [B, G] with G dividing the {steps} sub-chunks, got "
+                             f"{buffers.dtype}{list(buffers.shape)} and slot {list(slot.shape)}")
+        static_exits = (steps // groups, buffers.shape[1])
+        in_specs += [pl.no_block_spec] * 3
+        out_specs.append(pl.no_block_spec)
+        out_shape.append(jax.ShapeDtypeStruct(buffers.shape, f32))
+        operands += [slot.astype(jnp.int32), jnp.reshape(layer, (1,)).astype(jnp.int32), buffers]
+        aliases = {len(operands) - 1: len(out_shape) - 1}
+    kernel = functools.partial(_kernel, steps=steps, sub_chunk=sub_chunk, block_c=block_c,
+                               block_v=block_v, precision=precision, exits=static_exits)
+    return tuple(pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct((batch, heads, dk, dv), f32),
-                   jax.ShapeDtypeStruct((steps, batch, heads, dk, dv), f32),
-                   jax.ShapeDtypeStruct((steps, batch, heads, sub_chunk, dv), f32)],
+        out_shape=out_shape,
         grid=(batch, heads, dv // block_v),
-        in_specs=[pl.no_block_spec, pl.no_block_spec, per_state,
-                  pl.no_block_spec, pl.no_block_spec, pl.no_block_spec],
-        out_specs=[per_state, pl.no_block_spec, pl.no_block_spec],
+        in_specs=in_specs,
+        out_specs=out_specs,
+        input_output_aliases=aliases,
         interpret=interpret(),
         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1),
         name="gdn_delta_recurrence",
-    )(end_decay.reshape(steps, batch, heads).astype(f32),
-      keep.reshape(steps, batch).astype(jnp.int32),
-      state.astype(f32), u.astype(f32), w.astype(f32), k_to_end.astype(f32))
-    return final, entering, v_new
+    )(*operands))

@@ -176,7 +176,7 @@ class _Programs:
     def _prefill(self, params, tokens, state, checkpoints, lengths):
         self.traces += 1
         stack, config = self.stack, self.stack.config
-        step = functools.partial(stack.group_step, params)
+        step = stack.emitting_step(params)
         hidden, final, emitted = run_chunks(step, stack.to_unit_state(state), tokens, lengths,
                                             checkpoints, chunk_size=config.chunk_size,
                                             hidden_size=config.d_model, hidden_dtype=stack.dtype,

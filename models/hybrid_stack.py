@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from sparse_prefix.chunking import EmitTarget, EmittingGroupStep, write_emitted
 from sparse_prefix.protocol import KVCache, State
 
 from . import mixers
@@ -229,29 +230,62 @@ class HybridStack:
           (state, final-normed hidden [B, G, C, d], boundaries: the unit-layout recurrent tuple with
           leaves [B, G, R, ...], or None). Padded slots leave the state exactly unchanged.
         """
+        return self._layers(params, state, tokens, positions, valid, want_boundaries, None, None)
+
+    def emitting_step(self, params: dict) -> EmittingGroupStep:
+        """The group step as an `EmittingGroupStep` of `run_chunks` (what `HybridLM.prefill` runs):
+        the checkpoint buffers (the unit layout's recurrent tuple with leaves [B, K, R, ...]) travel
+        through the layer loop and every recurrent layer writes its emitted states into them in
+        place (`EmitTarget`; the GDN recursion kernel from inside its loop), instead of the layer
+        scan stacking every chunk's states for one transpose and scatter per step."""
+
+        def step(state, tokens, positions, valid, buffers, slot):
+            return self._layers(params, state, tokens, positions, valid, False, buffers, slot)
+
+        def init_buffers(state, count):
+            return jax.tree_util.tree_map(
+                lambda leaf: jnp.zeros((leaf.shape[0], count) + leaf.shape[1:], leaf.dtype),
+                state.recurrent)
+
+        return EmittingGroupStep(step, init_buffers, lambda buffers: buffers, any_group=True)
+
+    def _layers(self, params: dict, state: State, tokens: Array, positions: Array, valid: Array,
+                want_boundaries: bool, buffers: tuple | None, emit_slot: Array | None
+                ) -> tuple[State, Array, tuple | None]:
+        """Every layer on G chunks; returns (state, hidden, boundaries or the written buffers).
+        `buffers` (leaves [B, K, R, ...]) with `emit_slot` int32[B, G]: write the emitted states."""
         cfg = self.config
         x = params["embed"][tokens].astype(self.dtype)
+        emitting = buffers is not None
 
         def unit(carry, inputs):
-            x, kv, repeat = carry
+            x, kv, repeat, buffers = carry
             layers, recurrent = inputs
             kv, recurrent, bounds = list(kv), list(recurrent), [None] * self.unit_recurrent
+            buffers = list(buffers) if emitting else None
             for position, (letter, kind, slot) in enumerate(zip(self.unit, self.kinds, self.slots)):
                 layer = layers[position]
                 held = recurrent if kind.recurrent else kv
-                mixed, held[slot], bound = kind.group(
-                    layer["mixer"], cfg, letter, self._norm(x, layer["input_norm"]), held[slot],
-                    positions, valid, self.backend, want_boundaries, repeat)
-                if kind.recurrent:
-                    bounds[slot] = bound
+                args = (layer["mixer"], cfg, letter, self._norm(x, layer["input_norm"]), held[slot],
+                        positions, valid, self.backend)
+                if emitting and kind.recurrent and kind.group_emit is not None:
+                    mixed, held[slot], buffers[slot] = kind.group_emit(
+                        *args, EmitTarget(buffers[slot], emit_slot, repeat))
+                else:
+                    mixed, held[slot], bound = kind.group(*args, want_boundaries or emitting, repeat)
+                    if emitting and kind.recurrent:
+                        buffers[slot] = write_emitted(buffers[slot], bound, emit_slot, repeat)
+                    elif kind.recurrent:
+                        bounds[slot] = bound
                 x = self._block(layer, x, mixed)
             outputs = (tuple(recurrent), tuple(bounds) if want_boundaries else None)
-            return (x, tuple(kv), repeat + 1), outputs
+            return (x, tuple(kv), repeat + 1, tuple(buffers) if emitting else None), outputs
 
         if cfg.scan_layers and PER_LAYER not in params:
             recurrent = jax.tree_util.tree_map(lambda leaf: jnp.moveaxis(leaf, 1, 0), state.recurrent)
-            carry = (x, state.kv or (), jnp.zeros((), jnp.int32))
-            (x, kv, _), (recurrent, bounds) = jax.lax.scan(unit, carry, (params["layers"], recurrent))
+            carry = (x, state.kv or (), jnp.zeros((), jnp.int32), buffers)
+            (x, kv, _, buffers), (recurrent, bounds) = jax.lax.scan(
+                unit, carry, (params["layers"], recurrent))
             recurrent = jax.tree_util.tree_map(lambda leaf: jnp.moveaxis(leaf, 0, 1), recurrent)
             if want_boundaries:
                 bounds = jax.tree_util.tree_map(lambda leaf: jnp.moveaxis(leaf, 0, 2), bounds)
@@ -263,14 +297,14 @@ class HybridStack:
                 else:
                     layers = jax.tree_util.tree_map(lambda leaf: leaf[r], params["layers"])
                 recurrent = jax.tree_util.tree_map(lambda leaf: leaf[:, r], state.recurrent)
-                (x, kv, _), outputs = unit((x, kv, r), (layers, recurrent))
+                (x, kv, _, buffers), outputs = unit((x, kv, r, buffers), (layers, recurrent))
                 per_repeat.append(outputs)
             recurrent = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves, axis=1),
                                                *[out[0] for out in per_repeat])
             bounds = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves, axis=2),
                                             *[out[1] for out in per_repeat]) if want_boundaries else None
         state = state._replace(recurrent=recurrent, kv=kv or None)
-        return state, self._norm(x, params["final_norm"]), bounds
+        return state, self._norm(x, params["final_norm"]), buffers if emitting else bounds
 
     def token_step(self, params: dict, state: State, token: Array) -> tuple[Array, State]:
         """One token per row at position state.length: token int32[B] -> (logits f32[B, V], state).

@@ -9,7 +9,10 @@ Group adapters share one signature, ``group(params, config, letter, x, state, po
 backend, want_boundaries, layer) -> (y [B, G, C, d], state, boundaries)``: recurrent kinds return
 their state after each chunk (leaves [B, G, ...]) when `want_boundaries`, KV kinds None; `layer` is
 the traced index of the layer inside a stacked KV cache ([R, B, S, Hkv, D] leaves; recurrent kinds
-ignore it).
+ignore it). A recurrent kind may also write its emitted states itself, ``group_emit(params, config,
+letter, x, state, positions, valid, backend, emit) -> (y, state, buffers)`` with an
+`sparse_prefix.chunking.EmitTarget` (the GDN recursion kernel writes from inside its loop); for
+kinds without it the stack scatters the `group` boundaries into the buffers.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ class MixerKind(NamedTuple):
     group: Callable[..., tuple]               # (params, config, letter, x, state, positions, valid,
                                               #  backend, want_boundaries, layer) -> (y, state, bounds)
     step: Callable[..., tuple]                # (params, config, letter, x, state, position)
+    group_emit: Callable[..., tuple] | None = None    # (params, config, letter, x, state, positions,
+                                                      #  valid, backend, emit) -> (y, state, buffers)
 
 
 def _require(config, field: str, kind: type, letter: str) -> None:
@@ -67,6 +72,8 @@ GATED_DELTANET = MixerKind(
     group=lambda params, config, letter, x, state, positions, valid, backend, want, layer: gdn_mixer_group(
         params, config.gdn, x, state, valid, want, backend=backend),
     step=lambda params, config, letter, x, state, position: gdn_mixer_step(params, config.gdn, x, state),
+    group_emit=lambda params, config, letter, x, state, positions, valid, backend, emit: gdn_mixer_group(
+        params, config.gdn, x, state, valid, backend=backend, emit=emit),
 )
 
 ATTENTION = MixerKind(

@@ -25,7 +25,7 @@ The loop over group steps comes in two forms (`STEP_LOOPS`), computing the same 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -107,29 +107,50 @@ class EmittingGroupStep(NamedTuple):
         checkpoint fills): buffers like `init_buffers`' whose padding slots are zero and whose real
         slots may hold anything -- `run_chunks` writes every real slot exactly once per call, so
         zeroing them first is wasted bandwidth. Used instead of `init_buffers` when given.
+      any_group: the step takes any G (its shapes come from its inputs), so `run_chunks`'
+        `fit_single_chunk` may run it one chunk at a time.
     """
 
     step: Callable
     init_buffers: Callable
     to_recurrent: Callable
     init_padding: Callable | None = None
+    any_group: bool = False
 
 
-def write_emitted(buffers, states, slot: Array):
+class EmitTarget(NamedTuple):
+    """Where one layer of a layer-stacked group step writes its state after each of the G chunks
+    (`write_emitted` with `layer`), instead of returning the states for the driver to scatter.
+
+    Attributes:
+      buffers: the layer kind's checkpoint buffers, leaves [B, K, R, ...] (R: the layers stacked).
+      slot: int32[B, G], the slot of each chunk's state; K (out of range) where it is not emitted.
+      layer: int32 scalar (may be traced), the index on the buffers' axis 2.
+    """
+
+    buffers: Any
+    slot: Array
+    layer: Array
+
+
+def write_emitted(buffers, states, slot: Array, layer: Array | int | None = None):
     """Write per-chunk states into checkpoint buffers where a chunk is emitted (one scatter per leaf).
 
     Args:
-      buffers: a pytree of leaves [B, K, ...]. states: the same structure with leaves [B, G, ...]
-        (the state after each of G chunks). slot: int32[B, G], the slot of each chunk's state,
-        K (out of range: dropped) for a chunk that is not emitted.
+      buffers: a pytree of leaves [B, K, ...] ([B, K, R, ...] with `layer`). states: the same
+        structure with leaves [B, G, ...] (the state after each of G chunks). slot: int32[B, G],
+        the slot of each chunk's state, K (out of range: dropped) for a chunk that is not emitted.
+      layer: None, or the index (int32 scalar, may be traced) on the buffers' axis 2 that the
+        states go to (a stack of layers' buffers written one layer at a time).
 
     Returns:
-      the buffers with states[b, g] at [b, slot[b, g]] for every emitted chunk; only those bytes
-      are written.
+      the buffers with states[b, g] at [b, slot[b, g]] (or [b, slot[b, g], layer]) for every
+      emitted chunk; only those bytes are written.
     """
     rows = jnp.arange(slot.shape[0])[:, None]
+    index = (rows, slot) if layer is None else (rows, slot, layer)
     return jax.tree_util.tree_map(
-        lambda buffer, value: buffer.at[rows, slot].set(value.astype(buffer.dtype), mode="drop"),
+        lambda buffer, value: buffer.at[index].set(value.astype(buffer.dtype), mode="drop"),
         buffers, states)
 
 
@@ -256,8 +277,8 @@ def run_chunks(step, state: State, tokens: Array, lengths: Array, checkpoints: A
         it to `plan_steps`; steps past the plan's last chunk are all padding, exact no-ops) instead
         of the device-counted loop (module docstring).
       fit_single_chunk: a token width of exactly C runs single-chunk steps (G = 1; a plain group
-        step only) instead of G-chunk steps padded with G - 1 empty chunks: a short call (a
-        resumed suffix of one chunk) then costs one chunk of work. Exact only where the step
+        step, or an emitting one marked `any_group`) instead of G-chunk steps padded with G - 1
+        empty chunks: a short call (a resumed suffix of one chunk) then costs one chunk of work. Exact only where the step
         computes a chunk with the same bits at G = 1 as inside a G-chunk step (row-for-row equal
         matmuls); the caller verifies that (`HybridLM.verify_step_fit`) and chooses the width
         (`padded_width(fit_one_chunk=...)`).
@@ -266,7 +287,8 @@ def run_chunks(step, state: State, tokens: Array, lengths: Array, checkpoints: A
       (hidden f32/hidden_dtype[B, d] at each row's last real token, final state, Checkpoints).
     """
     group_step, group = _group_step(step, chunks_per_step)
-    if fit_single_chunk and tokens.shape[1] == chunk_size and not isinstance(group_step, EmittingGroupStep):
+    if (fit_single_chunk and tokens.shape[1] == chunk_size
+            and (not isinstance(group_step, EmittingGroupStep) or group_step.any_group)):
         group = 1
     if static_steps and tokens.shape[1] % (group * chunk_size):
         raise ValueError(f"static_steps needs a token width that is a multiple of G x C = "

@@ -13,7 +13,7 @@ import pytest
 from sparse_prefix.models.gated_deltanet import GDNConfig, _delta_rule_blocks
 from sparse_prefix.models.gdn_pallas import delta_recurrence_pallas, supported
 from sparse_prefix.models.hybrid import HybridLM, hybrid_tiny_config
-from sparse_prefix.testing import resume_difference
+from sparse_prefix.testing import emission_difference, resume_difference
 
 B, T, H, DK, DV, SUB = 2, 96, 2, 16, 32, 32
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -45,8 +45,8 @@ def _rule(recurrence):
 
 def test_pallas_recurrence_matches_the_xla_scan_and_passes_the_state_bitwise_where_no_token_is_real(
         rule_inputs):
-    out, final, entering = _rule("pallas")(*rule_inputs)
-    want_out, want_final, want_entering = _rule("xla")(*rule_inputs)
+    out, final, entering, _ = _rule("pallas")(*rule_inputs)
+    want_out, want_final, want_entering, _ = _rule("xla")(*rule_inputs)
     np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(final), np.asarray(want_final), atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(entering), np.asarray(want_entering), atol=2e-5, rtol=1e-5)
@@ -54,6 +54,29 @@ def test_pallas_recurrence_matches_the_xla_scan_and_passes_the_state_bitwise_whe
     np.testing.assert_array_equal(entering[0, 0], rule_inputs[5][0])         # entering[0]: the input
     np.testing.assert_array_equal(entering[2, 1], entering[1, 1])            # row 1, sub-chunk 1
     np.testing.assert_array_equal(final[0], entering[2, 0])                  # row 0, sub-chunk 2
+
+
+@pytest.mark.parametrize("recurrence", ["pallas", "xla"])
+def test_the_rule_writes_each_emitted_chunk_exit_into_its_slot_and_layer_and_touches_nothing_else(
+        rule_inputs, recurrence):
+    """exits=(buffers, slot, layer): the state after chunk g (here two sub-chunks of 16 each) lands
+    at [b, slot[b, g], layer] where slot < K; every other byte of the buffers keeps its value."""
+    slots, layers, sentinel, sub = 3, 2, -7.0, SUB // 2
+    q, k, v, g, beta, state, sub_valid = rule_inputs
+    sub_valid = np.repeat(sub_valid, 2, axis=1)                          # [B, 6] sub-chunks of 16
+    buffers = np.full((B, slots, layers, H, DK, DV), sentinel, np.float32)
+    slot = np.array([[0, slots, 2], [slots, 1, slots]], np.int32)
+    rule = jax.jit(lambda *args: _delta_rule_blocks(*args[:7], sub, HIGHEST, "doubling", recurrence,
+                                                    (args[7], args[8], args[9])))
+    _, final, entering, written = rule(q, k, v, g, beta, state, sub_valid, buffers, slot,
+                                       jnp.int32(1))
+    after = np.concatenate([np.asarray(entering)[2::2], np.asarray(final)[None]])   # [G, B, ...]
+    want = buffers.copy()
+    for b in range(B):
+        for chunk in range(3):
+            if slot[b, chunk] < slots:
+                want[b, slot[b, chunk], 1] = after[chunk, b]
+    np.testing.assert_array_equal(np.asarray(written), want)
 
 
 def test_pallas_recurrence_keeps_the_state_exactly_under_a_zero_decay_and_garbage_inputs():
@@ -91,14 +114,17 @@ def test_prefill_with_the_pallas_recurrence_resumes_bitwise_and_matches_the_xla_
     base = hybrid_tiny_config()
     gdn = dataclasses.replace(base.gdn, head_k_dim=16, head_v_dim=16, sub_chunk=16,
                               recurrence="pallas")
-    config = dataclasses.replace(base, gdn=gdn, chunk_size=16, chunks_per_step=2, max_length=64)
+    config = dataclasses.replace(base, gdn=gdn, chunk_size=32, chunks_per_step=2, max_length=128)
     # 2-chunk steps throughout (the kernel's subject; one-chunk calls: tests/test_fit_steps.py)
     model = HybridLM(config, dtype=jnp.float32, donate_state=False, fit_steps="off")
     reference = HybridLM(dataclasses.replace(config, gdn=dataclasses.replace(gdn, recurrence="xla")),
                          dtype=jnp.float32, donate_state=False)
     params = model.init_params(jax.random.PRNGKey(0))
-    assert resume_difference(model, params, 40, split=16) == (16, 0.0)   # C = 16, not on G C = 32
-    tokens = np.random.default_rng(1).integers(0, config.vocab_size, (1, 40), dtype=np.int32)
+    assert resume_difference(model, params, 80, split=32) == (32, 0.0)   # C = 32, not on G C = 64
+    # written from inside the kernel (2 sub-chunks a chunk): chunk 0 (g = 0 of the first step)
+    # and chunk 1 (g = 1)
+    assert emission_difference(model, params, 80, [32, 64]) == 0.0
+    tokens = np.random.default_rng(1).integers(0, config.vocab_size, (1, 80), dtype=np.int32)
     none = np.zeros((0,), np.int32)
     want_logits, want_state, _ = model.prefill(params, tokens, model.init_state(1), none)
     xla_logits, xla_state, _ = reference.prefill(params, tokens, reference.init_state(1), none)
