@@ -87,17 +87,24 @@ def _kernel(end_ref, keep_ref, state_ref, u_ref, w_ref, k_ref, *refs, steps: int
             part = _dot(k_ref[i, b, h, rows, :], v_new, precision, contract_a=0)    # [Dk, bv]
             update = part if update is None else update + part
         s_new = end_ref[i, b, h] * s + update
-        s_new = jnp.where(keep_ref[i, b] != 0, s_new, s)
-        if exits is not None:                      # the state after a chunk, where it is emitted
-            subs, slots = exits
-            target = slot_ref[b, i // subs]
+        return jnp.where(keep_ref[i, b] != 0, s_new, s)
 
-            @pl.when((i % subs == subs - 1) & (target < slots))
-            def _():
-                exits_ref[b, target, layer_ref[0], h, :, cols] = s_new
-        return s_new
+    if exits is None:
+        final_ref[...] = jax.lax.fori_loop(0, steps, step, state_ref[...])
+        return
+    subs, slots = exits
 
-    final_ref[...] = jax.lax.fori_loop(0, steps, step, state_ref[...])
+    def chunk(g, s):                        # the chunk's sub-chunks, then its exit where emitted
+        s = jax.lax.fori_loop(0, subs, lambda j, s: step(g * subs + j, s), s)
+        target = slot_ref[b, g]
+
+        @pl.when(target < slots)
+        def _():
+            exits_ref[b, target, layer_ref[0], h, :, cols] = s
+
+        return s
+
+    final_ref[...] = jax.lax.fori_loop(0, steps // subs, chunk, state_ref[...])
 
 
 def delta_recurrence_pallas(u: Array, w: Array, k_to_end: Array, end_decay: Array, keep: Array,

@@ -131,3 +131,26 @@ def test_prefill_with_the_pallas_recurrence_resumes_bitwise_and_matches_the_xla_
     np.testing.assert_allclose(np.asarray(want_logits), np.asarray(xla_logits), atol=1e-4, rtol=1e-4)
     for got, want in zip(jax.tree_util.tree_leaves(want_state), jax.tree_util.tree_leaves(xla_state)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+
+
+def test_the_gdn_kernels_lower_to_triton_for_a_gpu_from_this_machine(monkeypatch):
+    """Lowering to Triton (what a GPU compile runs first) works without a GPU: it catches what
+    Pallas' interpreter accepts and Triton does not (e.g. an integer op on mixed types)."""
+    from sparse_prefix.models import gdn_pallas, gdn_solve_pallas
+
+    for module in (gdn_pallas, gdn_solve_pallas):
+        monkeypatch.setattr(module, "interpret", lambda: False)
+    f32, n, c, d = jnp.float32, 8, 64, 128
+    rows = jax.ShapeDtypeStruct((n, 1, 2, c, d), f32)
+    args = (rows, rows, rows, jax.ShapeDtypeStruct((n, 1, 2, 1, 1), f32),
+            jax.ShapeDtypeStruct((n, 1, 1, 1, 1), bool), jax.ShapeDtypeStruct((1, 2, d, d), f32))
+    exits = (jax.ShapeDtypeStruct((1, 4, 3, 2, d, d), f32), jax.ShapeDtypeStruct((1, 2), jnp.int32),
+             jax.ShapeDtypeStruct((), jnp.int32))
+    plain = lambda *a: delta_recurrence_pallas(*a, None)                         # noqa: E731
+    emitting = lambda *a: delta_recurrence_pallas(*a[:6], None, exits=a[6:])     # noqa: E731
+    solve = lambda lower, rhs: gdn_solve_pallas.unit_lower_solve_pallas(lower, rhs, None)  # noqa: E731
+    for fn, shapes in [(plain, args), (emitting, args + exits),
+                       (solve, (jax.ShapeDtypeStruct((4, c, c), f32),
+                                jax.ShapeDtypeStruct((4, c, 2 * d), f32)))]:
+        text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+        assert "__gpu$xla.gpu.triton" in text
