@@ -29,6 +29,8 @@ from sparse_prefix.chunking import EmitTarget, EmittingGroupStep, write_emitted
 from sparse_prefix.protocol import KVCache, State
 
 from . import mixers
+from .gated_deltanet import rule_precision, use_pallas_recurrence
+from .pallas_common import padding_zeroed_buffers
 from .layers import normal_init, rms_norm
 from .mlp import init_mlp_params, swiglu
 
@@ -247,7 +249,24 @@ class HybridStack:
                 lambda leaf: jnp.zeros((leaf.shape[0], count) + leaf.shape[1:], leaf.dtype),
                 state.recurrent)
 
-        return EmittingGroupStep(step, init_buffers, lambda buffers: buffers, any_group=True)
+        def init_padding(state, real):
+            """One launch that zeroes only the padding slots (`padding_zeroed_buffers`); every
+            recurrent layer writes every real slot once."""
+            leaves, tree = jax.tree_util.tree_flatten(state.recurrent)
+            buffers = padding_zeroed_buffers([(leaf.shape[1:], leaf.dtype) for leaf in leaves], real)
+            return jax.tree_util.tree_unflatten(tree, buffers)
+
+        return EmittingGroupStep(step, init_buffers, lambda buffers: buffers,
+                                 init_padding if self.uses_kernels() else None, any_group=True)
+
+    def uses_kernels(self) -> bool:
+        """Whether the prefill runs Pallas kernels (the GDN recursion resolves to its kernel): then
+        the checkpoint buffers start from one padding-zeroing launch instead of a fill of zeros."""
+        gdn = self.config.gdn
+        if gdn is None or not any(letter == "G" for letter in self.unit):
+            return False
+        return use_pallas_recurrence(gdn.recurrence, gdn.sub_chunk, gdn.head_k_dim, gdn.head_v_dim,
+                                     rule_precision(self.dtype))
 
     def _layers(self, params: dict, state: State, tokens: Array, positions: Array, valid: Array,
                 want_boundaries: bool, buffers: tuple | None, emit_slot: Array | None

@@ -124,6 +124,10 @@ def test_prefill_with_the_pallas_recurrence_resumes_bitwise_and_matches_the_xla_
     # written from inside the kernel (2 sub-chunks a chunk): chunk 0 (g = 0 of the first step)
     # and chunk 1 (g = 1)
     assert emission_difference(model, params, 80, [32, 64]) == 0.0
+    assert model.stack.uses_kernels()                      # buffers from the padding-zeroing kernel
+    _, _, emitted = model.prefill(params, np.zeros((1, 80), np.int32), model.init_state(1),
+                                  np.array([[32, 0]], np.int32))
+    assert all(not np.any(np.asarray(leaf)[:, 1]) for leaf in jax.tree_util.tree_leaves(emitted.recurrent))
     tokens = np.random.default_rng(1).integers(0, config.vocab_size, (1, 80), dtype=np.int32)
     none = np.zeros((0,), np.int32)
     want_logits, want_state, _ = model.prefill(params, tokens, model.init_state(1), none)
