@@ -29,6 +29,12 @@ models) the kernel beat the XLA scan (0.08 vs 0.12 ms at n = 4, c = 256; 0.17 vs
 c = 64); with HIGHEST (IEEE float32 dots on the CUDA cores, float32 models) it was ~11x slower
 (1.55 vs 0.14 ms at n = 4, c = 256).
 
+Emission (`exits`): a prefill that emits checkpoints passes the layer-stacked checkpoint buffers
+[B, K, R, H, Dk, Dv] (aliased to an output), the slot of each of the call's G chunks and the layer's
+index R; the kernel then loops over chunks and, after a chunk's sub-chunks, writes its state slice
+to the chunk's slot where it is emitted. The bytes are those of the state the next sub-chunk starts
+from, so emitted checkpoints are bitwise the states a call stopping there ends with.
+
 On a machine without a GPU the kernel runs in Pallas' interpreter (the tests compare it there with
 the XLA scan). Block dimensions must be powers of two >= 16 for Triton: `supported` tells whether a
 shape qualifies.
