@@ -1,8 +1,6 @@
-"""The "pallas" attention kernel, run in Pallas' interpreter on CPU: it matches the XLA reads, reads
-one layer of a stacked cache, and keeps a prefill resumed on the chunk grid bitwise equal to the
-uncached one (a row's output does not depend on where it sits in the call)."""
-
-import dataclasses
+"""The "pallas" attention kernel, run in Pallas' interpreter on CPU: it matches the XLA reads and
+reads one layer of a stacked cache. In a model (with the GDN kernels: tests/test_gdn_pallas.py) it
+keeps a prefill resumed on the chunk grid bitwise equal to the uncached one."""
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +9,6 @@ import pytest
 
 from sparse_prefix.models.attention import AttentionConfig, _attend_blocked, _attend_dense
 from sparse_prefix.models.attention_pallas import attend_pallas, default_stages, supported
-from sparse_prefix.models.hybrid import HybridLM, hybrid_tiny_config
-from sparse_prefix.testing import resume_difference
 from sparse_prefix.protocol import KVCache
 
 B, T, HKV, G, D, S = 2, 24, 2, 2, 16, 128
@@ -117,24 +113,3 @@ def test_pipeline_depth_is_the_deepest_that_fits_the_shared_memory():
     assert default_stages(64, 64, 256, shared_bytes=166_912) == 2
     assert default_stages(64, 64, 512) == 1
     assert default_stages(64, 64, 256, itemsize=4) == 1
-
-
-def test_prefill_and_decode_with_the_pallas_kernel_resume_bitwise_and_match_the_xla_kernel():
-    base = hybrid_tiny_config()
-    attention = dataclasses.replace(base.attention, head_dim=16, kernel="pallas")
-    config = dataclasses.replace(base, attention=attention, chunks_per_step=2, max_length=64)
-    model = HybridLM(config, dtype=jnp.float32, donate_state=False)
-    reference = HybridLM(dataclasses.replace(config, attention=dataclasses.replace(attention,
-                                                                                   kernel="xla")),
-                         dtype=jnp.float32, donate_state=False)
-    params = model.init_params(jax.random.PRNGKey(0))
-    assert resume_difference(model, params, 48, split=24) == (24, 0.0)   # C = 8, not on G C = 16
-    tokens = np.random.default_rng(1).integers(0, config.vocab_size, (1, 48), dtype=np.int32)
-    none = np.zeros((0,), np.int32)
-    want_logits, want_state, _ = model.prefill(params, tokens, model.init_state(1), none)
-    xla_logits, xla_state, _ = reference.prefill(params, tokens, reference.init_state(1), none)
-    np.testing.assert_allclose(np.asarray(want_logits), np.asarray(xla_logits), atol=1e-4, rtol=1e-4)
-    token = np.array([3], np.int32)                 # one decode step reads through the kernel too
-    step_logits, _ = model.decode(params, token, want_state)
-    xla_step_logits, _ = reference.decode(params, token, xla_state)
-    np.testing.assert_allclose(np.asarray(step_logits), np.asarray(xla_step_logits), atol=1e-4, rtol=1e-4)

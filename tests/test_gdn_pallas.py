@@ -110,15 +110,21 @@ def test_pallas_recurrence_is_a_checked_config_choice():
                      head_v_dim=16).recurrence == "xla"
 
 
-def test_prefill_with_the_pallas_recurrence_resumes_bitwise_and_matches_the_xla_recurrence():
+def test_prefill_and_decode_on_the_pallas_kernels_resume_and_emit_bitwise_and_match_xla():
+    """The presets' GPU path on CPU: the GDN recursion kernel, the UT solve kernel
+    (`gdn_solve_pallas`) and the attention read kernel (`attention_pallas`) together, against the
+    XLA scan, the doubling and XLA's blocked read."""
     base = hybrid_tiny_config()
     gdn = dataclasses.replace(base.gdn, head_k_dim=16, head_v_dim=16, sub_chunk=16,
-                              recurrence="pallas")
-    config = dataclasses.replace(base, gdn=gdn, chunk_size=32, chunks_per_step=2, max_length=128)
+                              recurrence="pallas", solver="pallas")
+    attention = dataclasses.replace(base.attention, head_dim=16, kernel="pallas")
+    config = dataclasses.replace(base, gdn=gdn, attention=attention, chunk_size=32,
+                                 chunks_per_step=2, max_length=128)
     # 2-chunk steps throughout (the kernel's subject; one-chunk calls: tests/test_fit_steps.py)
     model = HybridLM(config, dtype=jnp.float32, donate_state=False, fit_steps="off")
-    reference = HybridLM(dataclasses.replace(config, gdn=dataclasses.replace(gdn, recurrence="xla")),
-                         dtype=jnp.float32, donate_state=False)
+    reference = HybridLM(dataclasses.replace(
+        config, gdn=dataclasses.replace(gdn, recurrence="xla", solver="doubling"),
+        attention=dataclasses.replace(attention, kernel="xla")), dtype=jnp.float32, donate_state=False)
     params = model.init_params(jax.random.PRNGKey(0))
     assert resume_difference(model, params, 80, split=32) == (32, 0.0)   # C = 32, not on G C = 64
     # written from inside the kernel (2 sub-chunks a chunk): chunk 0 (g = 0 of the first step)
@@ -135,6 +141,10 @@ def test_prefill_with_the_pallas_recurrence_resumes_bitwise_and_matches_the_xla_
     np.testing.assert_allclose(np.asarray(want_logits), np.asarray(xla_logits), atol=1e-4, rtol=1e-4)
     for got, want in zip(jax.tree_util.tree_leaves(want_state), jax.tree_util.tree_leaves(xla_state)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+    token = np.array([3], np.int32)                 # one decode step reads through the kernel too
+    step_logits, _ = model.decode(params, token, want_state)
+    xla_step_logits, _ = reference.decode(params, token, xla_state)
+    np.testing.assert_allclose(np.asarray(step_logits), np.asarray(xla_step_logits), atol=1e-4, rtol=1e-4)
 
 
 def test_the_gdn_kernels_lower_to_triton_for_a_gpu_from_this_machine(monkeypatch):

@@ -1,19 +1,14 @@
 """The Pallas UT solve of the Gated DeltaNet (`gdn_solve_pallas`), run in Pallas' interpreter on CPU:
-it solves (I + L) X = R as numpy does in float64, reads nothing of L on or above the diagonal, and
-as the model's solver (`GDNConfig.solver="pallas"`) keeps a prefill resumed on the chunk grid bitwise
-equal to the uncached one while matching the doubling solver within float32 rounding."""
-
-import dataclasses
+it solves (I + L) X = R as numpy does in float64 and reads nothing of L on or above the diagonal. As
+the model's solver (`GDNConfig.solver="pallas"`), together with the recursion kernel, it keeps a
+prefill resumed on the chunk grid bitwise: tests/test_gdn_pallas.py."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from sparse_prefix.models.gated_deltanet import GDNConfig, use_pallas_solver
 from sparse_prefix.models.gdn_solve_pallas import supported, unit_lower_solve_pallas
-from sparse_prefix.models.hybrid import HybridLM, hybrid_tiny_config
-from sparse_prefix.testing import resume_difference
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -63,21 +58,3 @@ def test_auto_takes_the_kernel_only_on_a_gpu_for_reduced_precision():
     assert use_pallas_solver("auto", 32, 32, None) == (jax.default_backend() == "gpu")
     assert not use_pallas_solver("auto", 32, 32, HIGHEST)
     assert not use_pallas_solver("doubling", 32, 32, None)
-
-
-def test_prefill_with_the_pallas_solver_resumes_bitwise_and_matches_the_doubling():
-    base = hybrid_tiny_config()
-    gdn = dataclasses.replace(base.gdn, head_k_dim=16, head_v_dim=16, sub_chunk=16, solver="pallas")
-    config = dataclasses.replace(base, gdn=gdn, chunk_size=16, chunks_per_step=2, max_length=64)
-    model = HybridLM(config, dtype=jnp.float32, donate_state=False)
-    reference = HybridLM(dataclasses.replace(config, gdn=dataclasses.replace(gdn, solver="doubling")),
-                         dtype=jnp.float32, donate_state=False)
-    params = model.init_params(jax.random.PRNGKey(0))
-    assert resume_difference(model, params, 40, split=16) == (16, 0.0)   # C = 16, not on G C = 32
-    tokens = np.random.default_rng(1).integers(0, config.vocab_size, (1, 40), dtype=np.int32)
-    none = np.zeros((0,), np.int32)
-    logits, state, _ = model.prefill(params, tokens, model.init_state(1), none)
-    want_logits, want_state, _ = reference.prefill(params, tokens, reference.init_state(1), none)
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=1e-4, rtol=1e-4)
-    for got, want in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(want_state)):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
