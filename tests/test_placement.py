@@ -142,6 +142,8 @@ def test_solve_batch_equals_a_loop_of_solve():
         assert close(batch.expected_cost[i], single.expected_cost)
         for length in (0, 5, 13):
             assert batch.positions_for(i, length).tolist() == single.positions_for(length).tolist()
+        batch.positions_for(i, 13)[:] = -1          # rows are kept between calls; answers are copies
+        assert batch.positions_for(i, 13).tolist() == single.positions_for(13).tolist()
         assert batch.row(i).positions.tolist() == single.positions.tolist()
 
 

@@ -230,9 +230,19 @@ class BatchPlacement:
                          self.cost, self.grid, self._pmfs[i], tuple(t[i] for t in self._host_tables),
                          self._layers)
 
+    @functools.cached_property
+    def _rows(self) -> dict[int, Placement]:
+        """Rows built by `positions_for`, kept: a row's host-side tables and nonzero counts are
+        computed once, not on every request a serving planner plans."""
+        return {}
+
     def positions_for(self, index: Any, length: Any) -> np.ndarray:
         """`row(index).positions_for(length)`."""
-        return self.row(index).positions_for(length)
+        i = check_count(index, "index", 0)
+        placement = self._rows.get(i)
+        if placement is None:
+            placement = self._rows[i] = self.row(i)
+        return placement.positions_for(length)
 
 
 def brute_force(pmf: Any, budget: Any, cost: CostLike = "linear", grid: Any = 1) -> Placement:
