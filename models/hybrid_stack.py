@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from sparse_prefix.chunking import EmitTarget, EmittingGroupStep, write_emitted
+from sparse_prefix.chunking import EmitTarget, EmittingGroupStep, write_emitted, zeroed_buffers
 from sparse_prefix.protocol import KVCache, State
 
 from . import mixers
@@ -244,11 +244,6 @@ class HybridStack:
         def step(state, tokens, positions, valid, buffers, slot):
             return self._layers(params, state, tokens, positions, valid, False, buffers, slot)
 
-        def init_buffers(state, count):
-            return jax.tree_util.tree_map(
-                lambda leaf: jnp.zeros((leaf.shape[0], count) + leaf.shape[1:], leaf.dtype),
-                state.recurrent)
-
         def init_padding(state, real):
             """One launch that zeroes only the padding slots (`padding_zeroed_buffers`); every
             recurrent layer writes every real slot once."""
@@ -256,7 +251,7 @@ class HybridStack:
             buffers = padding_zeroed_buffers([(leaf.shape[1:], leaf.dtype) for leaf in leaves], real)
             return jax.tree_util.tree_unflatten(tree, buffers)
 
-        return EmittingGroupStep(step, init_buffers, lambda buffers: buffers,
+        return EmittingGroupStep(step, zeroed_buffers, lambda buffers: buffers,
                                  init_padding if self.uses_kernels() else None, any_group=True)
 
     def uses_kernels(self) -> bool:

@@ -186,12 +186,14 @@ def _boundary_emission(group_step) -> EmittingGroupStep:
             buffers = write_emitted(buffers, boundaries, slot)
         return current, hidden, buffers
 
-    def init_buffers(current, count):
-        return jax.tree_util.tree_map(
-            lambda leaf: jnp.zeros((leaf.shape[0], count) + leaf.shape[1:], leaf.dtype),
-            current.recurrent)
+    return EmittingGroupStep(step, zeroed_buffers, lambda buffers: buffers)
 
-    return EmittingGroupStep(step, init_buffers, lambda buffers: buffers)
+
+def zeroed_buffers(state: State, count: int):
+    """Zero checkpoint buffers for K = `count`: `state.recurrent`'s structure, every leaf [B, ...]
+    as [B, K, ...] (an `EmittingGroupStep.init_buffers` for steps that keep that layout)."""
+    return jax.tree_util.tree_map(
+        lambda leaf: jnp.zeros((leaf.shape[0], count) + leaf.shape[1:], leaf.dtype), state.recurrent)
 
 
 STEP_LOOPS = ("dynamic", "static", "auto")
