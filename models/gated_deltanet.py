@@ -313,9 +313,10 @@ def _delta_rule_blocks(q: Array, k: Array, v: Array, g: Array, beta: Array, stat
     keep = jnp.moveaxis(sub_valid, 1, 0)[:, :, None, None, None]   # [n, B, 1, 1, 1]
     written = None
     if use_pallas_recurrence(recurrence, sub_chunk, k.shape[-1], dv, precision):
-        state, entering, v_new, *written = gdn_pallas.delta_recurrence_pallas(
-            u, w, k_to_end, end_decay, keep, state, precision, exits=exits)
-        written = written[0] if written else None
+        results = gdn_pallas.delta_recurrence_pallas(u, w, k_to_end, end_decay, keep, state,
+                                                     precision, exits=exits)
+        state, entering, v_new = results[:3]
+        written = results[3] if exits is not None else None
     else:
         state, entering, v_new = _recurrence_scan(u, w, k_to_end, end_decay, keep, state, precision)
         if exits is not None:

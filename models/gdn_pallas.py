@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .pallas_common import interpret
+from .pallas_common import dot_f32, interpret
 
 Array = jax.Array
 
@@ -67,12 +67,6 @@ def supported(sub_chunk: int, head_k_dim: int, head_v_dim: int) -> bool:
     return all(_pow2_at_least_16(v) for v in (sub_chunk, head_k_dim, head_v_dim))
 
 
-def _dot(a: Array, b: Array, precision, contract_a: int = 1) -> Array:
-    """a [M, K] @ b [K, N] (a^T @ b for a [K, M] with contract_a=0), accumulated in float32."""
-    return jax.lax.dot_general(a, b, (((contract_a,), (0,)), ((), ())), precision=precision,
-                               preferred_element_type=jnp.float32)
-
-
 def _kernel(end_ref, keep_ref, state_ref, u_ref, w_ref, k_ref, *refs, steps: int, sub_chunk: int,
             block_c: int, block_v: int, precision, exits: tuple[int, int] | None):
     if exits is None:
@@ -88,9 +82,9 @@ def _kernel(end_ref, keep_ref, state_ref, u_ref, w_ref, k_ref, *refs, steps: int
         update = None
         for piece in range(sub_chunk // block_c):                           # fixed order
             rows = pl.ds(piece * block_c, block_c)
-            v_new = u_ref[i, b, h, rows, cols] - _dot(w_ref[i, b, h, rows, :], s, precision)
+            v_new = u_ref[i, b, h, rows, cols] - dot_f32(w_ref[i, b, h, rows, :], s, precision)
             v_new_ref[i, b, h, rows, cols] = v_new                          # [bc, bv]
-            part = _dot(k_ref[i, b, h, rows, :], v_new, precision, contract_a=0)    # [Dk, bv]
+            part = dot_f32(k_ref[i, b, h, rows, :], v_new, precision, contract_a=0)    # [Dk, bv]
             update = part if update is None else update + part
         s_new = end_ref[i, b, h] * s + update
         return jnp.where(keep_ref[i, b] != 0, s_new, s)

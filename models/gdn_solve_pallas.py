@@ -27,13 +27,14 @@ at least 16: `supported` says whether a shape qualifies.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from .pallas_common import _largest_pow2_divisor, interpret, is_pow2
+from .pallas_common import _largest_pow2_divisor, dot_f32, interpret, is_pow2
 
 Array = jax.Array
 
@@ -59,11 +60,6 @@ def supported(size: int, width: int, block: int = BLOCK, block_v: int = BLOCK_V)
     return _fits(size) and _fits(min(block, size)) and _fits(_column_block(width, block_v))
 
 
-def _dot(a: Array, b: Array, precision) -> Array:
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
-                               preferred_element_type=jnp.float32)
-
-
 def _kernel(lower_ref, rhs_ref, out_ref, *, size: int, block: int, precision):
     strict = (jax.lax.broadcasted_iota(jnp.int32, (block, block), 0)
               > jax.lax.broadcasted_iota(jnp.int32, (block, block), 1))
@@ -72,13 +68,13 @@ def _kernel(lower_ref, rhs_ref, out_ref, *, size: int, block: int, precision):
         rows = pl.ds(i * block, block)
         acc = rhs_ref[rows, :]                                                # [block, bv]
         for j in range(i):                                                    # fixed order
-            acc = acc - _dot(lower_ref[rows, pl.ds(j * block, block)], solved[j], precision)
+            acc = acc - dot_f32(lower_ref[rows, pl.ds(j * block, block)], solved[j], precision)
         power = jnp.where(strict, lower_ref[rows, rows], 0.0)                 # N, nilpotent
-        x = acc - _dot(power, acc, precision)                                 # (I - N) A
+        x = acc - dot_f32(power, acc, precision)                                 # (I - N) A
         span = 2
         while span < block:                                                   # (I + N^span)
-            power = _dot(power, power, precision)
-            x = x + _dot(power, x, precision)
+            power = dot_f32(power, power, precision)
+            x = x + dot_f32(power, x, precision)
             span *= 2
         out_ref[rows, :] = x
         solved.append(x)
@@ -108,9 +104,7 @@ def unit_lower_solve_pallas(lower: Array, rhs: Array, precision, *, block: int =
         raise ValueError(f"unit_lower_solve_pallas needs a power-of-two n >= 16 and blocks of >= 16 "
                          f"(`supported`), got n={size}, w={width}, block={block}, block_v={block_v}")
     block, block_v = min(block, size), _column_block(width, block_v)
-    count = 1
-    for dim in lead:
-        count *= dim
+    count = math.prod(lead)
     kernel = functools.partial(_kernel, size=size, block=block, precision=precision)
     out = pl.pallas_call(
         kernel,

@@ -22,6 +22,13 @@ def dot_precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
+def dot_f32(a: jax.Array, b: jax.Array, precision, contract_a: int = 1) -> jax.Array:
+    """a [M, K] @ b [K, N] (a^T @ b for a [K, M] with contract_a=0), accumulated in float32 (the
+    kernels' dots)."""
+    return jax.lax.dot_general(a, b, (((contract_a,), (0,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
 def _largest_pow2_divisor(value: int, cap: int) -> int:
     block = 1
     while block < cap and value % (block * 2) == 0:
