@@ -8,7 +8,9 @@ model's chunk size, capture one-pass: what the engine does) serves every request
     the whole run: every engine pads checkpoint lists to the same `checkpoint_slots`, the power of two
     that covers the most states any request of any policy stores, found by a simulator replay), the
     store's gather, and its insert / page-write scatters at every row bucket up to what a request can
-    move (writing zeros into a zeroed store: the cache stays empty);
+    move (writing zeros into a zeroed store: the cache stays empty). Every engine allocates one
+    layout (`shared_layout`: the slots of the policy storing the most), so only the first policy's
+    setup compiles: the rest reuse its programs, whose shapes include the store's;
   * the first `warm_fraction` of the requests run untimed (they fill the cache and the histograms);
     the device is synchronised after them;
   * each measured request is timed with `perf_counter` around `engine.prefill`, which returns once
@@ -280,6 +282,9 @@ class ReplayPlan:
         most states any request of any policy stores): one compiled prefill for the whole run.
       max_pages: the most KV pages one request writes.
       capacity, eviction: the cache's entries and eviction policy.
+      layout: the `CacheLayout` every policy's Engine allocates: the one of the policy that stores
+        the most states per entry (`shared_layout`), so every engine of the run shares the compiled
+        fused prefill and store programs (only the policy differs between runs).
     """
 
     policies: tuple[str, ...]
@@ -290,6 +295,19 @@ class ReplayPlan:
     max_pages: int
     capacity: int
     eviction: str
+    layout: Any = None
+
+
+def shared_layout(model: Any, policies: Sequence[str], capacity: int) -> Any:
+    """The `CacheLayout` with the most slots among `Engine.abstract(model, policy, capacity)` of the
+    policies: every engine of a replay can allocate it and holds `capacity` entries of its policy.
+    (Pages do not depend on the policy.) With one layout, engines of one model share every compiled
+    program, so a policy's setup compiles nothing new -- on a static step loop (one program per step
+    count) that is most of a replay's setup."""
+    from sparse_prefix.engine import Engine
+
+    layouts = [Engine.abstract(model, policy=policy, capacity_entries=capacity) for policy in policies]
+    return max(layouts, key=lambda layout: layout.num_slots)
 
 
 def plan_replay(requests: Sequence[Request], policies: Sequence[str], *, model: Any, seed: int, capacity: int,
@@ -327,14 +345,15 @@ def plan_replay(requests: Sequence[Request], policies: Sequence[str], *, model: 
     return ReplayPlan(policies=tuple(policies), order=tuple(order), n_warm=n_warm, simulated=simulated,
                       checkpoint_slots=pow2_at_least(most_states, MIN_CHECKPOINT_SLOTS),
                       max_pages=max(r.length for r in order) // int(model.chunk_size),
-                      capacity=capacity, eviction=eviction)
+                      capacity=capacity, eviction=eviction, layout=shared_layout(model, policies, capacity))
 
 
 def run_replay(plan: ReplayPlan, *, model: Any, params: Any, budget_s: float | None = None,
                background_resolve: bool = False, check_accounting: bool = True,
                on_policy: Callable[[TimedReplay], None] | None = None,
                fuse_restore: bool | str = "auto") -> TimedReplay:
-    """Time `plan` through a fresh Engine per policy (see the module docstring).
+    """Time `plan` through a fresh Engine per policy (see the module docstring), every engine
+    allocating `plan.layout`.
 
     Args:
       plan: from `plan_replay` (for this model).
@@ -375,7 +394,8 @@ def run_replay(plan: ReplayPlan, *, model: Any, params: Any, budget_s: float | N
         simulated = plan.simulated[policy]
         engine = Engine(model, params, policy=policy, eviction=plan.eviction, capacity_entries=plan.capacity,
                         background_resolve=background_resolve, min_checkpoint_slots=slots,
-                        planner_options=planner_options_for(model), fuse_restore=fuse_restore)
+                        planner_options=planner_options_for(model), fuse_restore=fuse_restore,
+                        layout=plan.layout)
         try:
             prepare_engine(engine, checkpoint_slots=slots, max_states=int(simulated["new_checkpoints"].max()),
                            max_pages=plan.max_pages,

@@ -66,7 +66,7 @@ from sparse_prefix.protocol import FusablePrefill, State
 from sparse_prefix.request_checks import split_requests
 from sparse_prefix.sampling import Sampling, sample
 from sparse_prefix.store import (CacheLayout, Packing, PoolExhausted, StateStore, abstract_state_of,
-                                 gather_state, plan_layout)
+                                 gather_state, plan_layout, state_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +156,22 @@ def _first_row(logits: jax.Array) -> jax.Array:
     return logits[0]
 
 
+def _checked_layout(layout: Any, model: Any, capacity_bytes: int | None) -> CacheLayout:
+    """`layout` if an Engine of `model` can allocate it (see `Engine`'s `layout`), else an error."""
+    if not isinstance(layout, CacheLayout):
+        raise TypeError(f"layout must be a CacheLayout (e.g. from Engine.abstract), got {type(layout).__name__}")
+    if capacity_bytes is not None:
+        raise ValueError("give either layout or capacity_bytes, not both (a layout fixes the bytes)")
+    slot_bytes, page_bytes = state_bytes(model)
+    if (layout.slot_bytes, layout.page_bytes) != (slot_bytes, page_bytes):
+        raise ValueError(f"layout is for another model: slot / page bytes {layout.slot_bytes} / "
+                         f"{layout.page_bytes}, this model's {slot_bytes} / {page_bytes}")
+    if layout.num_slots < 1 or layout.num_pages < (1 if page_bytes else 0):
+        raise ValueError(f"layout holds no checkpoint{' or no KV page' if page_bytes else ''}: "
+                         f"{layout.num_slots} slots, {layout.num_pages} pages")
+    return layout
+
+
 def _pow2(count: int) -> int:
     return 1 << max(0, int(count) - 1).bit_length()
 
@@ -179,6 +195,12 @@ class Engine:
       min_checkpoint_slots: checkpoint lists are padded to a power of two at least this large, so
         requests storing 1 to that many states share one compilation (and those storing none
         another, with no emission buffers: at most two programs per batch size).
+      layout: an explicit `CacheLayout` to allocate instead of sizing one from `policy`,
+        `capacity_entries` and `capacity_bytes` (e.g. ``Engine.abstract`` of the policy that stores
+        the most): engines of one model with equal layouts share every compiled program (the fused
+        prefill, the store's gather and scatters), whatever their policies. Its slot and page bytes
+        must be this model's; with fewer slots than `capacity_entries` entries of this policy need,
+        the index evicts by slots as under `capacity_bytes`. Not combined with `capacity_bytes`.
       fuse_restore: for a model with `FusablePrefill` (the built-in ones), gather the resumed state
         out of the store inside the prefill's program: one dispatch per request, no restored State
         returned to Python as one array per leaf (less host time per hit), at the price of one
@@ -193,7 +215,7 @@ class Engine:
                  capacity_entries: int = 64, capacity_bytes: int | None = None,
                  namespace: str | None = None, max_hints: int = 4, background_resolve: bool = True,
                  min_checkpoint_slots: int = 8, fuse_restore: bool | str = "auto",
-                 planner_options: Mapping[str, Any] | None = None,
+                 layout: CacheLayout | None = None, planner_options: Mapping[str, Any] | None = None,
                  index_options: Mapping[str, Any] | None = None):
         _check_namespace(namespace)
         if isinstance(min_checkpoint_slots, bool) or not isinstance(min_checkpoint_slots, int) \
@@ -202,8 +224,11 @@ class Engine:
         self.model, self.params = model, serving_params(model, params)
         self.policy, self.eviction, self.namespace = policy, eviction, namespace
         self.chunk_size = int(model.chunk_size)
-        self.layout = self.abstract(model, policy=policy, capacity_entries=capacity_entries,
-                                    capacity_bytes=capacity_bytes, max_hints=max_hints)
+        if layout is None:
+            self.layout = self.abstract(model, policy=policy, capacity_entries=capacity_entries,
+                                        capacity_bytes=capacity_bytes, max_hints=max_hints)
+        else:
+            self.layout = _checked_layout(layout, model, capacity_bytes)
         # Calls pad tokens to max_length (bytes, not compute: see the module docstring) and
         # checkpoint lists to 0 (nothing stored) or a power of two >= min_checkpoint_slots: two
         # compilations per batch size (and per step count, on a static step loop) serve almost

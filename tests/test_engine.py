@@ -4,6 +4,8 @@ Every engine of a model shares two compiled prefills per batch size (tokens padd
 checkpoint lists to 0 or 8 slots); references use the 8-slot shapes, so this file compiles few programs.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -112,6 +114,30 @@ def test_the_fused_and_the_separate_restore_serve_the_same_bitwise_answers(name)
     with pytest.raises(TypeError, match="fuse_restore"):
         engine_for(name, "none", fuse_restore=1)
     assert engine_for(name, "none").fused == (jax.default_backend() == "gpu")     # "auto"
+
+
+def test_engines_given_one_layout_share_their_compiled_programs_whatever_the_policy():
+    """`layout=` fixes the store's shapes, so an engine of another policy reuses the fused program the
+    first one compiled (the fused test above compiled it for this layout) and answers bitwise."""
+    model, params = tiny("hybrid-tiny")
+    layout = Engine.abstract(model, policy="ldp:2+fork", capacity_entries=3)
+    requests = trace("hybrid-tiny", count=6, seed=3)
+    wanted = [reference("hybrid-tiny", [request.tokens])[0] for request in requests]
+    engine_for("hybrid-tiny", "ldp:2+fork", fuse_restore=True, layout=layout).warmup((1,))
+    compiled = model.compile_count
+    engine = engine_for("hybrid-tiny", "dp:2", fuse_restore=True, layout=layout)
+    assert engine.layout == layout and engine.store.num_slots == layout.num_slots
+    for request, want in zip(requests, wanted):
+        np.testing.assert_array_equal(engine.prefill(request.tokens).last_logits, want)
+    assert engine.stats()["hits"] > 0 and model.compile_count == compiled
+    with pytest.raises(TypeError, match="layout must be a CacheLayout"):
+        engine_for("hybrid-tiny", "dp:2", layout={"num_slots": 4})
+    with pytest.raises(ValueError, match="another model"):
+        engine_for("hybrid-tiny", "dp:2", layout=Engine.abstract(tiny("mamba2-tiny")[0], capacity_entries=3))
+    with pytest.raises(ValueError, match="not both"):
+        engine_for("hybrid-tiny", "dp:2", layout=layout, capacity_bytes=10**6)
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        engine_for("hybrid-tiny", "dp:2", layout=dataclasses.replace(layout, num_slots=0))
 
 
 @pytest.mark.parametrize("name", ["hybrid-tiny", "mamba2-tiny"])

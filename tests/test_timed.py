@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sparse_prefix.engine import Engine
 from sparse_prefix.experiments import bench_resume, cli_timed, costmodel, timed
 from sparse_prefix.models import create
 from sparse_prefix.simulate import replay
@@ -162,6 +163,15 @@ def test_fold_vocab_keeps_groups_hints_and_shared_prefixes():
     folded = timed.fold_vocab(requests, 512)
     assert [r.tokens.tolist() for r in folded] == [[5, 188, 6], [0]]
     assert [(r.group, r.hints) for r in folded] == [("a", (2,)), ("b", ())]
+
+
+def test_every_policy_of_a_replay_allocates_the_layout_of_the_policy_storing_the_most():
+    model, _ = tiny("hybrid-tiny")
+    plan = timed.plan_replay(tiny_trace(), ["dp:2", "block:16+hints"], model=model, seed=1, capacity=CAPACITY)
+    layouts = {p: Engine.abstract(model, policy=p, capacity_entries=CAPACITY) for p in plan.policies}
+    assert plan.layout == layouts["block:16+hints"]
+    assert all(plan.layout.num_slots >= layout.num_slots and plan.layout.num_pages == layout.num_pages
+               for layout in layouts.values())
 
 
 def test_store_buckets_cover_every_row_count_up_to_the_capacity():
