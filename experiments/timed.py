@@ -32,8 +32,9 @@ prefill timing (it runs on the device just before it), so this share is a lower 
 benchmark (`bench_resume`) measures the full overhead of a hit directly.
 
 A `budget_s` keeps a run inside a device call's limit: a policy starts only while the time used so far
-plus the last policy's duration fits the budget, and a policy that overruns it mid-way is abandoned
-(reported under ``skipped``, never as a result).
+plus the next one's expected duration fits the budget (`expected_policy_seconds`: the first policy's
+setup compiles for every policy, so only its replay predicts the next ones), and a policy
+that overruns it mid-way is abandoned (reported under ``skipped``, never as a result).
 """
 
 from __future__ import annotations
@@ -348,6 +349,17 @@ def plan_replay(requests: Sequence[Request], policies: Sequence[str], *, model: 
                       capacity=capacity, eviction=eviction, layout=shared_layout(model, policies, capacity))
 
 
+def expected_policy_seconds(replays: Sequence[float], setups: Sequence[float]) -> float:
+    """The seconds the next policy of a run is expected to take, given the replay seconds (warm part,
+    measured part, accounting) and setup seconds of the policies done so far: the last replay plus the
+    least setup after the first. The first policy's setup compiles what every engine of the run
+    shares (one layout: `shared_layout`), so it does not predict the next ones (0 until a second
+    policy has run; `prepare_engine` then only writes zeros through compiled programs)."""
+    if not replays:
+        return 0.0
+    return float(replays[-1]) + (min(setups[1:]) if len(setups) > 1 else 0.0)
+
+
 def run_replay(plan: ReplayPlan, *, model: Any, params: Any, budget_s: float | None = None,
                background_resolve: bool = False, check_accounting: bool = True,
                on_policy: Callable[[TimedReplay], None] | None = None,
@@ -379,7 +391,7 @@ def run_replay(plan: ReplayPlan, *, model: Any, params: Any, budget_s: float | N
     mean_length = float(np.mean([r.length for r in order[n_warm:]]))
     timings: list[PolicyTiming] = []
     skipped: list[dict] = []
-    last_duration = 0.0
+    expected, replays, setups = 0.0, [], []
 
     def snapshot() -> TimedReplay:
         return TimedReplay(tuple(timings), tuple(skipped), len(order), n_warm, slots, mean_length)
@@ -387,9 +399,9 @@ def run_replay(plan: ReplayPlan, *, model: Any, params: Any, budget_s: float | N
     params = serving_params(model, params)           # once: every policy's Engine shares it
     for policy in plan.policies:
         now = time.perf_counter()
-        if deadline is not None and now + last_duration > deadline:
-            skipped.append({"policy": policy, "reason": f"not started: {now - started:.0f} s used, the last "
-                                                        f"policy took {last_duration:.0f} s, budget {budget_s:.0f} s"})
+        if deadline is not None and now + expected > deadline:
+            skipped.append({"policy": policy, "reason": f"not started: {now - started:.0f} s used, the next "
+                                                        f"policy would take ~{expected:.0f} s, budget {budget_s:.0f} s"})
             continue
         simulated = plan.simulated[policy]
         engine = Engine(model, params, policy=policy, eviction=plan.eviction, capacity_entries=plan.capacity,
@@ -411,7 +423,9 @@ def run_replay(plan: ReplayPlan, *, model: Any, params: Any, budget_s: float | N
             gc.collect()
         mismatches = simulator_mismatches(records, simulated, n_warm) if check_accounting else None
         timings.append(PolicyTiming(policy, records, warm_s, setup_s, compiles, mismatches))
-        last_duration = time.perf_counter() - now
+        setups.append(setup_s)
+        replays.append(time.perf_counter() - now - setup_s)
+        expected = expected_policy_seconds(replays, setups)
         if on_policy is not None:
             on_policy(snapshot())
     return snapshot()

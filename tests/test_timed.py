@@ -134,6 +134,12 @@ def test_a_spent_budget_skips_policies_and_says_why():
     assert all(s["reason"].startswith("not started") for s in result.skipped)
 
 
+def test_the_first_policys_setup_does_not_predict_the_next_policys_time():
+    assert timed.expected_policy_seconds([], []) == 0.0
+    assert timed.expected_policy_seconds([10.0], [300.0]) == 10.0       # its compiles are shared
+    assert timed.expected_policy_seconds([10.0, 12.0, 9.0], [300.0, 2.0, 1.0]) == 10.0
+
+
 def test_a_replay_past_its_deadline_stops_before_the_next_request():
     from sparse_prefix.engine import Engine
 
