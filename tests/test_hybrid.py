@@ -74,7 +74,8 @@ def test_mamba2_attention_stack_with_two_chunks_per_step_passes_the_equivalence_
 def test_hybrid_tiny_with_two_chunks_per_step_passes_the_equivalence_matrix(grouped):
     model, params = grouped
     before = model.compile_count
-    report = check_model(model, params)
+    # off the chunk grid a resume only agrees within float32 rounding: 2e-5 on AMD EPYC's XLA CPU kernels
+    report = check_model(model, params, rtol=5e-5)
     assert report["bitwise_checks"] > 0 and report["max_decode_error"] < 1e-4
     # two prefill widths (one cross-bucket), decode, the one-chunk width, verify_step_fit's two
     assert model.compile_count - before <= 6
