@@ -63,10 +63,12 @@ STATE_VERSION = 1
 
 def default_bin_size(max_length: int, grid: int = 1) -> int:
     """The histogram bin width a Planner uses unless told: 64 tokens (the paper) from 1024 tokens of
-    max_length up; about 16 bins (a multiple of `grid`, at least one grid step) for shorter models;
-    never more than max_length, so a tiny model needs no setting."""
+    max_length up, or one grid step where the grid is coarser (positions are multiples of it anyway,
+    so a grid-wide bin loses nothing, and the DP then solves on the bins: a grid of 256 over 16384
+    tokens gives 65 depths instead of 16385); about 16 bins (a multiple of `grid`, at least one grid
+    step) for shorter models; never more than max_length, so a tiny model needs no setting."""
     max_length, grid = check_int("max_length", max_length, minimum=1), check_int("grid", grid, minimum=1)
-    return max(1, min(64, max(grid, (max_length // 16) // grid * grid), max_length))
+    return max(1, min(max(64, grid), max(grid, (max_length // 16) // grid * grid), max_length))
 
 
 def fill_gaps(positions: np.ndarray, length: int, budget: int, grid: int = 1) -> np.ndarray:
@@ -145,7 +147,8 @@ class Planner:
       policy: a spec string (see the module docstring) or a `PolicySpec`.
       grid: every position is snapped down to a multiple of this (>= 1).
       bin_size: histogram bin width in tokens (dp / ldp), 1..max_length; None for
-        `default_bin_size(max_length, grid)` (64, or about 16 bins for models shorter than 1024).
+        `default_bin_size(max_length, grid)` (64 or one grid step if coarser; about 16 bins for
+        models shorter than 1024).
       decay: histogram decay gamma in (0, 1] per observation.
       resolve_every: re-solve after this many observations (>= 1).
       cost: the placement cost model, passed to `sparse_prefix.placement.solve`.

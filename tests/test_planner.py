@@ -166,6 +166,28 @@ def test_binned_solve_is_as_good_as_the_token_level_solve_on_the_grid(grid, cost
             best.expected_cost, rel=1e-12, abs=1e-12)
 
 
+@pytest.mark.parametrize("cost", ["linear", "hybrid:1,0.002"])
+def test_a_grid_coarser_than_64_tokens_bins_by_the_grid_and_places_as_well_as_64_token_bins(cost):
+    """The default bin is one grid step when the grid is coarser than the paper's 64 tokens (a
+    chunk of 256 on a real model): the DP solves 17 bins here instead of 2049 token depths, and its
+    positions cost exactly what the token-level solve's do."""
+    rng = np.random.default_rng(5)
+    kwargs = dict(grid=128, max_length=2048, decay=1.0, resolve_every=30, cost=cost)
+    coarse, fine = Planner("dp:3", **kwargs), Planner("dp:3", bin_size=64, **kwargs)
+    assert (coarse.bin_size, coarse.solve_binned, fine.solve_binned) == (128, True, False)
+    lengths = rng.integers(300, 2049, size=30)
+    pairs = [(128 * int(rng.integers(0, n // 128 + 1)), int(n)) for n in lengths]
+    for planner in (coarse, fine):
+        observe_all(planner, pairs)
+        assert planner.solves == 1
+    pmf = fine._hist.pmfs().sum(axis=0)
+    for length in (2048, 1500, 777, 300):
+        ours, theirs = coarse.positions(length), fine.positions(length)
+        assert np.all(ours % 128 == 0) and np.all(ours <= length)
+        assert placement.expected_cost(pmf[:length + 1], ours, cost) == pytest.approx(
+            placement.expected_cost(pmf[:length + 1], theirs, cost), rel=1e-12, abs=1e-12)
+
+
 def test_ldp_uses_each_buckets_solution_and_falls_back_to_pooled():
     # bucket of length 50: 5 overlaps at 40 (bin 32); bucket of length 200: 2 overlaps at 100 (bin 96).
     pairs = [(40, 50)] * 5 + [(100, 200)] * 2

@@ -129,7 +129,8 @@ def test_a_bad_or_foreign_planner_state_is_refused_naming_the_field():
 
 
 def test_the_default_bin_size_fits_any_max_length_so_tiny_models_need_no_setting():
-    assert default_bin_size(16384, 256) == 64 and default_bin_size(16384) == 64
+    assert default_bin_size(16384) == 64 and default_bin_size(16384, 64) == 64
+    assert default_bin_size(16384, 256) == 256 and default_bin_size(16384, 100) == 100   # grid-wide
     assert default_bin_size(48, 4) == 4 and default_bin_size(128, 8) == 8
     assert default_bin_size(3, 4) == 3 and default_bin_size(1) == 1
     for max_length in (7, 48):                             # below the paper's 64-token bins
