@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from sparse_prefix import Planner
 from sparse_prefix.index import CommitResult, PrefixIndex, RequestPlan
+from sparse_prefix.prefix_trie import common_prefix
 
 
 def naive_lcp(a, b):
@@ -85,6 +86,24 @@ def test_lookup_matches_a_naive_scan_on_random_tries(seed, block_size, capacity,
                                 lambda block: int(block.sum()) % 2]))
 def test_forced_hash_collisions_never_give_a_false_hit(seed, block_size, hash_fn):
     replay_against_naive(seed, block_size, 6, hash_fn)
+
+
+def test_many_entries_diverging_inside_one_block_give_the_exact_lcp_as_they_come_and_go():
+    """A shared 100-token prompt, then different questions: every entry diverges inside the block
+    64..127, so the LCP comes from comparing the request with every child of one node, as entries
+    are added and evicted."""
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(0, 5, 100)
+    index = PrefixIndex(capacity_entries=12, block_size=64, eviction="fifo")
+    kept = {}
+    for _ in range(60):
+        tokens = np.concatenate([prompt, rng.integers(0, 3, int(rng.integers(1, 40)))]).astype(np.int32)
+        plan = index.plan(tokens, "g")
+        assert plan.lcp == max((common_prefix(tokens, other) for other in kept.values()), default=0)
+        result = index.commit(plan)
+        for victim in result.evicted:
+            del kept[victim.entry_id]
+        kept[result.entry_id] = tokens
 
 
 def test_colliding_blocks_are_told_apart_by_their_tokens():
