@@ -31,7 +31,7 @@ from sparse_prefix.protocol import KVCache, State
 from . import mixers
 from .gated_deltanet import rule_precision, use_pallas_recurrence
 from .pallas_common import padding_zeroed_buffers
-from .layers import normal_init, rms_norm
+from .layers import embed_lookup, head_logits, normal_init, rms_norm
 from .mlp import init_mlp_params, swiglu
 
 Array = jax.Array
@@ -208,10 +208,8 @@ class HybridStack:
         """hidden [..., d] (final-normed) -> f32[..., V]."""
         hidden = hidden.astype(self.dtype)
         if self.config.tie_embeddings:
-            return jnp.einsum("...d,vd->...v", hidden, params["embed"].astype(self.dtype),
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("...d,dv->...v", hidden, params["lm_head"].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+            return head_logits(hidden, params["embed"].astype(self.dtype), vocab_major=True)
+        return head_logits(hidden, params["lm_head"].astype(self.dtype), vocab_major=False)
 
     def _block(self, layer: dict, x: Array, mixed: Array) -> Array:
         """Residual around the mixer output, then the pre-norm SwiGLU residual."""
@@ -269,7 +267,7 @@ class HybridStack:
         """Every layer on G chunks; returns (state, hidden, boundaries or the written buffers).
         `buffers` (leaves [B, K, R, ...]) with `emit_slot` int32[B, G]: write the emitted states."""
         cfg = self.config
-        x = params["embed"][tokens].astype(self.dtype)
+        x = embed_lookup(params["embed"], tokens).astype(self.dtype)
         emitting = buffers is not None
 
         def unit(carry, inputs):
@@ -327,7 +325,7 @@ class HybridStack:
         token)."""
         position = state.length.astype(jnp.int32)
         recurrent, kv = list(state.recurrent), list(state.kv or ())
-        x = params["embed"][token].astype(self.dtype)
+        x = embed_lookup(params["embed"], token).astype(self.dtype)
         for layer_index, letter in enumerate(self.config.pattern):
             kind, layer = mixers.KINDS[letter], self.layer_params(params, layer_index)
             held, index = (recurrent if kind.recurrent else kv), self.state_index(layer_index)

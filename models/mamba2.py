@@ -41,7 +41,7 @@ from sparse_prefix.chunking import (EmittingGroupStep, check_decode_args, check_
 from sparse_prefix.protocol import Checkpoints, MemoryProfile, RecurrentState, State, restore_state
 
 from .checkpoint_io import register_family
-from .layers import rms_norm
+from .layers import embed_lookup, head_logits, rms_norm
 from .mamba2_mixer import (BACKENDS, Mamba2MixerConfig, MixerParams, full_precision, gated_rms_norm,
                            init_mamba2_mixer, mamba2_mixer_chunk, mamba2_mixer_decode,
                            mamba2_mixer_group, mamba2_mixer_state, uses_kernels)
@@ -220,7 +220,7 @@ def _group_layers(params: Mamba2Params, cfg: Mamba2Config, state: State, tokens:
     """Every layer on G chunks, unrolled (see `mamba2_group_step`); `emission` is None or
     (`EmittedBuffers`, slot int32[B, G]) and the third result then the updated buffers: each
     layer's SSM states written by its own mixer, every layer's conv windows by one scatter."""
-    hidden = jnp.take(params.embedding, tokens, axis=0).astype(jnp.float32)
+    hidden = embed_lookup(params.embedding, tokens).astype(jnp.float32)
     recurrent, thirds = [], []
     for index, layer_state in enumerate(state.recurrent):
         layer = _layer(params, index)
@@ -338,10 +338,8 @@ def mamba2_logits(params: Mamba2Params, cfg: Mamba2Config, hidden: Array) -> Arr
     hidden = hidden.astype(cfg.compute_dtype)
     precision = full_precision(cfg.compute_dtype)
     if params.lm_head is None:
-        return jnp.einsum("...d,vd->...v", hidden, params.embedding, precision=precision,
-                          preferred_element_type=jnp.float32)
-    return jnp.einsum("...d,dv->...v", hidden, params.lm_head, precision=precision,
-                      preferred_element_type=jnp.float32)
+        return head_logits(hidden, params.embedding, vocab_major=True, precision=precision)
+    return head_logits(hidden, params.lm_head, vocab_major=False, precision=precision)
 
 
 class _Programs:
