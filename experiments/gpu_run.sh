@@ -65,8 +65,9 @@ case "$phase" in
       ${BACKENDS:+--backend $BACKENDS} --out "$OUT/hybrid.json"
     ;;
   resume)
-    # ~395 s on a fresh machine (every program of the static step loop compiles): a call of its own
-    TAIL=40 step resume 450 python3 -m sparse_prefix.experiments.bench_resume \
+    # a call of its own: past 561 s on a fresh machine (thirteenth session: every program of the
+    # static step loop compiles), 93 s with the persistent compilation cache warm
+    TAIL=40 step resume 580 python3 -m sparse_prefix.experiments.bench_resume \
       --presets qwen3.5-0.8b --length 8192 --overlaps 0.5,0.9,0.98 --repeats 6 --out "$OUT/resume.json"
     ;;
   kernels)
