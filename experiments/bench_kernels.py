@@ -39,7 +39,7 @@ VARIANTS = {
 }
 
 
-def _time(fn, repeats: int, kernel: str | None) -> float:
+def device_time(fn, repeats: int, kernel: str | None = None) -> float:
     """Median device time (s) of the kernel named `kernel` over `repeats` traced calls (the
     profiler's kernel events: a call's host dispatch, ~50-100 us, would swamp a wall clock)."""
     from sparse_prefix.experiments.profile_prefill import load_trace, split_events
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
                 # would close over them and XLA would constant-fold the product)
                 fn = build(**variant) if name == "gemm" else jax.jit(build(**variant))
                 out = fn()
-                seconds = _time(fn, args.repeats, kernel)
+                seconds = device_time(fn, args.repeats, kernel)
             except Exception as error:  # a Triton lowering or resource failure: report, go on
                 print(f"{name:6s} {str(variant):55s} failed: {type(error).__name__}: {str(error)[:120]}")
                 continue

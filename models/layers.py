@@ -62,15 +62,20 @@ def causal_conv_step(x: Array, window: Array, weight: Array, bias: Array | None
     return y, full[:, 1:].astype(window.dtype)
 
 
-def embed_lookup(table: Array, tokens: Array) -> Array:
+def embed_lookup(table: Array, tokens: Array, *, view: bool | None = None) -> Array:
     """Rows of an embedding: table [V, d], tokens int[...] -> [..., d] in the table's dtype, bit for bit.
 
-    A 16- or 32-bit float table is gathered through an unsigned-integer view of the same bits: XLA's
-    CPU backend otherwise gathers a bfloat16 table from a float32 copy of all of it, made in every
-    call (qwen3.5's 248320 x 1024 table: 0.5 GB read, 1 GB written, per prefill).
+    view: gather a 16- or 32-bit float table through an unsigned-integer view of the same bits.
+      None (default): on the CPU backend only, where XLA gathers a bfloat16 table inside the models'
+      step loop from a float32 copy of all of it, made in every call (qwen3.5's 248320 x 1024
+      table: 1 GB written per prefill; the group preset's 1024-token prefill on a 2-core CPU ~0.1 s
+      faster with the view). GPUs gather bfloat16 as stored; the view there is unmeasured
+      (`experiments/bench_head.py` times both).
     """
+    if view is None:
+        view = jax.default_backend() == "cpu"
     bits = {2: jnp.uint16, 4: jnp.uint32}.get(table.dtype.itemsize)
-    if bits is None or not jnp.issubdtype(table.dtype, jnp.floating):
+    if not view or bits is None or not jnp.issubdtype(table.dtype, jnp.floating):
         return jnp.take(table, tokens, axis=0)
     rows = jnp.take(jax.lax.bitcast_convert_type(table, bits), tokens, axis=0)
     return jax.lax.bitcast_convert_type(rows, table.dtype)

@@ -1,11 +1,14 @@
 """The embedding lookup and LM head shared by both model families (`models.layers`)."""
 
+import functools
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.layers import embed_lookup, head_logits
+from sparse_prefix.models.layers import embed_lookup, head_logits
 
 V, D = 512, 64
 
@@ -49,14 +52,16 @@ def test_a_one_row_head_reads_the_stored_weights_without_a_float32_copy(vocab_ma
     assert copy not in ours.lower(hidden[:1], weight).compile().as_text()
 
 
+@pytest.mark.parametrize("view", [None, True, False])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.int32])
-def test_embedding_rows_come_back_bit_for_bit_in_the_tables_dtype(dtype):
+def test_embedding_rows_come_back_bit_for_bit_in_the_tables_dtype(dtype, view):
     table = (jax.random.normal(jax.random.PRNGKey(5), (V, D)) * 7).astype(dtype)
     tokens = jnp.array([[0, 5, V - 1], [5, 5, 17]], jnp.int32)
-    rows = jax.jit(embed_lookup)(table, tokens)
+    lookup = jax.jit(functools.partial(embed_lookup, view=view))
+    rows = lookup(table, tokens)
     assert rows.shape == (2, 3, D) and rows.dtype == table.dtype
     np.testing.assert_array_equal(np.asarray(rows).view(np.uint8), np.asarray(table[tokens]).view(np.uint8))
-    one = jax.jit(embed_lookup)(table, jnp.int32(17))        # decode: one token id -> [d]
+    one = lookup(table, jnp.int32(17))                       # decode: one token id -> [d]
     np.testing.assert_array_equal(np.asarray(one), np.asarray(table[17]))
 
 
@@ -67,3 +72,21 @@ def test_a_bfloat16_embedding_is_gathered_without_a_float32_copy_of_the_table():
     if copy not in jax.jit(lambda t, i: t[i]).lower(table, tokens).compile().as_text():
         pytest.skip("this XLA gathers a bfloat16 table as it is stored already")
     assert copy not in jax.jit(embed_lookup).lower(table, tokens).compile().as_text()
+
+
+def test_bench_head_times_every_variant_and_finds_no_float32_copy_in_ours(tmp_path):
+    from sparse_prefix.experiments import bench_head
+
+    out = tmp_path / "head.json"
+    assert bench_head.main(["--presets", "hybrid-tiny", "--tokens", "2048", "--repeats", "1",
+                            "--out", str(out)]) == 0
+    rows = {(row["kind"], row["variant"]): row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {("head", "einsum"), ("head", "head_logits"), ("embed", "table[ids]"),
+                         ("embed", "uint view"), ("embed", "embed_lookup")}
+    assert all(row["seconds"] > 0 and row["vocab"] == 256 and not row["tied"] for row in rows.values())
+    assert not rows["head", "head_logits"]["float32_copy"]
+    assert rows["head", "head_logits"]["max_abs_diff"] < 1e-4
+    assert not rows["embed", "uint view"]["float32_copy"]
+    assert all(rows["embed", name]["max_abs_diff"] == 0 for name in ("table[ids]", "uint view", "embed_lookup"))
+    with pytest.raises(SystemExit):
+        bench_head.main(["--presets", "hybrid-tiny", "--repeats", "0"])
