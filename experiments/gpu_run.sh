@@ -7,6 +7,7 @@
 #   bash experiments/gpu_run.sh resume     # resume through the Engine at 50/90/98% overlap (qwen3.5-0.8b)
 #   bash experiments/gpu_run.sh mamba      # Mamba2 table of record with the peer, emission, bitwise resume
 #   bash experiments/gpu_run.sh kernels    # block-size sweep of the Mamba2 mixer's Pallas kernels
+#   bash experiments/gpu_run.sh head       # one-row LM head and embedding lookup vs XLA's plain lowering
 #   bash experiments/gpu_run.sh replays PRESET SECONDS  # timed replays of both data sets (traces/*.xz)
 # The machine's own jax / flax are used; only the peer's wheel (carried in wheels/) is installed.
 set -uo pipefail
@@ -69,6 +70,11 @@ case "$phase" in
     # static step loop compiles), 93 s with the persistent compilation cache warm
     TAIL=40 step resume 580 python3 -m sparse_prefix.experiments.bench_resume \
       --presets qwen3.5-0.8b --length 8192 --overlaps 0.5,0.9,0.98 --repeats 6 --out "$OUT/resume.json"
+    ;;
+  head)
+    # the one-row LM head and the embedding lookup vs XLA's plain lowering (~30 s warm)
+    TAIL=20 step head 150 python3 -m sparse_prefix.experiments.bench_head \
+      --presets qwen3.5-0.8b,mamba2-1.3b --repeats 50 --out "$OUT/head.json"
     ;;
   kernels)
     TAIL=40 step kernels 240 python3 -m sparse_prefix.experiments.bench_kernels --preset mamba2-1.3b \
