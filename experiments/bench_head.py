@@ -1,7 +1,7 @@
 """The LM head on one row and the embedding lookup, as the models run them vs XLA's plain lowering.
 
     python -m sparse_prefix.experiments.bench_head [--presets qwen3.5-0.8b,mamba2-1.3b] \
-        [--tokens 1024] [--repeats 50] [--out FILE.json]
+        [--tokens 4096] [--repeats 50] [--out FILE.json]
 
 Per preset, on the preset's head shape (V x d, its compute dtype, tied [V, d] or untied [d, V];
 random weights) and on the default device:
@@ -42,8 +42,9 @@ def head_shape(preset: str) -> tuple[int, int, bool, str]:
     return int(model.vocab_size), int(config.d_model), bool(config.tie_embeddings), jnp.dtype(dtype).name
 
 
-def _has_copy(fn, args, shape: tuple[int, ...]) -> bool:
-    text = jax.jit(fn).lower(*args).compile().as_text()
+def _has_copy(compiled, args, shape: tuple[int, ...]) -> bool:
+    """Whether the optimised program of jitted `compiled` holds a float32 array of `shape`."""
+    text = compiled.lower(*args).compile().as_text()
     return f"f32[{','.join(map(str, shape))}]" in text
 
 
@@ -56,7 +57,10 @@ def bench_head(vocab: int, d_model: int, tied: bool, dtype: str, tokens: int, re
     shape = (vocab, d_model) if tied else (d_model, vocab)
     weight = (jax.random.normal(key_w, shape) * 0.02).astype(dtype)
     row = jax.random.normal(key_h, (1, d_model)).astype(dtype)
-    ids = jax.random.randint(key_t, (1, tokens), 0, vocab, jnp.int32)
+    per_trip = min(tokens, STEP_IDS)
+    if tokens % per_trip:
+        raise ValueError(f"tokens must be at most {STEP_IDS} or a multiple of it, got {tokens}")
+    ids = jax.random.randint(key_t, (tokens // per_trip, per_trip), 0, vocab, jnp.int32)
     spec = "...d,vd->...v" if tied else "...d,dv->...v"
     exact = np.asarray(row, np.float64) @ (np.asarray(weight, np.float64).T if tied
                                             else np.asarray(weight, np.float64))
@@ -74,7 +78,6 @@ def bench_head(vocab: int, d_model: int, tied: bool, dtype: str, tokens: int, re
         return run
 
     table = weight if tied else weight.T
-    ids = ids.reshape(-1, min(tokens, STEP_IDS)) if tokens % min(tokens, STEP_IDS) == 0 else ids
     gathered = np.asarray(jax.jit(lambda t, i: t[i])(table, ids))
     rows = []
     for kind, variant, fn, args in (("head", "einsum", plain_head, (row, weight)),
@@ -93,7 +96,7 @@ def bench_head(vocab: int, d_model: int, tied: bool, dtype: str, tokens: int, re
                 raise AssertionError(f"{variant}: the rows differ from table[ids] in their bits")
         rows.append({"kind": kind, "variant": variant,
                      "seconds": device_time(lambda: compiled(*args), repeats),
-                     "float32_copy": _has_copy(fn, args, args[0 if kind == "embed" else 1].shape),
+                     "float32_copy": _has_copy(compiled, args, args[0 if kind == "embed" else 1].shape),
                      "max_abs_diff": diff})
     return rows
 
@@ -101,12 +104,15 @@ def bench_head(vocab: int, d_model: int, tied: bool, dtype: str, tokens: int, re
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="qwen3.5-0.8b,mamba2-1.3b")
-    parser.add_argument("--tokens", type=int, default=1024, help="ids gathered by the lookup")
+    parser.add_argument("--tokens", type=int, default=4096,
+                        help=f"ids gathered by the lookup, {STEP_IDS} per trip of its loop")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", default=None, help="write the rows as JSON")
     args = parser.parse_args(argv)
     if args.tokens < 1 or args.repeats < 1:
         parser.error("--tokens and --repeats must be positive")
+    if args.tokens > STEP_IDS and args.tokens % STEP_IDS:
+        parser.error(f"--tokens must be at most {STEP_IDS} or a multiple of it")
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}")
     print(f"{'preset':20s} {'part':6s} {'variant':14s} {'us':>10s} {'f32 copy':>9s} {'max |diff|':>11s}")

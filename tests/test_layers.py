@@ -88,5 +88,6 @@ def test_bench_head_times_every_variant_and_finds_no_float32_copy_in_ours(tmp_pa
     assert rows["head", "head_logits"]["max_abs_diff"] < 1e-4
     assert not rows["embed", "uint view"]["float32_copy"]
     assert all(rows["embed", name]["max_abs_diff"] == 0 for name in ("table[ids]", "uint view", "embed_lookup"))
-    with pytest.raises(SystemExit):
-        bench_head.main(["--presets", "hybrid-tiny", "--repeats", "0"])
+    for bad in (["--repeats", "0"], ["--tokens", "1500"]):
+        with pytest.raises(SystemExit):
+            bench_head.main(["--presets", "hybrid-tiny", *bad])
