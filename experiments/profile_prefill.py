@@ -2,10 +2,15 @@
 
     python -m sparse_prefix.experiments.profile_prefill --preset mamba2-1.3b --length 8192 \
         [--emit 0,8] [--chunk-size 256 --chunks-per-step 8] [--backend chunked|pallas] [--top 30] \
-        [--trace-dir DIR] [--hlo-out FILE.gz]
+        [--trace-dir DIR] [--hlo-out FILE.gz] [--inputs fresh|stable]
 
 For each checkpoint count in `--emit`, runs the public `model.prefill` twice to warm up (from states
-made beforehand), then `--calls` times under `jax.profiler.trace`, reads the trace the profiler writes
+made beforehand), then `--calls` times under `jax.profiler.trace`. ``--inputs fresh`` (default)
+gives every call a state of its own, donated (a state's buffers land at new addresses each call);
+``--inputs stable`` builds the model without donation and passes the same state every call (the
+addresses stay put, as on the Engine's fused path, whose store and recycled scratch KV keep them), so
+the two show what moving buffers cost (XLA re-patches its command buffers when addresses change).
+The profiler reads the trace the profiler writes
 (`*.trace.json.gz`, Chrome trace format) and prints:
   * device kernels grouped by coarse kind (GEMM, elementwise/loop fusion, reduction, copy) and by name
     (time per call, count per call, share), from the GPU *stream* threads only (the derived "XLA Ops" /
@@ -150,18 +155,40 @@ def summarise(device: list[dict], host: list[dict], calls: int, wall_s: float, t
         print(f"{name[:80]:80s} {sum(durations) / 1e3 / calls:9.3f} {len(durations) / calls:7.1f}")
 
 
-def profile(model, params, length: int, emit: int, calls: int, top: int, trace_dir: str | None) -> None:
-    """Trace `calls` warm prefills of `length` random tokens with `emit` on-grid checkpoints."""
+INPUTS = ("fresh", "stable")
+
+
+def undonated(model):
+    """`model` rebuilt with `donate_state=False` (its other settings kept), for `--inputs stable`."""
+    family = getattr(model, "family", None)
+    if family == "hybrid":
+        return type(model)(model.config, backend=model.backend, min_checkpoint_slots=model.min_checkpoint_slots,
+                           donate_state=False, step_loop=model.step_loop, fit_steps=model.fit_steps,
+                           gemm=model.gemm)
+    if family == "mamba2":
+        return type(model)(model.config, min_checkpoint_slots=model.min_checkpoint_slots, donate_state=False,
+                           step_loop=model.step_loop, command_buffers=model.command_buffers)
+    raise TypeError(f"--inputs stable needs a hybrid or mamba2 model, got {type(model).__name__}")
+
+
+def profile(model, params, length: int, emit: int, calls: int, top: int, trace_dir: str | None,
+            inputs: str = "fresh") -> None:
+    """Trace `calls` warm prefills of `length` random tokens with `emit` on-grid checkpoints, each
+    from a fresh donated state (`inputs` "fresh") or all from one state (`inputs` "stable": `model`
+    must not donate, see `undonated`)."""
+    if inputs not in INPUTS:
+        raise ValueError(f"inputs must be one of {INPUTS}, got {inputs!r}")
     tokens = np.random.default_rng(0).integers(0, model.vocab_size, (1, length), dtype=np.int32)
     grid = model.chunk_size
     positions = np.unique(np.linspace(0, length, emit + 2)[1:-1].astype(np.int64)
                           // grid * grid) if emit else np.zeros(0, np.int64)
     checkpoints = positions[positions > 0].astype(np.int32)
-    states = [model.init_state(1) for _ in range(calls + 2)]
+    states = [model.init_state(1) for _ in range(1 if inputs == "stable" else calls + 2)]
     jax.block_until_ready(states)
 
     def call():
-        logits, final, emitted = model.prefill(params, tokens, states.pop(), checkpoints)
+        state = states[0] if inputs == "stable" else states.pop()
+        logits, final, emitted = model.prefill(params, tokens, state, checkpoints)
         jax.block_until_ready((logits, final, emitted))
 
     call()
@@ -176,7 +203,7 @@ def profile(model, params, length: int, emit: int, calls: int, top: int, trace_d
     cfg = model.config
     layers = getattr(cfg, "n_layer", None) or len(getattr(cfg, "pattern", ""))
     print(f"\n=== profile {layers}-layer d={cfg.d_model} L={length} "
-          f"K={len(checkpoints)} C={model.chunk_size} G={getattr(model, 'chunks_per_step', 1)} "
+          f"K={len(checkpoints)} C={model.chunk_size} G={getattr(model, 'chunks_per_step', 1)} inputs={inputs} "
           f"device={jax.devices()[0].device_kind}")
     print(f"trace processes: {names['processes']}; kernel threads: {names['kernel_threads']}")
     summarise(device, host, calls, wall, top)
@@ -199,14 +226,19 @@ def main(argv=None) -> int:
     parser.add_argument("--hlo-out", default=None, metavar="FILE",
                         help="also write the optimised HLO of the prefill program (L tokens, no checkpoints) "
                              "to FILE (gzipped when it ends in .gz): fusions, layouts, loops")
+    parser.add_argument("--inputs", choices=INPUTS, default="fresh",
+                        help="fresh: a new donated state every call; stable: one state, no donation "
+                             "(fixed buffer addresses, as the Engine keeps them)")
     args = parser.parse_args(argv)
 
     from sparse_prefix.experiments.bench_prefill import preset_model
     model, params = preset_model(args.preset, jnp.dtype(args.dtype),
                                   (args.chunk_size or None, args.chunks_per_step or None), args.backend)
+    if args.inputs == "stable":
+        model = undonated(model)
     for emit in [int(x) for x in args.emit.split(",") if x]:
         trace_dir = os.path.join(args.trace_dir, f"emit{emit}") if args.trace_dir else None
-        profile(model, params, args.length, emit, args.calls, args.top, trace_dir)
+        profile(model, params, args.length, emit, args.calls, args.top, trace_dir, args.inputs)
     if args.hlo_out:
         text = compiled_hlo(model, params, args.length)
         opener = gzip.open if args.hlo_out.endswith(".gz") else open
