@@ -463,8 +463,12 @@ def policy_metrics(timing: PolicyTiming, *, baseline_s: float | None, cost: Any 
 
     Returns:
       checkpoints_per_request, tokens_saved_pct, hit_rate_pct, measured_s, mean_request_ms,
-      speedup, token_ideal_x, ideal_speedup, pct_of_ideal, engine_overhead_pct, warm_s, setup_s,
-      compiles_during_measurement, simulator_mismatches (None where not available).
+      speedup, token_ideal_x, ideal_speedup, pct_of_ideal, engine_overhead_pct, host_ms_per_request,
+      prefill_pct_of_model, warm_s, setup_s, compiles_during_measurement, simulator_mismatches (None
+      where not available). ``host_ms_per_request`` is the engine's time outside the model's prefill
+      (planning, hashing, commit) per request; ``prefill_pct_of_model`` is the cost model's time of
+      the recomputed suffixes over the measured prefill time, in percent: near 100 means the model's
+      part runs as calibrated and the distance to the ideal is the engine's host work.
     """
     from sparse_prefix.experiments.costmodel import token_ideal
 
@@ -473,6 +477,8 @@ def policy_metrics(timing: PolicyTiming, *, baseline_s: float | None, cost: Any 
     measured = timing.measured_s
     speedup = None if baseline_s is None else baseline_s / measured
     ideal = None if cost is None else cost.ideal_speedup(lengths, resumes)
+    prefill_s = float(r["prefill_s"].sum())
+    modelled_s = None if cost is None else float(np.sum(cost.resume(lengths, resumes)))
     return {
         "policy": timing.policy,
         "requests": int(lengths.size),
@@ -485,7 +491,9 @@ def policy_metrics(timing: PolicyTiming, *, baseline_s: float | None, cost: Any 
         "token_ideal_x": token_ideal(lengths, resumes),
         "ideal_speedup": ideal,
         "pct_of_ideal": None if speedup is None or ideal is None else 100.0 * speedup / ideal,
-        "engine_overhead_pct": 100.0 * (1.0 - float(r["prefill_s"].sum()) / float(r["time_s"].sum())),
+        "engine_overhead_pct": 100.0 * (1.0 - prefill_s / float(r["time_s"].sum())),
+        "host_ms_per_request": 1e3 * (float(r["time_s"].sum()) - prefill_s) / lengths.size,
+        "prefill_pct_of_model": None if modelled_s is None or prefill_s <= 0 else 100.0 * modelled_s / prefill_s,
         "warm_s": timing.warm_s,
         "setup_s": timing.setup_s,
         "compiles_during_measurement": timing.compiles,

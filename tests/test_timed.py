@@ -101,6 +101,8 @@ def test_table_metrics_follow_from_the_records(timed_run):
         full = cost.c0 + cost.a * lengths + cost.b * lengths ** 2.0
         resumed = cost.c0 + cost.a * (lengths - resumes) + cost.b * (lengths ** 2.0 - resumes ** 2.0)
         assert row["ideal_speedup"] == pytest.approx(full.sum() / resumed.sum())
+        assert row["prefill_pct_of_model"] == pytest.approx(100 * resumed.sum() / r["prefill_s"].sum())
+        assert row["host_ms_per_request"] == pytest.approx(1e3 * (r["time_s"] - r["prefill_s"]).mean())
         assert row["pct_of_ideal"] == pytest.approx(100 * row["speedup"] / row["ideal_speedup"])
         assert row["checkpoints_per_request"] == pytest.approx(r["checkpoints_stored"].mean())
         assert row["hit_rate_pct"] == pytest.approx(100 * (r["overlap"] > 0).mean())
