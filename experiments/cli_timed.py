@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool) -> None:
     group.add_argument("--eviction", default="fifo", choices=("fifo", "lru", "utility"))
     group.add_argument("--budget-s", type=float, metavar="S",
                        help="stop starting policies (and abandon one in flight) past S seconds in all")
+    group.add_argument("--rounds", type=int, default=1, metavar="N",
+                       help="replay the whole policy list N times round-robin and pool the rounds (the "
+                            "table's speedups are pooled; results.json keeps each round's; default 1)")
     group.add_argument("--calibrate-lengths", metavar="N,N,...",
                        help="lengths timed for the cost model (default 6 on the chunk grid up to max_length)")
     group.add_argument("--calibrate-repeats", type=int, default=3, help="timed calls per length (default 3)")
@@ -142,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     from sparse_prefix.experiments import costmodel, timed
     from sparse_prefix.models import create
 
-    for name in ("limit", "capacity", "max_tokens", "budget_s", "calibrate_repeats", "sample_groups"):
+    for name in ("limit", "capacity", "max_tokens", "budget_s", "calibrate_repeats", "sample_groups", "rounds"):
         _positive(name.replace("_", "-"), getattr(args, name))
     started = time.perf_counter()
     policies = args.policies or list(timed.DEFAULT_POLICIES)
@@ -171,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
               "fold_vocab": args.fold_vocab, "background_resolve": args.background_resolve,
               "fuse_restore": args.fuse_restore, "step_loop": getattr(model, "step_loop", None),
               "fit_steps": getattr(model, "fit_steps", None), "gemm": getattr(model, "gemm", None),
-              "budget_s": args.budget_s, "device": f"{device.device_kind} ({device.platform})",
+              "budget_s": args.budget_s, "rounds": args.rounds, "device": f"{device.device_kind} ({device.platform})",
               "jax": jax.__version__, "date": datetime.date.today().isoformat(),
               "command": " ".join(shlex.quote(a) for a in sys.argv)}
     print(f"device: {config['device']}, jax {jax.__version__}; {args.preset} ({args.dtype}), "
@@ -196,12 +199,13 @@ def run(args: argparse.Namespace) -> int:
     def save(result) -> None:
         write_results(out, config, result, calibration, quiet=True)
         last = result.timings[-1]
-        print(f"  {last.policy}: {last.measured_s:.2f} s measured ({last.setup_s:.0f} s setup, "
+        where = f" (round {last.round + 1} of {args.rounds})" if args.rounds > 1 else ""
+        print(f"  {last.policy}{where}: {last.measured_s:.2f} s measured ({last.setup_s:.0f} s setup, "
               f"{last.warm_s:.0f} s warm), {time.perf_counter() - started:.0f} s so far", flush=True)
 
     result = timed.run_replay(plan, model=model, params=params, budget_s=budget,
                               background_resolve=args.background_resolve, on_policy=save,
-                              fuse_restore=FUSE[args.fuse_restore])
+                              fuse_restore=FUSE[args.fuse_restore], rounds=args.rounds)
     config["seconds"] = round(time.perf_counter() - started, 1)
     write_results(out, config, result, calibration, quiet=args.quiet)
     return 0
@@ -215,19 +219,24 @@ def write_results(out: Path, config: dict, result: Any, calibration: Any, *, qui
 
     cost = None if calibration is None else calibration.cost
     rows = timed.summary_rows(result, cost)
+    pooled = timed.pool_rounds(result)
     paper = PAPER_RUNS.get(config["dataset"])
     paper_speedups = {p.policy: p.time_speedup for p in paper.points} if paper else {}
     cells = timed.table_cells(rows, paper_speedups)
     title = (f"{config['dataset']}, {config['preset']} ({config['dtype']}) on {config['device']}: "
              f"{result.n_requests - result.n_warm} measured of {result.n_requests} requests, mean length "
              f"{result.mean_length:.0f}, capacity {config['capacity_entries']} ({config['eviction']}), "
-             f"seed {config['seed']}")
+             f"seed {config['seed']}" + (f", {result.rounds} rounds pooled" if result.rounds > 1 else ""))
     if not quiet:
         print_table(timed.TABLE_HEADER, cells, title)
         for entry in result.skipped:
             print(f"  skipped {entry['policy']}: {entry['reason']}")
     out.mkdir(parents=True, exist_ok=True)
-    notes = [f"- skipped {e['policy']}: {e['reason']}" for e in result.skipped]
+    notes = [f"- skipped {e['policy']}" + (f" (round {e['round'] + 1})" if "round" in e else "")
+             + f": {e['reason']}" for e in result.skipped]
+    if result.rounds > 1:
+        notes += [f"- {row['policy']} speedup per round: "
+                  + " / ".join(f"{x:.2f}x" for x in row["speedup_per_round"]) for row in rows[1:]]
     if cost is not None:
         notes.append(f"- cost model t(n) = c0 + a n + b n^2: c0 = {cost.c0:.4g} s, a = {cost.a:.4g} s, "
                      f"b = {cost.b:.4g} s; ideal = sum t(L) / sum [c0 + a (L - r) + b (L^2 - r^2)]")
@@ -236,7 +245,7 @@ def write_results(out: Path, config: dict, result: Any, calibration: Any, *, qui
     payload = {"config": config, "calibration": None if calibration is None else calibration.as_dict(),
                "n_requests": result.n_requests, "n_warm": result.n_warm,
                "checkpoint_slots": result.checkpoint_slots, "mean_length": result.mean_length,
-               "policies": [dict(row, records=timed.records_as_lists(t)) for row, t in zip(rows, result.timings)],
+               "policies": [dict(row, records=timed.records_as_lists(p.timing)) for row, p in zip(rows, pooled)],
                "skipped": list(result.skipped)}
     (out / "results.json").write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")
     if not quiet:

@@ -31,6 +31,13 @@ i.e. planning, hashing, the gather dispatch and commit; the gather's device time
 prefill timing (it runs on the device just before it), so this share is a lower bound. The resume
 benchmark (`bench_resume`) measures the full overhead of a hit directly.
 
+With ``rounds`` > 1 the whole list of policies is replayed that many times, round-robin (none, the
+others, none, the others, ...), each time through a fresh Engine: drift of the clocks or the host
+between policies then falls on every policy alike. The table pools the rounds (a policy's speedup is
+the no-cache seconds over its own seconds, both summed over the rounds it completed) and reports each
+round's speedup beside it: one replay of System Prompts is ~2 s of measured requests, and single
+replays of one machine have spread by 10-15% (fourteenth session).
+
 A `budget_s` keeps a run inside a device call's limit: a policy starts only while the time used so far
 plus the next one's expected duration fits the budget (`expected_policy_seconds`: the first policy's
 setup compiles for every policy, so only its replay predicts the next ones), and a policy
@@ -67,6 +74,7 @@ class PolicyTiming:
       compiles: model compilations during the measured part (None if the model does not count them).
       simulator_mismatches: measured requests whose resume position, recomputed tokens or states
         stored differ from the simulator's one-pass replay (None: not checked).
+      round: which round of the run (0-based; see `run_replay`'s rounds).
     """
 
     policy: str
@@ -75,6 +83,7 @@ class PolicyTiming:
     setup_s: float
     compiles: int | None
     simulator_mismatches: int | None
+    round: int = 0
 
     @property
     def measured_s(self) -> float:
@@ -86,8 +95,9 @@ class TimedReplay:
     """A whole timed run.
 
     Attributes:
-      timings: completed policies, in run order ("none" first).
-      skipped: policies not run or abandoned, each {"policy", "reason"}.
+      timings: completed policy replays, in run order ("none" first in each round).
+      skipped: policies not run or abandoned, each {"policy", "reason"} (and "round" when the run
+        has several).
       n_requests, n_warm: the replayed requests and how many of them only warmed the cache.
       checkpoint_slots: the padded checkpoint slots of every prefill call.
       mean_length: mean length of the measured requests.
@@ -101,11 +111,14 @@ class TimedReplay:
     mean_length: float
 
     def baseline_s(self) -> float | None:
-        """Total measured seconds of the no-cache run (None if it did not complete)."""
-        for timing in self.timings:
-            if timing.policy == "none":
-                return timing.measured_s
-        return None
+        """Total measured seconds of the no-cache runs, every round (None if none completed)."""
+        runs = [timing.measured_s for timing in self.timings if timing.policy == "none"]
+        return float(sum(runs)) if runs else None
+
+    @property
+    def rounds(self) -> int:
+        """Rounds with at least one completed policy."""
+        return len({timing.round for timing in self.timings})
 
 
 class _OutOfBudget(Exception):
@@ -363,9 +376,9 @@ def expected_policy_seconds(replays: Sequence[float], setups: Sequence[float]) -
 def run_replay(plan: ReplayPlan, *, model: Any, params: Any, budget_s: float | None = None,
                background_resolve: bool = False, check_accounting: bool = True,
                on_policy: Callable[[TimedReplay], None] | None = None,
-               fuse_restore: bool | str = "auto") -> TimedReplay:
+               fuse_restore: bool | str = "auto", rounds: int = 1) -> TimedReplay:
     """Time `plan` through a fresh Engine per policy (see the module docstring), every engine
-    allocating `plan.layout`.
+    allocating `plan.layout`, `rounds` times round-robin.
 
     Args:
       plan: from `plan_replay` (for this model).
@@ -376,12 +389,15 @@ def run_replay(plan: ReplayPlan, *, model: Any, params: Any, budget_s: float | N
       check_accounting: compare each policy's accounting with the simulator.
       on_policy: called with the partial `TimedReplay` after each policy (e.g. to save results).
       fuse_restore: `Engine(fuse_restore=)`: the store's gather traced into the prefill's program.
+      rounds: replays of the whole policy list (>= 1), in turn.
 
     Returns:
       A `TimedReplay`.
     """
     from sparse_prefix.engine import Engine, serving_params
 
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     if budget_s is not None and (isinstance(budget_s, bool) or not isinstance(budget_s, (int, float))
                                  or not budget_s > 0):
         raise ValueError(f"budget_s must be a number > 0 or None, got {budget_s!r}")
@@ -397,11 +413,13 @@ def run_replay(plan: ReplayPlan, *, model: Any, params: Any, budget_s: float | N
         return TimedReplay(tuple(timings), tuple(skipped), len(order), n_warm, slots, mean_length)
 
     params = serving_params(model, params)           # once: every policy's Engine shares it
-    for policy in plan.policies:
+    for round_, policy in ((r, p) for r in range(rounds) for p in plan.policies):
+        where = {"round": round_} if rounds > 1 else {}
         now = time.perf_counter()
         if deadline is not None and now + expected > deadline:
-            skipped.append({"policy": policy, "reason": f"not started: {now - started:.0f} s used, the next "
-                                                        f"policy would take ~{expected:.0f} s, budget {budget_s:.0f} s"})
+            skipped.append({"policy": policy, **where,
+                            "reason": f"not started: {now - started:.0f} s used, the next "
+                                      f"policy would take ~{expected:.0f} s, budget {budget_s:.0f} s"})
             continue
         simulated = plan.simulated[policy]
         engine = Engine(model, params, policy=policy, eviction=plan.eviction, capacity_entries=plan.capacity,
@@ -415,14 +433,14 @@ def run_replay(plan: ReplayPlan, *, model: Any, params: Any, budget_s: float | N
             setup_s = time.perf_counter() - now
             records, warm_s, compiles = replay_engine(engine, order, n_warm, deadline=deadline)
         except _OutOfBudget as stop:
-            skipped.append({"policy": policy, "reason": f"abandoned: {stop}"})
+            skipped.append({"policy": policy, **where, "reason": f"abandoned: {stop}"})
             continue
         finally:
             engine.close()
             del engine
             gc.collect()
         mismatches = simulator_mismatches(records, simulated, n_warm) if check_accounting else None
-        timings.append(PolicyTiming(policy, records, warm_s, setup_s, compiles, mismatches))
+        timings.append(PolicyTiming(policy, records, warm_s, setup_s, compiles, mismatches, round_))
         setups.append(setup_s)
         replays.append(time.perf_counter() - now - setup_s)
         expected = expected_policy_seconds(replays, setups)
@@ -436,7 +454,7 @@ def timed_replay(requests: Sequence[Request], policies: Sequence[str], *, model:
                  limit: int = 1000, max_tokens: int = 16384, budget_s: float | None = None,
                  background_resolve: bool = False, check_accounting: bool = True,
                  on_policy: Callable[[TimedReplay], None] | None = None,
-                 fuse_restore: bool | str = "auto") -> TimedReplay:
+                 fuse_restore: bool | str = "auto", rounds: int = 1) -> TimedReplay:
     """`plan_replay` then `run_replay` (the budget counts from here, planning included); see both."""
     started = time.perf_counter()
     if budget_s is not None and (isinstance(budget_s, bool) or not isinstance(budget_s, (int, float))
@@ -447,7 +465,7 @@ def timed_replay(requests: Sequence[Request], policies: Sequence[str], *, model:
     remaining = None if budget_s is None else max(budget_s - (time.perf_counter() - started), 1e-9)
     return run_replay(plan, model=model, params=params, budget_s=remaining,
                       background_resolve=background_resolve, check_accounting=check_accounting,
-                      on_policy=on_policy, fuse_restore=fuse_restore)
+                      on_policy=on_policy, fuse_restore=fuse_restore, rounds=rounds)
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -501,10 +519,60 @@ def policy_metrics(timing: PolicyTiming, *, baseline_s: float | None, cost: Any 
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class PooledPolicy:
+    """A policy's replays over the rounds of a run, pooled.
+
+    Attributes:
+      timing: a `PolicyTiming` whose records are the pooled rounds' records one after the other (plus
+        ``round``: each request's round), with their warm and setup seconds, compilations and
+        mismatches summed (the timing's round: how many rounds).
+      baseline_s: the no-cache seconds summed over the rounds this policy completed (None: no no-cache
+        run in any of them).
+      speedup_per_round: each of those rounds' no-cache seconds over this policy's, in round order.
+    """
+
+    timing: PolicyTiming
+    baseline_s: float | None
+    speedup_per_round: tuple[float, ...]
+
+
+def _sum_or_none(values: Sequence[int | None]) -> int | None:
+    return None if any(v is None for v in values) else int(sum(values))
+
+
+def pool_rounds(result: TimedReplay) -> list[PooledPolicy]:
+    """Every completed policy, in the order of its first run, pooled over the rounds (`PooledPolicy`).
+    A round counts toward a policy's speedup only where both it and the no-cache run completed."""
+    baselines = {t.round: t.measured_s for t in result.timings if t.policy == "none"}
+    pooled = []
+    for policy in dict.fromkeys(t.policy for t in result.timings):
+        runs = [t for t in result.timings if t.policy == policy]
+        matched = [t for t in runs if t.round in baselines]
+        pooled_runs = matched or runs               # no baseline anywhere: pool every run, no speedup
+        records = {name: np.concatenate([t.records[name] for t in pooled_runs]) for name in runs[0].records}
+        records["round"] = np.concatenate([np.full(t.records["time_s"].size, t.round, np.int64)
+                                           for t in pooled_runs])
+        timing = PolicyTiming(policy, records, float(sum(t.warm_s for t in pooled_runs)),
+                              float(sum(t.setup_s for t in pooled_runs)),
+                              _sum_or_none([t.compiles for t in pooled_runs]),
+                              _sum_or_none([t.simulator_mismatches for t in pooled_runs]), len(pooled_runs))
+        baseline = float(sum(baselines[t.round] for t in matched)) if matched else None
+        pooled.append(PooledPolicy(timing, baseline,
+                                   tuple(baselines[t.round] / t.measured_s for t in matched)))
+    return pooled
+
+
 def summary_rows(result: TimedReplay, cost: Any = None) -> list[dict[str, Any]]:
-    """`policy_metrics` of every completed policy, in run order."""
-    baseline = result.baseline_s()
-    return [policy_metrics(t, baseline_s=baseline, cost=cost) for t in result.timings]
+    """`policy_metrics` of every completed policy pooled over the rounds (`pool_rounds`), in the order
+    of its first run, with ``rounds`` (how many were pooled) and ``speedup_per_round``."""
+    rows = []
+    for pooled in pool_rounds(result):
+        row = policy_metrics(pooled.timing, baseline_s=pooled.baseline_s, cost=cost)
+        row["rounds"] = pooled.timing.round
+        row["speedup_per_round"] = list(pooled.speedup_per_round)
+        rows.append(row)
+    return rows
 
 
 TABLE_HEADER = ("policy", "ckpts/request", "tokens saved %", "hit %", "measured s", "speedup",

@@ -26,3 +26,24 @@ def test_hybrid_probe_variants_take_the_key_parts_setting():
 
 def test_step_fit_cases_read_tokens_and_resume_points():
     assert parse_cases("256:0, 164:8028,100") == [(256, 0), (164, 8028), (100, 0)]
+
+
+@pytest.mark.parametrize("preset", ["hybrid-tiny", "mamba2-tiny"])
+def test_profiler_stable_inputs_keep_every_setting_but_donation_and_leave_the_state_usable(preset):
+    import numpy as np
+
+    from sparse_prefix.experiments.profile_prefill import undonated
+    from sparse_prefix.models import create
+
+    model, params = create(preset, seed=0)
+    stable = undonated(model)
+    assert type(stable) is type(model) and stable.config == model.config
+    for name in ("step_loop", "min_checkpoint_slots", "backend", "fit_steps", "gemm", "command_buffers"):
+        assert getattr(stable, name, None) == getattr(model, name, None)
+    state = stable.init_state(1)
+    tokens = np.arange(1, 17, dtype=np.int32)[None]
+    first, _, _ = stable.prefill(params, tokens, state, np.zeros((1, 0), np.int32))
+    again, _, _ = stable.prefill(params, tokens, state, np.zeros((1, 0), np.int32))   # not donated
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
+    with pytest.raises(TypeError, match="hybrid or mamba2"):
+        undonated(object())

@@ -136,6 +136,44 @@ def test_a_spent_budget_skips_policies_and_says_why():
     assert all(s["reason"].startswith("not started") for s in result.skipped)
 
 
+def test_rounds_replay_the_policies_in_turn_and_pool_their_speedups():
+    model, params = tiny("mamba2-tiny")
+    result = timed.timed_replay(tiny_trace(), ["block:16"], model=model, params=params, seed=1,
+                                capacity=CAPACITY, rounds=2)
+    assert [(t.policy, t.round) for t in result.timings] == [("none", 0), ("block:16", 0), ("none", 1),
+                                                               ("block:16", 1)]
+    assert result.rounds == 2 and all(t.simulator_mismatches == 0 for t in result.timings)
+    none, block = result.timings[0::2], result.timings[1::2]
+    np.testing.assert_array_equal(block[0].records["resume_position"], block[1].records["resume_position"])
+    rows = timed.summary_rows(result)
+    assert [row["policy"] for row in rows] == ["none", "block:16"] and rows[1]["rounds"] == 2
+    assert rows[1]["speedup"] == pytest.approx(sum(t.measured_s for t in none) / sum(t.measured_s for t in block))
+    assert rows[1]["speedup_per_round"] == pytest.approx([n.measured_s / b.measured_s for n, b in zip(none, block)])
+    assert rows[1]["requests"] == 2 * (result.n_requests - result.n_warm)
+    assert result.baseline_s() == pytest.approx(sum(t.measured_s for t in none))
+    with pytest.raises(ValueError, match="rounds"):
+        timed.timed_replay(tiny_trace(), ["block:16"], model=model, params=params, seed=1, capacity=CAPACITY,
+                           rounds=0)
+
+
+def test_a_round_without_its_no_cache_run_gives_no_speedup_and_is_left_out():
+    def timing(policy, round_, seconds):
+        records = {name: np.full(2, 1 if name == "length" else 0, np.float64 if name.endswith("_s") else np.int64)
+                   for name in timed.RECORD_FIELDS}
+        records["time_s"] = records["prefill_s"] = np.full(2, seconds / 2)
+        return timed.PolicyTiming(policy, records, 0.0, 0.0, 0, 0, round_)
+
+    result = timed.TimedReplay((timing("none", 0, 4.0), timing("dp:1", 0, 2.0), timing("dp:1", 1, 1.0)),
+                               ({"policy": "none", "round": 1, "reason": "not started"},), 4, 2, 8, 1.0)
+    pooled = timed.pool_rounds(result)
+    assert [p.timing.policy for p in pooled] == ["none", "dp:1"]
+    assert pooled[1].baseline_s == 4.0 and pooled[1].speedup_per_round == (2.0,)
+    assert pooled[1].timing.measured_s == 2.0 and pooled[1].timing.records["round"].tolist() == [0, 0]
+    alone = timed.TimedReplay((timing("dp:1", 0, 2.0),), (), 4, 2, 8, 1.0)
+    row, = timed.summary_rows(alone)
+    assert row["speedup"] is None and row["speedup_per_round"] == [] and row["rounds"] == 1
+
+
 def test_the_first_policys_setup_does_not_predict_the_next_policys_time():
     assert timed.expected_policy_seconds([], []) == 0.0
     assert timed.expected_policy_seconds([10.0], [300.0]) == 10.0       # its compiles are shared
@@ -274,7 +312,7 @@ def test_resume_bench_resumes_at_the_snapped_overlap():
     assert set(row["engine_timings_s"]) == {"plan", "restore", "prefill", "commit", "total"}
 
 
-def test_cli_writes_the_table_and_json_from_a_compressed_trace(tmp_path, capsys):
+def test_cli_writes_the_table_and_json_of_two_rounds_from_a_compressed_trace(tmp_path, capsys):
     from sparse_prefix.cli import main
 
     trace = tmp_path / "trace.jsonl"
@@ -284,17 +322,21 @@ def test_cli_writes_the_table_and_json_from_a_compressed_trace(tmp_path, capsys)
     out = tmp_path / "out"
     code = main(["reproduce", "--timed", "--dataset", "quality", "--trace", str(packed), "--preset", "mamba2-tiny",
                  "--policies", "block:16", "--sample-groups", "2", "--seed", "2", "--capacity", "4",
-                 "--calibrate-lengths", "16,32,64", "--calibrate-repeats", "1", "--out", str(out)])
+                 "--calibrate-lengths", "16,32,64", "--calibrate-repeats", "1", "--rounds", "2",
+                 "--out", str(out)])
     assert code == 0
     payload = json.loads((out / "results.json").read_text())
     assert [p["policy"] for p in payload["policies"]] == ["none", "block:16"]
     assert payload["n_requests"] == 14 and payload["n_warm"] == 8        # 2 of 3 groups drawn
-    assert len(payload["policies"][1]["records"]["time_s"]) == 6
+    assert payload["config"]["rounds"] == 2 and payload["policies"][1]["rounds"] == 2
+    assert payload["policies"][1]["records"]["round"] == [0] * 6 + [1] * 6
+    assert len(payload["policies"][1]["speedup_per_round"]) == 2
     assert payload["calibration"]["lengths"] == [16, 32, 64]
     assert payload["policies"][1]["simulator_mismatches"] == 0
     assert [p["compiles_during_measurement"] for p in payload["policies"]] == [0, 0]
     assert payload["calibration"]["checkpoint_slots"] == payload["checkpoint_slots"]   # the engines' program
-    assert "block:16" in (out / "table.md").read_text()
+    table = (out / "table.md").read_text()
+    assert "block:16 speedup per round" in table and "2 rounds pooled" in table
     assert "ideal speedup" in capsys.readouterr().out
 
 
