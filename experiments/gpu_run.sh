@@ -8,7 +8,8 @@
 #   bash experiments/gpu_run.sh mamba      # Mamba2 table of record with the peer, emission, bitwise resume
 #   bash experiments/gpu_run.sh kernels    # block-size sweep of the Mamba2 mixer's Pallas kernels
 #   bash experiments/gpu_run.sh head       # one-row LM head and embedding lookup vs XLA's plain lowering
-#   bash experiments/gpu_run.sh replays PRESET SECONDS  # timed replays of both data sets (traces/*.xz)
+#   bash experiments/gpu_run.sh replays PRESET SECONDS  # timed replays of both data sets (traces/*.xz;
+#                                                       # ROUNDS=3: each policy list three times, pooled)
 # The machine's own jax / flax are used; only the peer's wheel (carried in wheels/) is installed.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -95,7 +96,8 @@ case "$phase" in
       groups=""; [ "$dataset" = system-prompts ] && groups="--sample-groups 34"
       TAIL=25 step "timed-$dataset-$preset" $((budget + 90)) python3 -m sparse_prefix.experiments.timed \
         --dataset "$dataset" --trace "traces/$dataset.jsonl.xz" $groups --preset "$preset" \
-        --step-loop "$loop" --background-resolve --budget-s "$budget" --out "$OUT/timed-$dataset-$preset"
+        --step-loop "$loop" --background-resolve --budget-s "$budget" --rounds "${ROUNDS:-1}" \
+        --out "$OUT/timed-$dataset-$preset"
     done
     ;;
   *)
