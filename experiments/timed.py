@@ -36,7 +36,7 @@ others, none, the others, ...), each time through a fresh Engine: drift of the c
 between policies then falls on every policy alike. The table pools the rounds (a policy's speedup is
 the no-cache seconds over its own seconds, both summed over the rounds it completed) and reports each
 round's speedup beside it: one replay of System Prompts is ~2 s of measured requests, and single
-replays of one machine have spread by 10-15% (fourteenth session).
+replays on one machine spread by 10-20% (fourteenth session: dp:12 1.68-1.97x).
 
 A `budget_s` keeps a run inside a device call's limit: a policy starts only while the time used so far
 plus the next one's expected duration fits the budget (`expected_policy_seconds`: the first policy's
