@@ -218,8 +218,8 @@ def write_results(out: Path, config: dict, result: Any, calibration: Any, *, qui
     from sparse_prefix.experiments.reproduce_report import markdown_table, print_table
 
     cost = None if calibration is None else calibration.cost
-    rows = timed.summary_rows(result, cost)
     pooled = timed.pool_rounds(result)
+    rows = timed.pooled_rows(pooled, cost)
     paper = PAPER_RUNS.get(config["dataset"])
     paper_speedups = {p.policy: p.time_speedup for p in paper.points} if paper else {}
     cells = timed.table_cells(rows, paper_speedups)

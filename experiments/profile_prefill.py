@@ -10,8 +10,7 @@ gives every call a state of its own, donated (a state's buffers land at new addr
 ``--inputs stable`` builds the model without donation and passes the same state every call (the
 addresses stay put, as on the Engine's fused path, whose store and recycled scratch KV keep them), so
 the two show what moving buffers cost (XLA re-patches its command buffers when addresses change).
-The profiler reads the trace the profiler writes
-(`*.trace.json.gz`, Chrome trace format) and prints:
+It then reads the trace the profiler writes (`*.trace.json.gz`, Chrome trace format) and prints:
   * device kernels grouped by coarse kind (GEMM, elementwise/loop fusion, reduction, copy) and by name
     (time per call, count per call, share), from the GPU *stream* threads only (the derived "XLA Ops" /
     "XLA Modules" lines of the same process repeat the kernels' time and are left out);

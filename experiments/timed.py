@@ -566,11 +566,16 @@ def pool_rounds(result: TimedReplay) -> list[PooledPolicy]:
 def summary_rows(result: TimedReplay, cost: Any = None) -> list[dict[str, Any]]:
     """`policy_metrics` of every completed policy pooled over the rounds (`pool_rounds`), in the order
     of its first run, with ``rounds`` (how many were pooled) and ``speedup_per_round``."""
+    return pooled_rows(pool_rounds(result), cost)
+
+
+def pooled_rows(pooled: Sequence[PooledPolicy], cost: Any = None) -> list[dict[str, Any]]:
+    """`summary_rows` from `pool_rounds`' output (for callers that also need the pooled records)."""
     rows = []
-    for pooled in pool_rounds(result):
-        row = policy_metrics(pooled.timing, baseline_s=pooled.baseline_s, cost=cost)
-        row["rounds"] = pooled.timing.round
-        row["speedup_per_round"] = list(pooled.speedup_per_round)
+    for policy in pooled:
+        row = policy_metrics(policy.timing, baseline_s=policy.baseline_s, cost=cost)
+        row["rounds"] = policy.timing.round
+        row["speedup_per_round"] = list(policy.speedup_per_round)
         rows.append(row)
     return rows
 
