@@ -8,14 +8,24 @@
 #   bash experiments/gpu_run.sh mamba      # Mamba2 table of record with the peer, emission, bitwise resume
 #   bash experiments/gpu_run.sh kernels    # block-size sweep of the Mamba2 mixer's Pallas kernels
 #   bash experiments/gpu_run.sh head       # one-row LM head and embedding lookup vs XLA's plain lowering
+#   bash experiments/gpu_run.sh cache-out  # the persistent compilation cache into $OUT as 8 MB parts
 #   bash experiments/gpu_run.sh replays PRESET SECONDS  # timed replays of both data sets (traces/*.xz;
 #                                                       # ROUNDS=3: each policy list three times, pooled)
 # The machine's own jax / flax are used; only the peer's wheel (carried in wheels/) is installed.
+# Compilation cache across machines: `cache-out` returns /tmp/jaxcache as $OUT/jaxcache.part.*; put
+# those parts in jaxcache/ (git-ignored) and carry it, and the next machine unpacks them first. It
+# hits only for the same card model, jax / XLA and programs (a group-preset System Prompts replay:
+# first setup 37 s instead of 311 s, fourteenth session); a changed policy list can change the
+# checkpoint slots and with them every program.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/deps
 export JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+if compgen -G "jaxcache/jaxcache.part.*" > /dev/null; then
+  mkdir -p /tmp && cat jaxcache/jaxcache.part.* | xz -d | tar x -C /tmp \
+    && echo "compilation cache: $(ls /tmp/jaxcache | wc -l) entries unpacked"
+fi
 python3 -m pip install -q --no-index --no-deps --target /tmp/deps wheels/mamba2_jax-1.1.2-py3-none-any.whl
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
@@ -85,6 +95,14 @@ case "$phase" in
     TAIL=40 step mamba 420 $BENCH --presets mamba2-130m,mamba2-1.3b --lengths 2048,8192,16384 \
       --emit 1,8,32 --emit-interleaved --repeats 5 --peer --peer-dtypes float32 --check-resume \
       --check-emission 32 ${BACKENDS:+--backend $BACKENDS} --out "$OUT/mamba.json"
+    ;;
+  cache-out)
+    if [ -d /tmp/jaxcache ]; then
+      (cd /tmp && tar cf - jaxcache | xz -1 -T0 | split -b 8M - "$OUT/jaxcache.part.")
+      echo "compilation cache: $(ls /tmp/jaxcache | wc -l) entries, $(cat "$OUT"/jaxcache.part.* | wc -c) bytes in $(ls "$OUT"/jaxcache.part.* | wc -l) parts"
+    else
+      echo "compilation cache: /tmp/jaxcache is empty"
+    fi
     ;;
   replays)
     preset=${2:-qwen3.5-0.8b-group} budget=${3:-200}
