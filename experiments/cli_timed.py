@@ -174,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
               "fold_vocab": args.fold_vocab, "background_resolve": args.background_resolve,
               "fuse_restore": args.fuse_restore, "step_loop": getattr(model, "step_loop", None),
               "fit_steps": getattr(model, "fit_steps", None), "gemm": getattr(model, "gemm", None),
+              "step_tokens": timed.step_tokens_of(model),
               "budget_s": args.budget_s, "rounds": args.rounds, "device": f"{device.device_kind} ({device.platform})",
               "jax": jax.__version__, "date": datetime.date.today().isoformat(),
               "command": " ".join(shlex.quote(a) for a in sys.argv)}
@@ -219,7 +220,8 @@ def write_results(out: Path, config: dict, result: Any, calibration: Any, *, qui
 
     cost = None if calibration is None else calibration.cost
     pooled = timed.pool_rounds(result)
-    rows = timed.pooled_rows(pooled, cost)
+    step_tokens = config.get("step_tokens")
+    rows = timed.pooled_rows(pooled, cost, step_tokens)
     paper = PAPER_RUNS.get(config["dataset"])
     paper_speedups = {p.policy: p.time_speedup for p in paper.points} if paper else {}
     cells = timed.table_cells(rows, paper_speedups)
@@ -237,6 +239,10 @@ def write_results(out: Path, config: dict, result: Any, calibration: Any, *, qui
     if result.rounds > 1:
         notes += [f"- {row['policy']} speedup per round: "
                   + " / ".join(f"{x:.2f}x" for x in row["speedup_per_round"]) for row in rows[1:]]
+    if step_tokens is not None:
+        notes.append(f"- step bound = sum ceil(L / S) / sum ceil((L - r) / S), S = {step_tokens} tokens per "
+                     "prefill step: the speedup if a request cost only its steps (no policy beats it on "
+                     "this step grid)")
     if cost is not None:
         notes.append(f"- cost model t(n) = c0 + a n + b n^2: c0 = {cost.c0:.4g} s, a = {cost.a:.4g} s, "
                      f"b = {cost.b:.4g} s; ideal = sum t(L) / sum [c0 + a (L - r) + b (L^2 - r^2)]")

@@ -89,6 +89,31 @@ def token_ideal(lengths: Sequence[int], resumes: Sequence[int]) -> float:
     return float(lengths.sum() / (lengths - resumes).sum())
 
 
+def step_ideal(lengths: Sequence[int], resumes: Sequence[int], step: int) -> float:
+    """The speedup bound of a model that prefills in steps of `step` tokens: sum ceil(L / S) / sum
+    ceil((L - r) / S) over requests (lengths, resumes: int[R], 0 <= r < L).
+
+    A call of n tokens runs ceil(n / S) steps whatever n is inside the last one (exactness on the
+    model's step grid: a short suffix may not run a narrower program). If every step cost the same
+    and nothing else cost anything -- no dispatch, no host work, no fixed cost -- a policy would
+    reach this speedup; a fixed cost per call only lowers it. It is the ceiling the step grid
+    leaves whatever the engine's overheads, up to the attention term: a step from depth d costs
+    a S + b (2 d S + S^2), so deeper steps cost a little more (on qwen3.5-0.8b-group, S = 1024,
+    ~5% more at d = 3.6k), and a shallow resume that skips a deep step can gain that much beyond it.
+    """
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
+        raise ValueError(f"step must be a positive int (tokens per prefill step), got {step!r}")
+    lengths = np.asarray(lengths, np.int64).reshape(-1)
+    resumes = np.asarray(resumes, np.int64).reshape(-1)
+    if lengths.size == 0 or lengths.shape != resumes.shape:
+        raise ValueError(f"lengths and resumes must be non-empty and of equal size, got "
+                         f"{lengths.size} and {resumes.size}")
+    if np.any(resumes < 0) or np.any(resumes >= lengths):
+        raise ValueError("resume positions must satisfy 0 <= r < L (the last token is always computed)")
+    steps = lambda n: -(-n // int(step))                      # noqa: E731 -- ceil for ints >= 1
+    return float(steps(lengths).sum() / steps(lengths - resumes).sum())
+
+
 def fit_cost(lengths: Sequence[int], times: Sequence[float], *, relative: bool = True) -> CostModel:
     """Least-squares fit of t(n) = c0 + a n + b n^2 with c0, a, b >= 0.
 

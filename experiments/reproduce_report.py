@@ -68,7 +68,7 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[str]], title: str
     for row in rows:
         table.add_row(*row)
     console = Console()
-    console.width = max(console.width, 150)
+    console.width = max(console.width, 180)
     console.print(table)
 
 

@@ -471,24 +471,29 @@ def timed_replay(requests: Sequence[Request], policies: Sequence[str], *, model:
 # ----------------------------------------------------------------------------- summaries
 
 
-def policy_metrics(timing: PolicyTiming, *, baseline_s: float | None, cost: Any = None) -> dict[str, Any]:
+def policy_metrics(timing: PolicyTiming, *, baseline_s: float | None, cost: Any = None,
+                   step_tokens: int | None = None) -> dict[str, Any]:
     """The table row of one policy.
 
     Args:
       timing: its `PolicyTiming`.
       baseline_s: the no-cache run's total measured seconds (None: no speedups).
       cost: a `costmodel.CostModel` for the cost-model ideal (None: omitted).
+      step_tokens: the model's prefill step in tokens (`step_tokens_of`) for the step bound (None:
+        omitted).
 
     Returns:
       checkpoints_per_request, tokens_saved_pct, hit_rate_pct, measured_s, mean_request_ms,
-      speedup, token_ideal_x, ideal_speedup, pct_of_ideal, engine_overhead_pct, host_ms_per_request,
-      prefill_pct_of_model, warm_s, setup_s, compiles_during_measurement, simulator_mismatches (None
-      where not available). ``host_ms_per_request`` is the engine's time outside the model's prefill
-      (planning, hashing, commit) per request; ``prefill_pct_of_model`` is the cost model's time of
-      the recomputed suffixes over the measured prefill time, in percent: near 100 means the model's
-      part runs as calibrated and the distance to the ideal is the engine's host work.
+      speedup, token_ideal_x, step_ideal_x, ideal_speedup, pct_of_ideal, engine_overhead_pct,
+      host_ms_per_request, prefill_pct_of_model, warm_s, setup_s, compiles_during_measurement,
+      simulator_mismatches (None where not available). ``step_ideal_x`` is `costmodel.step_ideal`:
+      the speedup if a request cost its step count and nothing else -- no policy can beat it on
+      this model's step grid. ``host_ms_per_request`` is the engine's time outside the model's
+      prefill (planning, hashing, commit) per request; ``prefill_pct_of_model`` is the cost model's
+      time of the recomputed suffixes over the measured prefill time, in percent: near 100 means
+      the model's part runs as calibrated and the distance to the ideal is the engine's host work.
     """
-    from sparse_prefix.experiments.costmodel import token_ideal
+    from sparse_prefix.experiments.costmodel import step_ideal, token_ideal
 
     r = timing.records
     lengths, resumes = r["length"], r["resume_position"]
@@ -507,6 +512,7 @@ def policy_metrics(timing: PolicyTiming, *, baseline_s: float | None, cost: Any 
         "mean_request_ms": 1e3 * measured / lengths.size,
         "speedup": speedup,
         "token_ideal_x": token_ideal(lengths, resumes),
+        "step_ideal_x": None if step_tokens is None else step_ideal(lengths, resumes, step_tokens),
         "ideal_speedup": ideal,
         "pct_of_ideal": None if speedup is None or ideal is None else 100.0 * speedup / ideal,
         "engine_overhead_pct": 100.0 * (1.0 - prefill_s / float(r["time_s"].sum())),
@@ -563,25 +569,35 @@ def pool_rounds(result: TimedReplay) -> list[PooledPolicy]:
     return pooled
 
 
-def summary_rows(result: TimedReplay, cost: Any = None) -> list[dict[str, Any]]:
+def summary_rows(result: TimedReplay, cost: Any = None, step_tokens: int | None = None
+                 ) -> list[dict[str, Any]]:
     """`policy_metrics` of every completed policy pooled over the rounds (`pool_rounds`), in the order
     of its first run, with ``rounds`` (how many were pooled) and ``speedup_per_round``."""
-    return pooled_rows(pool_rounds(result), cost)
+    return pooled_rows(pool_rounds(result), cost, step_tokens)
 
 
-def pooled_rows(pooled: Sequence[PooledPolicy], cost: Any = None) -> list[dict[str, Any]]:
+def pooled_rows(pooled: Sequence[PooledPolicy], cost: Any = None, step_tokens: int | None = None
+                ) -> list[dict[str, Any]]:
     """`summary_rows` from `pool_rounds`' output (for callers that also need the pooled records)."""
     rows = []
     for policy in pooled:
-        row = policy_metrics(policy.timing, baseline_s=policy.baseline_s, cost=cost)
+        row = policy_metrics(policy.timing, baseline_s=policy.baseline_s, cost=cost, step_tokens=step_tokens)
         row["rounds"] = policy.timing.round
         row["speedup_per_round"] = list(policy.speedup_per_round)
         rows.append(row)
     return rows
 
 
+def step_tokens_of(model: Any) -> int | None:
+    """Tokens per prefill step of `model` (C x G) when every call runs whole G-chunk steps, else None
+    (a hybrid whose `fit_steps` lets one-chunk calls run narrower programs)."""
+    if getattr(model, "fit_steps", "off") != "off":
+        return None
+    return int(model.chunk_size) * int(getattr(model, "chunks_per_step", 1))
+
+
 TABLE_HEADER = ("policy", "ckpts/request", "tokens saved %", "hit %", "measured s", "speedup",
-                "ideal speedup", "% of ideal", "token ideal", "overhead %", "paper speedup")
+                "ideal speedup", "% of ideal", "token ideal", "step bound", "overhead %", "paper speedup")
 
 
 def table_cells(rows: Sequence[Mapping[str, Any]], paper_speedups: Mapping[str, float] | None = None
@@ -594,7 +610,8 @@ def table_cells(rows: Sequence[Mapping[str, Any]], paper_speedups: Mapping[str, 
     return [[row["policy"], fmt(row["checkpoints_per_request"], "{:.2f}"), fmt(row["tokens_saved_pct"], "{:.1f}"),
              fmt(row["hit_rate_pct"], "{:.0f}"), fmt(row["measured_s"], "{:.2f}"), fmt(row["speedup"], "{:.2f}x"),
              fmt(row["ideal_speedup"], "{:.2f}x"), fmt(row["pct_of_ideal"], "{:.0f}"),
-             fmt(row["token_ideal_x"], "{:.2f}x"), fmt(row["engine_overhead_pct"], "{:.1f}"),
+             fmt(row["token_ideal_x"], "{:.2f}x"), fmt(row.get("step_ideal_x"), "{:.2f}x"),
+             fmt(row["engine_overhead_pct"], "{:.1f}"),
              fmt(paper_speedups.get(row["policy"]), "{:.2f}x")] for row in rows]
 
 

@@ -87,9 +87,11 @@ def test_no_cache_runs_first_and_every_policy_is_timed_without_compiling(timed_r
 
 
 def test_table_metrics_follow_from_the_records(timed_run):
-    _, _, result = timed_run
+    _, model, result = timed_run
     cost = costmodel.CostModel(c0=1e-3, a=1e-6, b=1e-9)
-    rows = timed.summary_rows(result, cost)
+    step = timed.step_tokens_of(model)
+    assert step == model.chunk_size * model.chunks_per_step
+    rows = timed.summary_rows(result, cost, step)
     baseline = result.timings[0].measured_s
     assert rows[0]["speedup"] == 1.0 and rows[0]["ideal_speedup"] == 1.0 and rows[0]["tokens_saved_pct"] == 0
     for row, timing in zip(rows, result.timings):
@@ -98,6 +100,8 @@ def test_table_metrics_follow_from_the_records(timed_run):
         assert row["speedup"] == pytest.approx(baseline / r["time_s"].sum())
         assert row["tokens_saved_pct"] == pytest.approx(100 * resumes.sum() / lengths.sum())
         assert row["token_ideal_x"] == pytest.approx(lengths.sum() / (lengths - resumes).sum())
+        assert row["step_ideal_x"] == pytest.approx(np.ceil(lengths / step).sum()
+                                                    / np.ceil((lengths - resumes) / step).sum())
         full = cost.c0 + cost.a * lengths + cost.b * lengths ** 2.0
         resumed = cost.c0 + cost.a * (lengths - resumes) + cost.b * (lengths ** 2.0 - resumes ** 2.0)
         assert row["ideal_speedup"] == pytest.approx(full.sum() / resumed.sum())
@@ -260,6 +264,40 @@ def test_a_resume_saves_a_r_plus_b_r2_but_never_the_fixed_cost():
     attention_only = costmodel.CostModel(c0=0.0, a=0.0, b=1.0)
     assert attention_only.ideal_speedup([1000], [900]) == pytest.approx(1 / 0.19)
     assert costmodel.token_ideal([1000], [900]) == pytest.approx(10.0)
+
+
+def test_step_bound_counts_whole_prefill_steps():
+    # 1 + 2 + 3 steps without a cache; 1 + 1 + 1 with: a resume inside a step saves nothing of it
+    assert costmodel.step_ideal([1000, 2048, 3000], [0, 1024, 2900], 1024) == pytest.approx(2.0)
+    assert costmodel.step_ideal([1000], [999], 1024) == 1.0
+    assert costmodel.step_ideal([1000, 300], [900, 0], 1) == costmodel.token_ideal([1000, 300], [900, 0])
+
+
+def test_equal_steps_and_a_fixed_cost_never_beat_the_step_bound():
+    """A call charged per whole step (every step alike) plus a fixed cost per call: the speedup is
+    at most the step bound, and reaches it when the fixed cost is zero."""
+    rng = np.random.default_rng(0)
+    step = 64
+    for fixed in (0.0, 0.1, 3.0):
+        lengths = rng.integers(1, 1000, 40)
+        resumes = (rng.random(40) * lengths).astype(np.int64)
+        call = lambda start, stop: fixed + -(-(stop - start) // step) * 1.7   # noqa: E731
+        speedup = (sum(call(0, n) for n in lengths)
+                   / sum(call(r, n) for n, r in zip(lengths, resumes)))
+        bound = costmodel.step_ideal(lengths, resumes, step)
+        assert speedup <= bound * (1 + 1e-12)
+        assert (speedup == pytest.approx(bound)) == (fixed == 0.0)
+
+
+def test_step_bound_refuses_bad_input():
+    with pytest.raises(ValueError, match="step must be a positive int"):
+        costmodel.step_ideal([10], [0], 0)
+    with pytest.raises(ValueError, match="step must be a positive int"):
+        costmodel.step_ideal([10], [0], True)
+    with pytest.raises(ValueError, match="0 <= r < L"):
+        costmodel.step_ideal([10], [10], 4)
+    with pytest.raises(ValueError, match="equal size"):
+        costmodel.step_ideal([10, 12], [0], 4)
 
 
 def test_cost_model_refuses_bad_input():
