@@ -58,7 +58,7 @@ from sparse_prefix.traces import Request, protocol_order, warm_count
 DEFAULT_POLICIES = ("none", "block:512", "block:1024", "block:4096", "dp:1", "dp:12", "ldp:1", "ldp:8",
                     "ldp:8+fork")
 RECORD_FIELDS = ("length", "overlap", "resume_position", "recomputed_tokens", "checkpoints_stored", "hit",
-                 "time_s", "plan_s", "restore_s", "prefill_s", "commit_s")
+                 "time_s", "plan_s", "restore_s", "prefill_s", "commit_s", "dispatch_s", "wait_s")
 MIN_CHECKPOINT_SLOTS = 8
 
 
@@ -262,7 +262,8 @@ def replay_engine(engine: Any, order: Sequence[Request], n_warm: int, *, deadlin
             stats, t = result.stats, result.stats.timings
             rows[i - n_warm] = (request.length, stats.overlap_depth, stats.resume_position,
                                 stats.recomputed_tokens, stats.checkpoints_stored, stats.overlap_depth > 0,
-                                elapsed, t["plan"], t["restore"], t["prefill"], t["commit"])
+                                elapsed, t["plan"], t["restore"], t["prefill"], t["commit"], t["dispatch"],
+                                t["wait"])
     compiles_after = getattr(engine.model, "compile_count", None)
     compiles = None if compiles_before is None else int(compiles_after - compiles_before)
     records = {name: (rows[:, j] if name.endswith("_s") else rows[:, j].astype(np.int64))

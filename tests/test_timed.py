@@ -81,6 +81,8 @@ def test_no_cache_runs_first_and_every_policy_is_timed_without_compiling(timed_r
         assert timing.compiles == 0
         assert (timing.records["time_s"] > 0).all()
         assert (timing.records["prefill_s"] <= timing.records["time_s"]).all()
+        np.testing.assert_allclose(timing.records["prefill_s"],       # the commit runs between the two
+                                   timing.records["dispatch_s"] + timing.records["wait_s"])
     cached = result.timings[1:]
     assert all(t.records["resume_position"].sum() > 0 for t in cached)
     assert any(t.records["checkpoints_stored"].sum() > 0 for t in cached)
