@@ -238,6 +238,8 @@ def plan_chunk_count(lengths: np.ndarray, checkpoints: np.ndarray, chunk_size: i
     """
     lengths = np.asarray(lengths, np.int64)
     checkpoints = np.asarray(checkpoints, np.int64).reshape(lengths.shape[0], -1)
+    if checkpoints.shape[1] == 0 or not checkpoints.any():          # one segment per row
+        return max(1, -(-int(lengths.max()) // chunk_size))
     boundary = np.maximum.accumulate(np.where(checkpoints > 0, checkpoints, 0), axis=1) \
         if checkpoints.shape[1] else checkpoints
     start = np.concatenate([np.zeros((lengths.shape[0], 1), np.int64), boundary], axis=1)
@@ -423,13 +425,19 @@ def prepare_prefill_args(model, tokens, checkpoints, lengths=None, state_length=
     tokens_np, lengths_np, ckpt_np = check_prefill_args(
         tokens, lengths, checkpoints, vocab_size=model.vocab_size, max_length=model.max_length,
         state_length=state_length)
-    total, slots = tokens_np.shape[1], ckpt_np.shape[1]
+    (batch, total), slots = tokens_np.shape, ckpt_np.shape[1]
     width = padded_width(total, lengths_np, ckpt_np, chunk_size=model.chunk_size,
                          chunks_per_step=model.chunks_per_step, static_steps=model.step_loop == "static",
                          fit_one_chunk=fit_one_chunk)
     padded_slots = checkpoint_bucket(slots, model.min_checkpoint_slots) if slots else 0
-    tokens_np = np.pad(tokens_np[:, :width], ((0, 0), (0, max(width - total, 0))))
-    ckpt_np = np.pad(ckpt_np, ((0, 0), (0, padded_slots - slots)))
+    if width != total:               # zero padding past the slots given, or the cut of unused ones
+        padded = np.zeros((batch, width), np.int32)
+        padded[:, :min(width, total)] = tokens_np[:, :width]
+        tokens_np = padded
+    if padded_slots != slots:
+        padded = np.zeros((batch, padded_slots), np.int32)
+        padded[:, :slots] = ckpt_np
+        ckpt_np = padded
     return tokens_np, ckpt_np, lengths_np
 
 
@@ -457,10 +465,13 @@ def check_prefill_args(tokens, lengths, checkpoints, *, vocab_size: int, max_len
             raise ValueError(f"lengths must have shape [{batch}], got {lengths_np.shape}")
         if np.any(lengths_np < 1) or np.any(lengths_np > total):
             raise ValueError(f"lengths must lie in 1..{total}, got {lengths_np.tolist()}")
-    real = np.arange(total)[None, :] < lengths_np[:, None]
-    if np.any(real & ((tokens_np < 0) | (tokens_np >= vocab_size))):
-        bad = tokens_np[real & ((tokens_np < 0) | (tokens_np >= vocab_size))]
-        raise ValueError(f"token ids must lie in 0..{vocab_size - 1}, got {bad[:5].tolist()}")
+    # only the real slots are checked: a row's padding may hold anything
+    rows = [tokens_np[row, :used] for row, used in enumerate(lengths_np.tolist())] if batch <= 8 else \
+        [tokens_np[np.arange(total)[None, :] < lengths_np[:, None]]]     # few numpy calls either way
+    for ids in rows:
+        if ids.min() < 0 or ids.max() >= vocab_size:
+            bad = ids[(ids < 0) | (ids >= vocab_size)]
+            raise ValueError(f"token ids must lie in 0..{vocab_size - 1}, got {bad[:5].tolist()}")
     ckpt = np.asarray(checkpoints)
     if ckpt.size and ckpt.dtype.kind not in "iu":
         raise TypeError(f"checkpoints must be integers, got dtype {ckpt.dtype}")
@@ -468,7 +479,7 @@ def check_prefill_args(tokens, lengths, checkpoints, *, vocab_size: int, max_len
         ckpt = np.broadcast_to(ckpt[None, :], (batch, ckpt.shape[0]))
     if ckpt.ndim != 2 or ckpt.shape[0] != batch:
         raise ValueError(f"checkpoints must have shape [K] or [{batch}, K], got {np.shape(checkpoints)}")
-    for row in range(batch):
+    for row in range(batch if ckpt.shape[1] else 0):
         valid = ckpt[row][ckpt[row] > 0]
         if np.any(np.diff(valid) <= 0):
             raise ValueError(f"checkpoints of row {row} must strictly increase (no duplicates), "
@@ -483,7 +494,7 @@ def check_prefill_args(tokens, lengths, checkpoints, *, vocab_size: int, max_len
                              f"{(start + lengths_np).tolist()}")
     elif np.any(lengths_np > max_length):
         raise ValueError(f"lengths exceed max_length {max_length}")
-    return (tokens_np.astype(np.int32), lengths_np.astype(np.int32),
+    return (np.asarray(tokens_np, np.int32), np.asarray(lengths_np, np.int32),
             np.ascontiguousarray(ckpt, dtype=np.int32))
 
 

@@ -248,6 +248,7 @@ class Engine:
         if fuse_restore == "auto":
             fuse_restore = jax.default_backend() == "gpu"
         self.fused = fuse_restore and isinstance(model, FusablePrefill)
+        self._fused_programs: dict[int, tuple] = {}     # batch -> (slab packing, pool packing, program)
 
     # ------------------------------------------------------------------ sizing
 
@@ -340,7 +341,7 @@ class Engine:
             try:
                 for row, row_hints in zip(rows, hints):
                     plans.append(self.index.plan(row, group=group, hints=row_hints, planner=planner,
-                                                 pin=True))
+                                                 pin=True, validated=True))
                 planned = time.perf_counter()
                 state = None if self.fused else self._restore(plans)
             except BaseException:
@@ -428,9 +429,13 @@ class Engine:
         """Restore + prefill as one dispatch: (logits, final, emitted) like `model.prefill`, the
         emitted leaves with the model's padded K (slots past the requested ones are padding)."""
         tokens, checkpoints, lengths = self.model.prepare_prefill(tokens, checkpoints, lengths, resumed)
-        program = _fused_program(self.model.prefill_program, self.store.slab_packing,
-                                 self.store.pool_packing, len(slots),
-                                 tuple(getattr(self.model, "prefill_compiler_options", ())))
+        slab, pool = self.store.slab_packing, self.store.pool_packing
+        known = self._fused_programs.get(len(slots))    # skips hashing the packings on every request
+        if known is None or known[0] is not slab or known[1] is not pool:
+            known = (slab, pool, _fused_program(self.model.prefill_program, slab, pool, len(slots),
+                                                tuple(getattr(self.model, "prefill_compiler_options", ()))))
+            self._fused_programs[len(slots)] = known
+        program = known[2]
         with self.store.gather_inputs(slots, table) as inputs:
             return program(self.params, *inputs, resumed, tokens, checkpoints, lengths)
 

@@ -204,7 +204,7 @@ class PrefixIndex:
 
     # ------------------------------------------------------------------------------ plan/commit
     def plan(self, tokens: Any, group: Hashable = None, hints: Iterable[int] = (), planner=None,
-             *, pin: bool = False) -> RequestPlan:
+             *, pin: bool = False, validated: bool = False) -> RequestPlan:
         """Looks the request up and plans its checkpoints (docs/ARCHITECTURE.md, the request path).
 
         Calls ``planner.observe(overlap, L)`` BEFORE ``planner.positions(L, overlap, hints)``.
@@ -215,11 +215,15 @@ class PrefixIndex:
           hints: caller-suggested positions, passed to the planner.
           planner: a `Planner` (or anything with observe/positions); None plans no positions.
           pin: pin the resume entry against eviction until `commit` / `abort`.
+          validated: `tokens` is a read-only int32[L] array in range that nobody writes to (the
+            Engine's checked rows): kept as it is instead of checked and copied again.
 
         Returns:
           The `RequestPlan`.
         """
-        tokens = _as_tokens(tokens)
+        if not (validated and isinstance(tokens, np.ndarray) and tokens.dtype == np.int32
+                and tokens.ndim == 1 and tokens.size and not tokens.flags.writeable):
+            tokens = _as_tokens(tokens)
         try:
             hash(group)
         except TypeError:
@@ -236,20 +240,18 @@ class PrefixIndex:
             else:
                 planner.observe(overlap, length)
                 raw = np.asarray(planner.positions(length, overlap, hints)).reshape(-1)
-                if raw.size and (not np.issubdtype(raw.dtype, np.integer)
-                                 or raw.min() < 1 or raw.max() > length):
+                values = raw.tolist()
+                if values and (raw.dtype.kind not in "iu" or min(values) < 1 or max(values) > length):
                     raise ValueError(f"planner returned positions that are not integers in "
-                                     f"1..{length}: {raw.tolist()}")
+                                     f"1..{length}: {values}")
                 planned = snap_positions(raw, self.grid)
             inherited: tuple[tuple[int, int], ...] = ()
             emit = planned
             if self.capture == "one-pass":
                 if entry is not None:
                     inherited = tuple(c for c in entry.checkpoints if c[0] <= min(overlap, length))
-                emit = planned[planned > resume]
                 above = {p for p, _ in inherited if p > resume}  # at most L, when LCP == L
-                if above:
-                    emit = emit[[p not in above for p in emit.tolist()]]
+                emit = np.array([p for p in planned.tolist() if p > resume and p not in above], np.int64)
             self._stats["lookups"] += 1
             self._stats["hits"] += int(overlap > 0)
             serial = next(self._serial)

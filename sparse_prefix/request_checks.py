@@ -12,7 +12,8 @@ import numpy as np
 
 
 def check_row(tokens: Any, name: str, *, vocab_size: int, max_length: int) -> np.ndarray:
-    """One request's token ids as int32[L]: integers in 0..vocab_size-1, 1..max_length of them."""
+    """One request's token ids as a fresh read-only int32[L]: integers in 0..vocab_size-1,
+    1..max_length of them."""
     array = np.asarray(tokens)
     if array.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integer token ids, got dtype {array.dtype}")
@@ -25,7 +26,9 @@ def check_row(tokens: Any, name: str, *, vocab_size: int, max_length: int) -> np
     if array.min() < 0 or array.max() >= vocab_size:
         bad = array[(array < 0) | (array >= vocab_size)]
         raise ValueError(f"{name} has ids outside 0..{vocab_size - 1}: {bad[:5].tolist()}")
-    return array.astype(np.int32)
+    row = array.astype(np.int32)                 # a fresh copy the caller cannot write to
+    row.flags.writeable = False
+    return row
 
 
 def check_hints(hints: Any, length: int, name: str) -> tuple[int, ...]:

@@ -238,18 +238,24 @@ class PageRefs:
 
     def retain(self, pages: np.ndarray) -> None:
         """One more reference to each of `pages` (all must be live)."""
-        pages = np.asarray(pages, np.int64)
-        if np.any(self.refcount[pages] <= 0):
-            raise ValueError(f"retain of a free page: {pages[self.refcount[pages] <= 0].tolist()}")
-        np.add.at(self.refcount, pages, 1)
+        listed = np.asarray(pages, np.int64).reshape(-1).tolist()   # a few dozen: plain ints are cheaper
+        refcount = self.refcount
+        dead = [p for p in listed if refcount[p] <= 0]
+        if dead:
+            raise ValueError(f"retain of a free page: {dead}")
+        for page in listed:
+            refcount[page] += 1
 
     def release(self, pages: np.ndarray) -> int:
         """Drop one reference from each of `pages`; returns how many became free."""
-        pages = np.asarray(pages, np.int64)
-        if np.any(self.refcount[pages] <= 0):
-            raise ValueError(f"release of a free page: {pages[self.refcount[pages] <= 0].tolist()}")
-        np.subtract.at(self.refcount, pages, 1)
-        freed = [int(p) for p in np.unique(pages) if self.refcount[p] == 0]
+        listed = np.asarray(pages, np.int64).reshape(-1).tolist()
+        refcount = self.refcount
+        dead = [p for p in listed if refcount[p] <= 0]
+        if dead:
+            raise ValueError(f"release of a free page: {dead}")
+        for page in listed:
+            refcount[page] -= 1
+        freed = [p for p in sorted(set(listed)) if refcount[p] == 0]
         self._free.extend(freed)
         return len(freed)
 
@@ -302,6 +308,7 @@ class StateStore:
         self._refs = PageRefs(self.num_pages)
         self._buffers = self._allocate()
         self._scratch: dict[int, list[tuple]] = {}     # batch size -> free dense KV sets
+        self._kv_specs: dict[int, tuple] = {}           # batch size -> (treedef, leaf shapes and dtypes)
 
     @classmethod
     def for_model(cls, model: Any, *, num_slots: int, num_pages: int = 0) -> "StateStore":
@@ -485,12 +492,17 @@ class StateStore:
         if not self.has_kv or kv is None:
             return
         kv = tuple(kv)
-        batch = jax.tree_util.tree_leaves(kv)[0].shape[0]
-        want = jax.tree_util.tree_map(lambda leaf: ((batch,) + tuple(leaf.shape[1:]), jnp.dtype(leaf.dtype)),
-                                      tuple(self.abstract.kv))
-        got = jax.tree_util.tree_map(lambda leaf: (tuple(leaf.shape), jnp.dtype(leaf.dtype)), kv)
+        leaves, treedef = jax.tree_util.tree_flatten(kv)
+        batch = leaves[0].shape[0]
+        want = self._kv_specs.get(batch)
+        if want is None:                  # once per batch size: the check runs on every request
+            abstract = jax.tree_util.tree_flatten(tuple(self.abstract.kv))
+            want = self._kv_specs.setdefault(batch, (abstract[1], [
+                ((batch,) + tuple(leaf.shape[1:]), jnp.dtype(leaf.dtype)) for leaf in abstract[0]]))
+        got = (treedef, [(tuple(leaf.shape), jnp.dtype(leaf.dtype)) for leaf in leaves])
         if got != want:
-            raise ValueError(f"recycled KV has shapes {got}, this store's are {want}")
+            raise ValueError(f"recycled KV has shapes {got[1]} ({got[0]}), this store's are {want[1]} "
+                             f"({want[0]})")
         with self._lock:
             free = self._scratch.setdefault(batch, [])
             if len(free) < MAX_SCRATCH:

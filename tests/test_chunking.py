@@ -103,6 +103,20 @@ def test_bad_prefill_arguments_raise_a_named_error(tokens, lengths, ckpts, messa
         check_prefill_args(tokens, lengths, ckpts, vocab_size=8, max_length=64)
 
 
+@pytest.mark.parametrize("batch", [1, 3, 12])      # per-row slices up to 8 rows, one mask beyond
+def test_token_ids_are_checked_in_every_rows_real_slots_only(batch):
+    tokens = np.zeros((batch, 6), np.int32)
+    lengths = np.full((batch,), 4, np.int32)
+    tokens[:, 4:] = 99                                  # padding past every row's length: not checked
+    checked, _, _ = check_prefill_args(tokens, lengths, np.zeros((0,), np.int32), vocab_size=8, max_length=64)
+    np.testing.assert_array_equal(checked, tokens)
+    for bad in (8, -1):
+        wrong = tokens.copy()
+        wrong[batch - 1, 3] = bad                       # the last real slot of the last row
+        with pytest.raises(ValueError, match=rf"token ids must lie in 0..7, got \[{bad}\]"):
+            check_prefill_args(wrong, lengths, np.zeros((0,), np.int32), vocab_size=8, max_length=64)
+
+
 def toy_group_step(state, tokens, positions, valid, want_boundaries):
     """The toy recurrence over G chunks at once: a scan over the chunks of `toy_step`."""
 

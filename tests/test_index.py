@@ -415,6 +415,22 @@ def test_plan_rejects_bad_tokens(tokens, error):
         PrefixIndex(capacity_entries=1).plan(tokens)
 
 
+def test_validated_rows_are_kept_and_anything_else_is_checked_and_copied():
+    from sparse_prefix.request_checks import check_row
+
+    index = PrefixIndex(capacity_entries=2)
+    row = check_row([5, 6, 7], "tokens", vocab_size=8, max_length=8)
+    assert row.dtype == np.int32 and not row.flags.writeable
+    assert index.plan(row, validated=True).tokens is row          # the engine's checked row: no copy
+    writable = np.array([5, 6, 7], np.int32)
+    kept = index.plan(writable, validated=True).tokens             # a caller could still write to it
+    assert kept is not writable and not kept.flags.writeable
+    writable[0] = 0
+    assert kept.tolist() == [5, 6, 7]
+    with pytest.raises(ValueError, match="tokens"):                 # the flag does not skip the checks
+        index.plan(np.array([-1, 2], np.int64), validated=True)
+
+
 def test_plan_rejects_bad_group_pin_and_planner_output():
     index = PrefixIndex(capacity_entries=1)
     with pytest.raises(TypeError, match="group"):
