@@ -2,7 +2,7 @@
 
     python -m sparse_prefix.experiments.profile_prefill --preset mamba2-1.3b --length 8192 \
         [--emit 0,8] [--chunk-size 256 --chunks-per-step 8] [--backend chunked|pallas] [--top 30] \
-        [--trace-dir DIR] [--hlo-out FILE.gz] [--inputs fresh|stable]
+        [--trace-dir DIR] [--hlo-out FILE.gz] [--inputs fresh|stable] [--engine-hit OVERLAP]
 
 For each checkpoint count in `--emit`, runs the public `model.prefill` twice to warm up (from states
 made beforehand), then `--calls` times under `jax.profiler.trace`. ``--inputs fresh`` (default)
@@ -18,6 +18,10 @@ It then reads the trace the profiler writes (`*.trace.json.gz`, Chrome trace for
     than the busy time means the GPU idles between launches (host-bound or synchronising);
   * the largest idle gaps between consecutive kernels, with the kernels either side;
   * the host events with the most total time (dispatch, command-buffer updates, syncs).
+``--engine-hit OVERLAP`` traces the serving path instead: an Engine stores a checkpoint at OVERLAP x
+L (on the chunk grid), then `--calls` hits that resume there are traced, and the engine's own median
+timings per hit follow the summary (dispatch = `prepare_prefill` plus the program's launch, the host
+time XLA's command buffers take; wait = what is left of the device work after the commit).
 ``--hlo-out FILE[.gz]`` also writes the prefill program's optimised HLO (one file: what XLA fused,
 the layouts it chose, where transposes and converts sit), e.g. to find the kernels a profile names.
 """
@@ -208,6 +212,82 @@ def profile(model, params, length: int, emit: int, calls: int, top: int, trace_d
     summarise(device, host, calls, wall, top)
 
 
+def engine_hit_requests(length: int, resume: int, vocab_size: int, calls: int, seed: int = 0
+                        ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(base int32[L], hits: `calls` int32[L]) where every hit shares exactly `resume` tokens with
+    the base and differs from it and from each other right after (0 < resume < L)."""
+    if not 0 < resume < length:
+        raise ValueError(f"resume must lie in 1..{length - 1}, got {resume}")
+    if calls >= vocab_size:
+        raise ValueError(f"calls must be below the vocabulary ({vocab_size}) for distinct hits, got {calls}")
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, vocab_size, size=length, dtype=np.int32)
+    hits = []
+    for i in range(calls):
+        hit = base.copy()
+        hit[resume:] = rng.integers(0, vocab_size, size=length - resume, dtype=np.int32)
+        hit[resume] = (base[resume] + 1 + i) % vocab_size     # diverges at `resume`, from all others too
+        hits.append(hit)
+    return base, hits
+
+
+def serve_engine_hits(engine, base: np.ndarray, hits: list[np.ndarray], resume: int, *, before=None):
+    """Serve `base` with a checkpoint hinted at `resume`, then every hit (each must resume there);
+    `before(i)` runs before hit i (e.g. to start a trace). Returns each hit's `RequestStats.timings`."""
+    engine.prefill(base, hints=[resume])
+    timings = []
+    for i, hit in enumerate(hits):
+        if before is not None:
+            before(i)
+        result = engine.prefill(hit)
+        jax.block_until_ready(result.last_logits)
+        if result.stats.resume_position != resume:
+            raise RuntimeError(f"hit {i} resumed at {result.stats.resume_position}, not {resume}")
+        timings.append(result.stats.timings)
+    return timings
+
+
+def profile_engine_hits(model, params, length: int, overlap: float, calls: int, top: int,
+                        trace_dir: str | None) -> None:
+    """Trace `calls` warm Engine hits of `length` tokens resuming at `overlap` of them (the serving
+    path: plan, fused restore + prefill, commit), summarised like a prefill, plus the engine's own
+    median timings per hit (plan, dispatch -- `prepare_prefill` and the program's launch -- commit,
+    wait)."""
+    from sparse_prefix.engine import Engine
+    from sparse_prefix.experiments.bench_resume import resume_position
+
+    resume = resume_position(length, overlap, int(model.chunk_size))
+    warm = 2
+    base, hits = engine_hit_requests(length, resume, int(model.vocab_size), calls + warm)
+    engine = Engine(model, params, policy="none+hints", eviction="lru", capacity_entries=calls + warm + 2,
+                    background_resolve=False)
+    trace_dir = trace_dir or tempfile.mkdtemp(prefix="sp-engine-trace-")
+    session = {}
+
+    def before(i):
+        if i == warm:
+            session["start"] = time.perf_counter()
+            session["trace"] = jax.profiler.trace(trace_dir)
+            session["trace"].__enter__()
+
+    try:
+        timings = serve_engine_hits(engine, base, hits, resume, before=before)
+    finally:
+        if "trace" in session:
+            session["trace"].__exit__(None, None, None)
+        engine.close()
+    wall = time.perf_counter() - session["start"]
+    device, host, names = split_events(load_trace(trace_dir))
+    print(f"\n=== engine hits L={length} resumed at {resume} ({len(hits) - warm} traced) fused={engine.fused} "
+          f"device={jax.devices()[0].device_kind}")
+    print(f"trace processes: {names['processes']}; kernel threads: {names['kernel_threads']}")
+    summarise(device, host, calls, wall, top)
+    measured = timings[warm:]
+    print("engine timings per hit (median ms): " + ", ".join(
+        f"{key} {1e3 * float(np.median([t[key] for t in measured])):.3f}"
+        for key in ("plan", "dispatch", "commit", "wait", "total")))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="mamba2-1.3b")
@@ -222,6 +302,9 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default=None,
                         help="Mamba2 SSD backend (chunked, pallas, sequential) or hybrid layer loop (scan, "
                              "unroll); default: the preset's")
+    parser.add_argument("--engine-hit", type=float, default=None, metavar="OVERLAP",
+                        help="profile Engine hits of --length tokens resuming at this share of them "
+                             "(e.g. 0.9) instead of bare prefills")
     parser.add_argument("--hlo-out", default=None, metavar="FILE",
                         help="also write the optimised HLO of the prefill program (L tokens, no checkpoints) "
                              "to FILE (gzipped when it ends in .gz): fusions, layouts, loops")
@@ -233,6 +316,9 @@ def main(argv=None) -> int:
     from sparse_prefix.experiments.bench_prefill import preset_model
     model, params = preset_model(args.preset, jnp.dtype(args.dtype),
                                   (args.chunk_size or None, args.chunks_per_step or None), args.backend)
+    if args.engine_hit is not None:
+        profile_engine_hits(model, params, args.length, args.engine_hit, args.calls, args.top, args.trace_dir)
+        return 0
     if args.inputs == "stable":
         model = undonated(model)
     for emit in [int(x) for x in args.emit.split(",") if x]:

@@ -47,3 +47,37 @@ def test_profiler_stable_inputs_keep_every_setting_but_donation_and_leave_the_st
     np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
     with pytest.raises(TypeError, match="hybrid or mamba2"):
         undonated(object())
+
+
+def test_engine_hit_requests_share_exactly_the_resume_prefix_with_the_base():
+    import numpy as np
+
+    from sparse_prefix.experiments.profile_prefill import engine_hit_requests
+
+    base, hits = engine_hit_requests(64, 24, vocab_size=16, calls=5, seed=3)
+    assert base.shape == (64,) and len(hits) == 5
+    for i, hit in enumerate(hits):
+        np.testing.assert_array_equal(hit[:24], base[:24])
+        assert hit[24] != base[24] and all(hit[24] != other[24] for other in hits[i + 1:])
+    with pytest.raises(ValueError, match="resume"):
+        engine_hit_requests(64, 64, vocab_size=16, calls=2)
+    with pytest.raises(ValueError, match="calls"):
+        engine_hit_requests(64, 8, vocab_size=4, calls=4)
+
+
+def test_profiled_engine_hits_resume_at_the_hinted_checkpoint_and_report_their_timings():
+    from sparse_prefix.engine import Engine
+    from sparse_prefix.experiments.profile_prefill import engine_hit_requests, serve_engine_hits
+    from sparse_prefix.models import create
+
+    model, params = create("hybrid-tiny", seed=0)
+    base, hits = engine_hit_requests(40, 16, vocab_size=int(model.vocab_size), calls=3)
+    engine = Engine(model, params, policy="none+hints", eviction="lru", capacity_entries=6,
+                    background_resolve=False)
+    started = []
+    try:
+        timings = serve_engine_hits(engine, base, hits, 16, before=started.append)
+    finally:
+        engine.close()
+    assert started == [0, 1, 2] and len(timings) == 3
+    assert all(t["dispatch"] + t["wait"] == pytest.approx(t["prefill"]) for t in timings)
