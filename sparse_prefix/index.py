@@ -350,9 +350,9 @@ class PrefixIndex:
         return len(kept) + new_states <= self.capacity_slots
 
     def _victim(self) -> _Entry:
+        if self.eviction != "utility":   # OrderedDict order: creation (fifo) or last use (lru)
+            return next(e for e in self._entries.values() if e.pins == 0)
         candidates = [e for e in self._entries.values() if e.pins == 0]
-        if self.eviction != "utility":
-            return candidates[0]  # OrderedDict order: creation (fifo) or last use (lru)
         return min(zip(self._utilities(candidates), (e.entry_id for e in candidates), candidates),
                    key=lambda item: item[:2])[2]
 

@@ -33,6 +33,8 @@ def check_row(tokens: Any, name: str, *, vocab_size: int, max_length: int) -> np
 
 def check_hints(hints: Any, length: int, name: str) -> tuple[int, ...]:
     """Checkpoint hints of one request: integer positions in 1..length."""
+    if isinstance(hints, (tuple, list)) and not hints:      # the common case, without numpy
+        return ()
     values = np.asarray(hints if not isinstance(hints, np.ndarray) else hints.reshape(-1))
     if values.size and values.dtype.kind not in "iu":
         raise TypeError(f"{name} must be integer token positions, got {hints!r}")
