@@ -89,6 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, standalone: bool) -> None:
     group.add_argument("--gemm", choices=("auto", "cublas", "xla"), default=None,
                        help="HybridLM(gemm=): the prefill's matmul kernels (hybrid presets; default: "
                             "the model's, auto = cuBLAS on a GPU)")
+    group.add_argument("--command-buffers", choices=("auto", "on", "off"), default=None,
+                       help="the prefill's XLA command buffers (CUDA graphs) on a GPU (default: the "
+                            "model's; auto = on for hybrids, off for Mamba2)")
     group.add_argument("--fuse-restore", choices=("auto", "yes", "no"), default="auto",
                        help="Engine(fuse_restore=): trace the store's gather into the prefill's program "
                             "(auto: on a GPU)")
@@ -153,14 +156,15 @@ def run(args: argparse.Namespace) -> int:
     requests = load_trace_requests(args)
     model, params = create(args.preset, dtype=jnp.dtype(args.dtype))
     overrides = {"step_loop": args.step_loop} if args.step_loop != "auto" else {}
-    for name in ("fit_steps", "gemm"):
+    for name in ("fit_steps", "gemm", "command_buffers"):
         if getattr(args, name) is not None:
             if not hasattr(model, name):
                 raise ValueError(f"--{name.replace('_', '-')} applies to hybrid presets, "
                                  f"not {args.preset}")
             overrides[name] = getattr(args, name)
     if overrides:
-        kept = {name: getattr(model, name) for name in ("fit_steps", "gemm") if hasattr(model, name)}
+        kept = {name: getattr(model, name) for name in ("fit_steps", "gemm", "command_buffers")
+                if hasattr(model, name)}
         model = type(model)(model.config, **{**kept, **overrides})
     if args.fold_vocab:
         requests = timed.fold_vocab(requests, int(model.vocab_size))
@@ -174,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
               "fold_vocab": args.fold_vocab, "background_resolve": args.background_resolve,
               "fuse_restore": args.fuse_restore, "step_loop": getattr(model, "step_loop", None),
               "fit_steps": getattr(model, "fit_steps", None), "gemm": getattr(model, "gemm", None),
+              "command_buffers": getattr(model, "command_buffers", None),
               "step_tokens": timed.step_tokens_of(model),
               "budget_s": args.budget_s, "rounds": args.rounds, "device": f"{device.device_kind} ({device.platform})",
               "jax": jax.__version__, "date": datetime.date.today().isoformat(),

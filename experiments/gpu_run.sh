@@ -10,7 +10,8 @@
 #   bash experiments/gpu_run.sh head       # one-row LM head and embedding lookup vs XLA's plain lowering
 #   bash experiments/gpu_run.sh cache-out  # the persistent compilation cache into $OUT as 8 MB parts
 #   bash experiments/gpu_run.sh replays PRESET SECONDS  # timed replays of both data sets (traces/*.xz;
-#                                                       # ROUNDS=3: each policy list three times, pooled)
+#                                                       # ROUNDS=3: each policy list three times, pooled;
+#                                                       # CMDBUF=off: XLA command buffers off)
 # The machine's own jax / flax are used; only the peer's wheel (carried in wheels/) is installed.
 # Compilation cache across machines: `cache-out` returns /tmp/jaxcache as $OUT/jaxcache.part.*; put
 # those parts in jaxcache/ (git-ignored) and carry it, and the next machine unpacks them first. It
@@ -115,6 +116,7 @@ case "$phase" in
       TAIL=25 step "timed-$dataset-$preset" $((budget + 90)) python3 -m sparse_prefix.experiments.timed \
         --dataset "$dataset" --trace "traces/$dataset.jsonl.xz" $groups --preset "$preset" \
         --step-loop "$loop" --background-resolve --budget-s "$budget" --rounds "${ROUNDS:-1}" \
+        ${CMDBUF:+--command-buffers $CMDBUF} \
         --out "$OUT/timed-$dataset-$preset"
     done
     ;;

@@ -167,7 +167,7 @@ def undonated(model):
     if family == "hybrid":
         return type(model)(model.config, backend=model.backend, min_checkpoint_slots=model.min_checkpoint_slots,
                            donate_state=False, step_loop=model.step_loop, fit_steps=model.fit_steps,
-                           gemm=model.gemm)
+                           gemm=model.gemm, command_buffers=model.command_buffers)
     if family == "mamba2":
         return type(model)(model.config, min_checkpoint_slots=model.min_checkpoint_slots, donate_state=False,
                            step_loop=model.step_loop, command_buffers=model.command_buffers)

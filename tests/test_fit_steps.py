@@ -96,3 +96,14 @@ def test_bad_fit_steps_and_gemm_settings_are_refused():
     with pytest.raises(ValueError, match="gemm"):
         gemm_compiler_options("triton")
     assert gemm_compiler_options("xla") == ()
+    with pytest.raises(ValueError, match="command_buffers"):
+        grouped_model(command_buffers="sometimes")
+
+
+def test_command_buffer_setting_survives_rechunking_and_the_profilers_rebuild():
+    from sparse_prefix.experiments.profile_prefill import undonated
+
+    model = grouped_model(command_buffers="off")
+    assert model.with_chunking(chunks_per_step=1).command_buffers == "off"
+    assert undonated(model).command_buffers == "off"
+    assert model.prefill_compiler_options == ()            # nothing to switch off a GPU

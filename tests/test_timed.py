@@ -363,9 +363,10 @@ def test_cli_writes_the_table_and_json_of_two_rounds_from_a_compressed_trace(tmp
     code = main(["reproduce", "--timed", "--dataset", "quality", "--trace", str(packed), "--preset", "mamba2-tiny",
                  "--policies", "block:16", "--sample-groups", "2", "--seed", "2", "--capacity", "4",
                  "--calibrate-lengths", "16,32,64", "--calibrate-repeats", "1", "--rounds", "2",
-                 "--out", str(out)])
+                 "--command-buffers", "on", "--out", str(out)])
     assert code == 0
     payload = json.loads((out / "results.json").read_text())
+    assert payload["config"]["command_buffers"] == "on" and payload["config"]["step_tokens"] == 16
     assert [p["policy"] for p in payload["policies"]] == ["none", "block:16"]
     assert payload["n_requests"] == 14 and payload["n_warm"] == 8        # 2 of 3 groups drawn
     assert payload["config"]["rounds"] == 2 and payload["policies"][1]["rounds"] == 2
