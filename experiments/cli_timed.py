@@ -244,6 +244,12 @@ def write_results(out: Path, config: dict, result: Any, calibration: Any, *, qui
     if result.rounds > 1:
         notes += [f"- {row['policy']} speedup per round: "
                   + " / ".join(f"{x:.2f}x" for x in row["speedup_per_round"]) for row in rows[1:]]
+    fit = timed.no_cache_cost(pooled)
+    if fit is not None:
+        notes.append(f"- ideal fitted to the no-cache requests' own prefill times (c0 = {fit.c0:.4g} s, "
+                     f"a = {fit.a:.4g} s, b = {fit.b:.4g} s), % of it: " + ", ".join(
+                         f"{row['policy']} {row['pct_of_no_cache_fit_ideal']:.0f}" for row in rows[1:]
+                         if row["pct_of_no_cache_fit_ideal"] is not None))
     if step_tokens is not None:
         notes.append(f"- step bound = sum ceil(L / S) / sum ceil((L - r) / S), S = {step_tokens} tokens per "
                      "prefill step: the speedup if a request cost only its steps (no policy beats it on "
@@ -256,6 +262,7 @@ def write_results(out: Path, config: dict, result: Any, calibration: Any, *, qui
     payload = {"config": config, "calibration": None if calibration is None else calibration.as_dict(),
                "n_requests": result.n_requests, "n_warm": result.n_warm,
                "checkpoint_slots": result.checkpoint_slots, "mean_length": result.mean_length,
+               "no_cache_fit": None if fit is None else fit.as_dict(),
                "policies": [dict(row, records=timed.records_as_lists(p.timing)) for row, p in zip(rows, pooled)],
                "skipped": list(result.skipped)}
     (out / "results.json").write_text(json.dumps(payload, indent=1, allow_nan=False) + "\n")

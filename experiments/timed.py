@@ -577,12 +577,39 @@ def summary_rows(result: TimedReplay, cost: Any = None, step_tokens: int | None 
     return pooled_rows(pool_rounds(result), cost, step_tokens)
 
 
+def no_cache_cost(pooled: Sequence[PooledPolicy]) -> Any | None:
+    """t(n) = c0 + a n + b n^2 fitted (`costmodel.fit_cost`) to the no-cache run's own requests:
+    each measured request's prefill seconds (dispatch + wait) against its length, pooled over the
+    rounds. None without a no-cache run or with fewer than 3 distinct lengths.
+
+    A second ideal beside the calibration's: the calibration times bare `model.prefill` calls before
+    the replay, and its c0 moves by +-20% from run to run on one machine (fifteenth session); this
+    one comes from the Engine's own path in the same minutes as the policies'."""
+    from sparse_prefix.experiments.costmodel import fit_cost
+
+    for policy in pooled:
+        if policy.timing.policy == "none":
+            records = policy.timing.records
+            if np.unique(records["length"]).size < 3:
+                return None
+            return fit_cost(records["length"], records["prefill_s"])
+    return None
+
+
 def pooled_rows(pooled: Sequence[PooledPolicy], cost: Any = None, step_tokens: int | None = None
                 ) -> list[dict[str, Any]]:
-    """`summary_rows` from `pool_rounds`' output (for callers that also need the pooled records)."""
+    """`summary_rows` from `pool_rounds`' output (for callers that also need the pooled records).
+    Each row also gets ``ideal_no_cache_fit`` and ``pct_of_no_cache_fit_ideal``: the ideal of
+    `no_cache_cost` (None where there is none) and the speedup against it."""
+    fit = no_cache_cost(pooled)
     rows = []
     for policy in pooled:
         row = policy_metrics(policy.timing, baseline_s=policy.baseline_s, cost=cost, step_tokens=step_tokens)
+        r = policy.timing.records
+        ideal = None if fit is None else fit.ideal_speedup(r["length"], r["resume_position"])
+        row["ideal_no_cache_fit"] = ideal
+        row["pct_of_no_cache_fit_ideal"] = (None if ideal is None or row["speedup"] is None
+                                            else 100.0 * row["speedup"] / ideal)
         row["rounds"] = policy.timing.round
         row["speedup_per_round"] = list(policy.speedup_per_round)
         rows.append(row)

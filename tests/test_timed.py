@@ -114,6 +114,22 @@ def test_table_metrics_follow_from_the_records(timed_run):
         assert row["hit_rate_pct"] == pytest.approx(100 * (r["overlap"] > 0).mean())
     cells = timed.table_cells(rows, {"block:16": 1.5})
     assert all(len(c) == len(timed.TABLE_HEADER) for c in cells)
+    none = result.timings[0].records                # the second ideal: fitted to the no-cache run itself
+    fit = costmodel.fit_cost(none["length"], none["prefill_s"])
+    for row, timing in zip(rows, result.timings):
+        r = timing.records
+        assert row["ideal_no_cache_fit"] == pytest.approx(fit.ideal_speedup(r["length"], r["resume_position"]))
+        assert row["pct_of_no_cache_fit_ideal"] == pytest.approx(100 * row["speedup"] / row["ideal_no_cache_fit"])
+
+
+def test_no_no_cache_run_means_no_second_ideal():
+    records = {name: np.arange(1, 5, dtype=np.float64 if name.endswith("_s") else np.int64)
+               for name in timed.RECORD_FIELDS}
+    records["resume_position"] = np.zeros(4, np.int64)
+    pooled = [timed.PooledPolicy(timed.PolicyTiming("dp:1", records, 0.0, 0.0, 0, 0, 0), None, ())]
+    assert timed.no_cache_cost(pooled) is None
+    rows = timed.pooled_rows(pooled)
+    assert rows[0]["ideal_no_cache_fit"] is None and rows[0]["pct_of_no_cache_fit_ideal"] is None
 
 
 def test_preparing_an_engine_compiles_every_bucket_and_leaves_the_cache_empty():
@@ -367,6 +383,7 @@ def test_cli_writes_the_table_and_json_of_two_rounds_from_a_compressed_trace(tmp
     assert code == 0
     payload = json.loads((out / "results.json").read_text())
     assert payload["config"]["command_buffers"] == "on" and payload["config"]["step_tokens"] == 16
+    assert set(payload["no_cache_fit"]) == {"c0", "a", "b"}
     assert [p["policy"] for p in payload["policies"]] == ["none", "block:16"]
     assert payload["n_requests"] == 14 and payload["n_warm"] == 8        # 2 of 3 groups drawn
     assert payload["config"]["rounds"] == 2 and payload["policies"][1]["rounds"] == 2
