@@ -494,8 +494,8 @@ def check_prefill_args(tokens, lengths, checkpoints, *, vocab_size: int, max_len
                              f"{(start + lengths_np).tolist()}")
     elif np.any(lengths_np > max_length):
         raise ValueError(f"lengths exceed max_length {max_length}")
-    return (np.asarray(tokens_np, np.int32), np.asarray(lengths_np, np.int32),
-            np.ascontiguousarray(ckpt, dtype=np.int32))
+    return (tokens_np.astype(np.int32), lengths_np.astype(np.int32),    # copies: the caller may reuse its
+            np.ascontiguousarray(ckpt, dtype=np.int32))                   # arrays while the call runs
 
 
 def checkpoint_bucket(slots: int, minimum: int = 4) -> int:
