@@ -156,6 +156,11 @@ def summarise(device: list[dict], host: list[dict], calls: int, wall_s: float, t
     print(f"\n{'host event':80s} {'ms/call':>9s} {'n/call':>7s}")
     for name, durations in sorted(host_by_name.items(), key=lambda item: -sum(item[1]))[:top]:
         print(f"{name[:80]:80s} {sum(durations) / 1e3 / calls:9.3f} {len(durations) / calls:7.1f}")
+    updates = sum(sum(d) for name, d in host_by_name.items() if "command_buffer::update" in name)
+    executes = sum(sum(d) for name, d in host_by_name.items()                 # not ...ExecuteHelper...
+                   if re.match(r"CommonPjRtLoadedExecutable::Execute( |$)", name))
+    print(f"host: XLA Execute {executes / 1e3 / calls:.3f} ms per call, of which command-buffer updates "
+          f"{updates / 1e3 / calls:.3f} ms (re-recorded graphs: buffers moved since the last call)")
 
 
 INPUTS = ("fresh", "stable")
