@@ -22,6 +22,8 @@ It then reads the trace the profiler writes (`*.trace.json.gz`, Chrome trace for
 L (on the chunk grid), then `--calls` hits that resume there are traced, and the engine's own median
 timings per hit follow the summary (dispatch = `prepare_prefill` plus the program's launch, the host
 time XLA's command buffers take; wait = what is left of the device work after the commit).
+``--drop-answers`` drops each answer before the next hit instead of holding it, as a server would.
+That tests whether the graph updates come from outputs and temporaries moving between calls.
 ``--hlo-out FILE[.gz]`` also writes the prefill program's optimised HLO (one file: what XLA fused,
 the layouts it chose, where transposes and converts sit), e.g. to find the kernels a profile names.
 """
@@ -236,12 +238,22 @@ def engine_hit_requests(length: int, resume: int, vocab_size: int, calls: int, s
     return base, hits
 
 
-def serve_engine_hits(engine, base: np.ndarray, hits: list[np.ndarray], resume: int, *, before=None):
+def serve_engine_hits(engine, base: np.ndarray, hits: list[np.ndarray], resume: int, *, before=None,
+                      hold_answers: bool = True):
     """Serve `base` with a checkpoint hinted at `resume`, then every hit (each must resume there);
-    `before(i)` runs before hit i (e.g. to start a trace). Returns each hit's `RequestStats.timings`."""
+    `before(i)` runs before hit i (e.g. to start a trace). Returns each hit's `RequestStats.timings`.
+
+    `hold_answers` keeps each answer alive until the next hit has been served, as a replay (or a
+    server handing answers on) does; False drops it first, so the device allocator sees the same
+    live buffers at every call. With XLA command buffers on, buffers that land at other addresses
+    than in the previous call make XLA update the recorded graph (`command_buffer::update`), and an
+    answer held across calls shifts where the next call's outputs and temporaries go."""
     engine.prefill(base, hints=[resume])
     timings = []
+    result = None
     for i, hit in enumerate(hits):
+        if not hold_answers:
+            result = None
         if before is not None:
             before(i)
         result = engine.prefill(hit)
@@ -253,7 +265,7 @@ def serve_engine_hits(engine, base: np.ndarray, hits: list[np.ndarray], resume: 
 
 
 def profile_engine_hits(model, params, length: int, overlap: float, calls: int, top: int,
-                        trace_dir: str | None) -> None:
+                        trace_dir: str | None, hold_answers: bool = True) -> None:
     """Trace `calls` warm Engine hits of `length` tokens resuming at `overlap` of them (the serving
     path: plan, fused restore + prefill, commit), summarised like a prefill, plus the engine's own
     median timings per hit (plan, dispatch -- `prepare_prefill` and the program's launch -- commit,
@@ -276,14 +288,15 @@ def profile_engine_hits(model, params, length: int, overlap: float, calls: int, 
             session["trace"].__enter__()
 
     try:
-        timings = serve_engine_hits(engine, base, hits, resume, before=before)
+        timings = serve_engine_hits(engine, base, hits, resume, before=before, hold_answers=hold_answers)
     finally:
         if "trace" in session:
             session["trace"].__exit__(None, None, None)
         engine.close()
     wall = time.perf_counter() - session["start"]
     device, host, names = split_events(load_trace(trace_dir))
-    print(f"\n=== engine hits L={length} resumed at {resume} ({len(hits) - warm} traced) fused={engine.fused} "
+    print(f"\n=== engine hits L={length} resumed at {resume} ({len(hits) - warm} traced, answers "
+          f"{'held' if hold_answers else 'dropped'} across calls) fused={engine.fused} "
           f"device={jax.devices()[0].device_kind}")
     print(f"trace processes: {names['processes']}; kernel threads: {names['kernel_threads']}")
     summarise(device, host, calls, wall, top)
@@ -310,6 +323,9 @@ def main(argv=None) -> int:
     parser.add_argument("--engine-hit", type=float, default=None, metavar="OVERLAP",
                         help="profile Engine hits of --length tokens resuming at this share of them "
                              "(e.g. 0.9) instead of bare prefills")
+    parser.add_argument("--drop-answers", action="store_true",
+                        help="with --engine-hit: drop each answer before the next hit (the device "
+                             "allocator then sees the same live buffers at every call)")
     parser.add_argument("--hlo-out", default=None, metavar="FILE",
                         help="also write the optimised HLO of the prefill program (L tokens, no checkpoints) "
                              "to FILE (gzipped when it ends in .gz): fusions, layouts, loops")
@@ -322,7 +338,8 @@ def main(argv=None) -> int:
     model, params = preset_model(args.preset, jnp.dtype(args.dtype),
                                   (args.chunk_size or None, args.chunks_per_step or None), args.backend)
     if args.engine_hit is not None:
-        profile_engine_hits(model, params, args.length, args.engine_hit, args.calls, args.top, args.trace_dir)
+        profile_engine_hits(model, params, args.length, args.engine_hit, args.calls, args.top, args.trace_dir,
+                            hold_answers=not args.drop_answers)
         return 0
     if args.inputs == "stable":
         model = undonated(model)

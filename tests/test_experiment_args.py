@@ -81,3 +81,9 @@ def test_profiled_engine_hits_resume_at_the_hinted_checkpoint_and_report_their_t
         engine.close()
     assert started == [0, 1, 2] and len(timings) == 3
     assert all(t["dispatch"] + t["wait"] == pytest.approx(t["prefill"]) for t in timings)
+    engine = Engine(model, params, policy="none+hints", eviction="lru", capacity_entries=6,
+                    background_resolve=False)
+    try:                                                   # answers dropped between calls: same hits
+        assert len(serve_engine_hits(engine, base, hits, 16, hold_answers=False)) == 3
+    finally:
+        engine.close()
