@@ -23,7 +23,9 @@ def check_row(tokens: Any, name: str, *, vocab_size: int, max_length: int) -> np
         raise ValueError(f"{name} is empty: a request needs at least one token")
     if array.size > max_length:
         raise ValueError(f"{name} has {array.size} tokens, more than max_length {max_length}")
-    if array.min() < 0 or array.max() >= vocab_size:
+    # one reduction: viewed unsigned, a negative id is huge, so max >= vocab_size catches both ends
+    unsigned = array.view(np.dtype(f"u{array.dtype.itemsize}")) if array.dtype.kind == "i" else array
+    if unsigned.max() >= vocab_size:
         bad = array[(array < 0) | (array >= vocab_size)]
         raise ValueError(f"{name} has ids outside 0..{vocab_size - 1}: {bad[:5].tolist()}")
     row = array.astype(np.int32)                 # a fresh copy the caller cannot write to
