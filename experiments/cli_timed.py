@@ -253,7 +253,7 @@ def write_results(out: Path, config: dict, result: Any, calibration: Any, *, qui
     if step_tokens is not None:
         notes.append(f"- step bound = sum ceil(L / S) / sum ceil((L - r) / S), S = {step_tokens} tokens per "
                      "prefill step: the speedup if a request cost only its steps (no policy beats it on "
-                     "this step grid)")
+                     "this step grid, up to the few % deeper steps cost more)")
     if cost is not None:
         notes.append(f"- cost model t(n) = c0 + a n + b n^2: c0 = {cost.c0:.4g} s, a = {cost.a:.4g} s, "
                      f"b = {cost.b:.4g} s; ideal = sum t(L) / sum [c0 + a (L - r) + b (L^2 - r^2)]")

@@ -488,8 +488,8 @@ def policy_metrics(timing: PolicyTiming, *, baseline_s: float | None, cost: Any 
       speedup, token_ideal_x, step_ideal_x, ideal_speedup, pct_of_ideal, engine_overhead_pct,
       host_ms_per_request, prefill_pct_of_model, warm_s, setup_s, compiles_during_measurement,
       simulator_mismatches (None where not available). ``step_ideal_x`` is `costmodel.step_ideal`:
-      the speedup if a request cost its step count and nothing else -- no policy can beat it on
-      this model's step grid. ``host_ms_per_request`` is the engine's time outside the model's
+      the speedup if a request cost its step count and nothing else -- no policy beats it on this
+      model's step grid, up to the attention term (deeper steps cost a few % more). ``host_ms_per_request`` is the engine's time outside the model's
       prefill (planning, hashing, commit) per request; ``prefill_pct_of_model`` is the cost model's
       time of the recomputed suffixes over the measured prefill time, in percent: near 100 means
       the model's part runs as calibrated and the distance to the ideal is the engine's host work.
